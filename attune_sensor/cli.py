@@ -1,0 +1,231 @@
+"""The `attune-sensor` command: argparse, wiring, and mapping errors to exit codes.
+
+Every failure is one line on stderr, `attune-sensor: <what went wrong>`, and a sysexits code:
+78 for configuration (systemd's RestartPreventExitStatus), 69 when the database is unreachable,
+1 for other failures. `check` follows the monitoring-plugin convention instead: 0 OK,
+2 critical, 3 unknown.
+"""
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from . import config as config_module
+from .errors import EX_CONFIG, AttuneSensorError, ConfigError
+
+CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
+EX_SOFTWARE = 70
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="attune-sensor",
+        description="Attune sensor worker: registers this host in the shared PostgreSQL worker "
+                    "table, sends heartbeats, and deregisters on stop.",
+        epilog="Configuration: --config PATH, else $ATTUNE_CONFIG, else /etc/attune/config.yaml; "
+               "DATABASE_URL and ATTUNE__<SECTION>__<KEY> override the file. Exit codes: 0 ok, "
+               "1 failure, 2 usage, 69 database unreachable, 78 configuration error.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="configuration file (default: $ATTUNE_CONFIG or /etc/attune/config.yaml)")
+    parser.add_argument("--version", action="version", version=f"attune-sensor {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser("run", help="run the daemon: register, heartbeat, deregister on SIGTERM",
+                        description="Run the sensor worker daemon in the foreground (what systemd's ExecStart runs). "
+                                    "SIGTERM/SIGINT deregister and exit 0; SIGHUP reloads the configuration.")
+
+    migrate = commands.add_parser("migrate", help="apply or list database schema migrations",
+                                  description="Manage the worker schema. Needs a role that may run DDL.")
+    migrate_commands = migrate.add_subparsers(dest="migrate_command", metavar="ACTION")
+    migrate_commands.required = True
+    migrate_commands.add_parser("run", help="apply pending migrations (safe to run from several hosts at once)")
+    migrate_commands.add_parser("info", help="list applied and pending migrations")
+
+    workers = commands.add_parser("workers", help="list sensor workers of the fleet with a summary",
+                                  description="List sensor (and hybrid) workers: name, host, status, runtimes, "
+                                              "capacity and heartbeat age, then the fleet summary.")
+    workers.add_argument("--runtime", metavar="R", help="only workers offering runtime R (e.g. python)")
+    workers.add_argument("--stale", action="store_true", help="only active workers whose heartbeat is overdue")
+    workers.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    commands.add_parser("check", help="monitoring probe for this host's worker (exit 0 OK, 2 critical, 3 unknown)",
+                        description="Check that this host's worker row is active with a recent heartbeat. "
+                                    "Prints one status line; exit 0 OK, 2 CRITICAL, 3 UNKNOWN.")
+    commands.add_parser("metrics", help="fleet gauges in the Prometheus text format",
+                        description="Print fleet gauges in the Prometheus text exposition format, for "
+                                    "node_exporter's textfile collector.")
+    commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
+                        description="Print the configuration after file, environment and defaults are merged. "
+                                    "The database password is masked.")
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
+               "metrics": cmd_metrics, "config": cmd_config}[args.command]
+    try:
+        return handler(args)
+    except AttuneSensorError as exc:
+        if args.command == "check":
+            print(f"UNKNOWN: {exc}")
+            return CHECK_UNKNOWN
+        print(f"attune-sensor: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line for the operator, no traceback in the journal
+        print(f"attune-sensor: internal error: {type(exc).__name__}: {_scrubbed(exc, args)}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _scrubbed(exc, args):
+    from .db import redact_dsn
+
+    return redact_dsn(" ".join(str(exc).split()))
+
+
+def _load(args):
+    return config_module.load(args.config)
+
+
+def cmd_run(args):
+    config = _load(args)
+    from . import logs
+    from .service import SensorService
+
+    logs.setup(config.log.level, config.log.format)
+    try:
+        service = SensorService(config, config_path=args.config)
+    except ValueError as exc:  # ATTUNE_SENSOR_RUNTIMES holds a bad name
+        raise ConfigError(str(exc)) from None
+    service.start()
+    return 0
+
+
+def cmd_migrate(args):
+    config = _load(args)
+    from . import migrations
+
+    if args.migrate_command == "info":
+        for filename, state in migrations.info(config.database.url, config.database.connect_timeout):
+            print(f"{filename}  {state}")
+        return 0
+    applied = migrations.run(config.database.url, config.database.connect_timeout)
+    if not applied:
+        print("database schema is up to date")
+    return 0
+
+
+def _fleet_query(config, **filters):
+    from . import fleet
+    from .db import Database
+
+    db = Database.from_config(config, application_name="attune-sensor cli")
+    try:
+        return fleet.list_workers(db, config.sensor.stale_multiplier, **filters)
+    finally:
+        db.close()
+
+
+def _age(seconds):
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def cmd_workers(args):
+    from . import fleet
+
+    workers = _fleet_query(_load(args), runtime=args.runtime.strip().lower() if args.runtime else None,
+                              stale_only=args.stale)
+    stats = fleet.summary(workers)
+    if args.json:
+        json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    header = ("NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT")
+    rows = [(w["name"], w["host"] or "", w["status"] + (" (stale)" if w["stale"] else ""),
+             ",".join(w["runtimes"]), str(w["capacity"]), _age(w["heartbeat_age"])) for w in workers]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lag = stats["max_heartbeat_lag"]
+    print()
+    print(f"active: {stats['active']} of {stats['total']}   stale: {stats['stale']}   "
+          f"capacity: {stats['capacity']} sensors   max heartbeat lag: {'-' if lag is None else f'{lag:.1f}s'}")
+    print("runtimes: " + (", ".join(f"{k} {v}" for k, v in stats["runtimes"].items()) or "-"))
+    return 0
+
+
+def cmd_check(args):
+    config = _load(args)
+    name = config.sensor.worker_name
+    found = _fleet_query(config, name=name)
+    worker = found[0] if found else None
+    if worker is None:
+        print(f"CRITICAL: worker {name} is not registered")
+        return CHECK_CRITICAL
+    age = _age(worker["heartbeat_age"])
+    if worker["status"] != "active":
+        print(f"CRITICAL: worker {name} (id {worker['id']}) is {worker['status']}, last heartbeat {age}")
+        return CHECK_CRITICAL
+    if worker["stale"]:
+        print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
+        return CHECK_CRITICAL
+    print(f"OK: worker {name} (id {worker['id']}) active, last heartbeat {age}")
+    return CHECK_OK
+
+
+def cmd_metrics(args):
+    from . import fleet
+
+    workers = _fleet_query(_load(args))
+    stats = fleet.summary(workers)
+    lines = []
+
+    def gauge(name, help_text, samples):
+        lines.append(f"# HELP attune_sensor_{name} {help_text}")
+        lines.append(f"# TYPE attune_sensor_{name} gauge")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"attune_sensor_{name}{{{label_text}}} {value}" if label_text else f"attune_sensor_{name} {value}")
+
+    by_role = {}
+    for worker in workers:
+        if worker["status"] == "active":
+            by_role[worker["role"]] = by_role.get(worker["role"], 0) + 1
+    gauge("workers_active", "Active workers by role.", [({"role": r}, by_role.get(r, 0)) for r in ("sensor", "hybrid")])
+    gauge("workers_stale", "Active workers whose heartbeat is overdue.", [({}, stats["stale"])])
+    gauge("workers_reaped", "Workers marked inactive by the stale reaper and not back since.",
+          [({}, sum(1 for w in workers if w["status"] == "inactive" and w["reaped"]))])
+    gauge("runtime_workers", "Active workers offering each runtime.",
+          [({"runtime": k}, v) for k, v in stats["runtimes"].items()])
+    gauge("heartbeat_lag_seconds", "Seconds since the oldest active worker's heartbeat.",
+          [({}, f"{stats['max_heartbeat_lag'] or 0:.3f}")])
+    gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, stats["capacity"])])
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_config(args):
+    import yaml
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"attune-sensor: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    sys.stdout.write(yaml.safe_dump(config_module.describe(config), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

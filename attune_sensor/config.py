@@ -1,0 +1,358 @@
+"""Configuration: the YAML file, the environment, defaults and validation, as one frozen result.
+
+Precedence, highest first:
+  1. DATABASE_URL (for database.url only)
+  2. ATTUNE__<SECTION>__<KEY> environment variables, parsed as YAML scalars ("60" -> 60)
+  3. the YAML file (--config, else $ATTUNE_CONFIG, else /etc/attune/config.yaml)
+  4. built-in defaults
+ATTUNE_SENSOR_RUNTIMES is read by runtimes.py, not here: it overrides runtime detection only.
+
+Every error is a ConfigError whose message names the key (or the variable) and the problem on
+one line. Values of database.url are never echoed: they may hold a password.
+"""
+
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass, field, replace
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/attune/config.yaml"
+ENV_PREFIX = "ATTUNE__"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+WORKER_TYPES = ("local", "remote", "container")
+
+# Worker names land in SQL parameters (never in SQL text), the journal and dashboards: keep them
+# to characters that need no quoting anywhere. 128 is well past any hostname-based name.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,255}$")
+# JSON-serialisable capability values, kept small: they are rewritten on every registration.
+MAX_CAPABILITIES_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str
+    connect_timeout: float = 5.0
+    statement_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    worker_name: str
+    host: str
+    worker_type: str = ""  # "" means detect (local, or container when inside one)
+    heartbeat_interval: float = 30
+    poll_interval: float = 30
+    sensor_timeout: float = 30
+    max_concurrent_sensors: int = 10
+    runtimes: tuple = ()  # from sensor.capabilities.runtimes; empty means detect
+    capabilities: dict = field(default_factory=dict)  # custom keys, without runtimes
+    stale_multiplier: float = 3.0
+    reaper: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig
+    log: LogConfig
+    sensor: SensorConfig
+    source: str = ""  # the file it came from, for messages
+
+    def with_sensor(self, **changes):
+        return replace(self, sensor=replace(self.sensor, **changes))
+
+
+# --- value checkers: each returns the clean value or raises ValueError(reason) ---------------
+
+
+def _describe(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a positive number of seconds, got {_describe(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be greater than 0, got {_describe(value)}")
+    if value > 86400:
+        raise ValueError(f"must be at most 86400 seconds, got {_describe(value)}")
+    return value
+
+
+def _positive_int(value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, got {_describe(value)}")
+    if value < 1 or value > 1_000_000:
+        raise ValueError(f"must be between 1 and 1000000, got {_describe(value)}")
+    return value
+
+
+def _multiplier(value):
+    value = _positive_number(value)
+    if value < 1.5:
+        raise ValueError(f"must be at least 1.5 so one late heartbeat is not fatal, got {value}")
+    return value
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _choice(choices):
+    def check(value):
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {_describe(value)}")
+        return value.lower()
+
+    return check
+
+
+def _matching(regex, what):
+    def check(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a bare number in YAML, e.g. worker_name: 42
+        if not isinstance(value, str) or not regex.match(value):
+            raise ValueError(f"must be {what}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _database_url(value):
+    # Never echo the value: it may contain a password.
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a PostgreSQL URL (postgresql://user@host/db) or key=value DSN")
+    value = value.strip()
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("contains control characters")
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"has scheme {scheme!r}; expected postgresql:// or postgres://")
+    elif "=" not in value:
+        raise ValueError("is neither a postgresql:// URL nor a key=value DSN")
+    from .db import parse_dsn  # libpq's own parser: pure, no network
+
+    try:
+        parse_dsn(value)
+    except ValueError as exc:
+        raise ValueError(f"is malformed ({exc})") from None
+    return value
+
+
+def _capabilities(value):
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of capability names to values, got {_describe(value)}")
+    import json
+
+    for key in value:
+        if not isinstance(key, str) or not NAME_RE.match(key):
+            raise ValueError(f"has an invalid key {_describe(key)}")
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must hold only JSON values (strings, numbers, lists, maps): {exc}") from None
+    if len(encoded) > MAX_CAPABILITIES_BYTES:
+        raise ValueError(f"is {len(encoded)} bytes as JSON; at most {MAX_CAPABILITIES_BYTES}")
+    return value
+
+
+def _runtime_list(value):
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of runtime names, got {_describe(value)}")
+    from .runtimes import normalise
+
+    return tuple(normalise(value))
+
+
+# section -> key -> checker. Anything else in the file or the environment is an error:
+# a typo such as heartbeat_intervall must not silently fall back to the default.
+SCHEMA = {
+    "database": {
+        "url": _database_url,
+        "connect_timeout": _positive_number,
+        "statement_timeout": _positive_number,
+    },
+    "log": {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)},
+    "sensor": {
+        "worker_name": _matching(NAME_RE, "1-128 letters, digits or . _ @ : - (starting with a letter or digit)"),
+        "host": _matching(HOST_RE, "a hostname or IP address"),
+        "worker_type": _choice(WORKER_TYPES),
+        "heartbeat_interval": _positive_number,
+        "poll_interval": _positive_number,
+        "sensor_timeout": _positive_number,
+        "max_concurrent_sensors": _positive_int,
+        "capabilities": _capabilities,
+        "stale_multiplier": _multiplier,
+        "reaper": _boolean,
+    },
+}
+
+
+def default_config_path(environ=None):
+    environ = os.environ if environ is None else environ
+    return environ.get("ATTUNE_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def _read_file(path, required):
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path}: not found") from None
+        return {}
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied (it should be readable by this user)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must be a mapping of sections (database, log, sensor)")
+    return data
+
+
+def _env_overrides(environ):
+    """ATTUNE__SECTION__KEY=value -> {(section, key): (value, variable name)}."""
+    import yaml
+
+    found = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
+            raise ConfigError(f"{name}: unknown setting (expected ATTUNE__<SECTION>__<KEY>, e.g. ATTUNE__SENSOR__HEARTBEAT_INTERVAL)")
+        if parts == ["database", "url"]:
+            value = raw  # a URL is a string; YAML could mangle it
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: cannot parse {_describe(raw)}") from None
+        found[tuple(parts)] = (value, name)
+    return found
+
+
+def load(path=None, environ=None):
+    """Reads, merges and validates. `path` None means $ATTUNE_CONFIG or the default path."""
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or bool(environ.get("ATTUNE_CONFIG"))
+    path = path or default_config_path(environ)
+    has_env_url = bool(environ.get("DATABASE_URL") or environ.get("ATTUNE__DATABASE__URL"))
+    # The default file may be absent when the environment carries the URL (containers).
+    data = _read_file(path, required=explicit or not has_env_url)
+
+    values = {}  # (section, key) -> (value, label naming where it came from)
+    for section, body in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"config file {path}: unknown section {_describe(section)} (known: {', '.join(SCHEMA)})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section} (in {path}): must be a mapping of settings")
+        for key, value in body.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{section}.{key} (in {path}): unknown setting (known: {', '.join(SCHEMA[section])})")
+            values[(section, key)] = (value, f"{section}.{key} (in {path})")
+    values.update(_env_overrides(environ))
+    if environ.get("DATABASE_URL"):
+        values[("database", "url")] = (environ["DATABASE_URL"], "DATABASE_URL")
+
+    clean = {}
+    for (section, key), (value, label) in values.items():
+        try:
+            clean[(section, key)] = SCHEMA[section][key](value)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+
+    if ("database", "url") not in clean:
+        raise ConfigError(f"database.url is not set: put it in {path} or set DATABASE_URL")
+    return _build(clean, path)
+
+
+def _build(clean, path):
+    def section(name):
+        return {key: value for (sec, key), value in clean.items() if sec == name}
+
+    sensor = section("sensor")
+    hostname = socket.gethostname()
+    capabilities = dict(sensor.pop("capabilities", {}))
+    runtimes = ()
+    if "runtimes" in capabilities:
+        try:
+            runtimes = _runtime_list(capabilities.pop("runtimes"))
+        except ValueError as exc:
+            raise ConfigError(f"sensor.capabilities.runtimes (in {path}): {exc}") from None
+    if "worker_name" not in sensor:
+        default_name = f"sensor-{hostname}"
+        if not NAME_RE.match(default_name):
+            raise ConfigError(f"sensor.worker_name: the default {default_name!r} is not a valid name; set it explicitly")
+        sensor["worker_name"] = default_name
+    sensor.setdefault("host", hostname)
+    return Config(
+        database=DatabaseConfig(**section("database")),
+        log=LogConfig(**section("log")),
+        sensor=SensorConfig(runtimes=runtimes, capabilities=capabilities, **sensor),
+        source=path,
+    )
+
+
+def describe(config):
+    """The effective configuration as plain data, password masked, for `attune-sensor config`."""
+    from .db import redact_dsn
+
+    sensor = config.sensor
+    capabilities = dict(sensor.capabilities)
+    if sensor.runtimes:
+        capabilities["runtimes"] = list(sensor.runtimes)
+    return {
+        "database": {
+            "url": redact_dsn(config.database.url),
+            "connect_timeout": config.database.connect_timeout,
+            "statement_timeout": config.database.statement_timeout,
+        },
+        "log": {"level": config.log.level, "format": config.log.format},
+        "sensor": {
+            "worker_name": sensor.worker_name,
+            "host": sensor.host,
+            "worker_type": sensor.worker_type or "auto",
+            "heartbeat_interval": sensor.heartbeat_interval,
+            "poll_interval": sensor.poll_interval,
+            "sensor_timeout": sensor.sensor_timeout,
+            "max_concurrent_sensors": sensor.max_concurrent_sensors,
+            "stale_multiplier": sensor.stale_multiplier,
+            "reaper": sensor.reaper,
+            "capabilities": capabilities,
+        },
+    }

@@ -1,0 +1,182 @@
+"""Connecting to PostgreSQL with a hard bound on every call, and keeping passwords out of text.
+
+The daemon's connection runs in psycopg2's asynchronous mode and waits with select() against a
+deadline. A server-side statement_timeout cannot bound a connection whose packets go nowhere
+(a hung proxy, a half-open TCP session), and the watchdog contract (DESIGN.md decision 5) needs
+every heartbeat attempt to end in time whatever the network does. When the deadline passes the
+connection is dropped and the next call connects again.
+"""
+
+import random
+import re
+import select
+import time
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import errorcodes
+
+from .errors import DatabaseUnavailable, SchemaMissing
+
+APPLICATION_NAME = "attune-sensor"
+
+# Dead peers are noticed by the kernel within about 25 s even between our calls.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@?#]*?:)([^@/?#]*)(@)")
+_PARAM_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:\\.|[^'])*'|[^\s&]*)", re.IGNORECASE)
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def redact_dsn(dsn):
+    """The DSN with any password replaced by ***; works for URLs and key=value strings."""
+    text = _URL_PASSWORD.sub(r"\1***\3", dsn)
+    return _PARAM_PASSWORD.sub(r"\1***", text)
+
+
+def parse_dsn(dsn):
+    """libpq's own parse (no network). ValueError without any fragment of the input."""
+    try:
+        return psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        # libpq quotes the offending fragment, which may be part of a password.
+        reason = _QUOTED.sub('"..."', str(exc).strip().splitlines()[0])
+        raise ValueError(reason) from None
+
+
+def _password(dsn):
+    try:
+        return parse_dsn(dsn).get("password") or ""
+    except ValueError:
+        return ""
+
+
+def scrub(message, dsn):
+    """An error text with the DSN's password removed, whatever form it took."""
+    secret = _password(dsn)
+    text = redact_dsn(str(message))
+    if secret:
+        text = text.replace(secret, "***")
+    return " ".join(text.split())  # one line
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, for retries at start-up."""
+
+    def __init__(self, first=1.0, cap=30.0, rng=random.random):
+        self.first, self.cap, self.rng = first, cap, rng
+        self.attempt = 0
+
+    def next_delay(self):
+        delay = min(self.cap, self.first * (2 ** self.attempt))
+        self.attempt += 1
+        return delay * (0.8 + 0.4 * self.rng())
+
+    def reset(self):
+        self.attempt = 0
+
+
+class Database:
+    """One bounded connection. `execute` returns all rows; errors become DatabaseUnavailable
+    (connection trouble, timeouts) or SchemaMissing; other SQL errors propagate as psycopg2's."""
+
+    def __init__(self, url, connect_timeout=5.0, statement_timeout=5.0, application_name=APPLICATION_NAME):
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self.application_name = application_name
+        self._conn = None
+
+    @classmethod
+    def from_config(cls, config, application_name=APPLICATION_NAME):
+        return cls(config.database.url, config.database.connect_timeout,
+                   config.database.statement_timeout, application_name)
+
+    @property
+    def connected(self):
+        return self._conn is not None and not self._conn.closed
+
+    def connect(self):
+        self.close()
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            conn = psycopg2.connect(self.url, async_=True, application_name=self.application_name, **KEEPALIVES)
+            self._conn = conn
+            _wait(conn, deadline)
+        except Exception as exc:
+            self.close()
+            raise self._unavailable("cannot connect to the database", exc) from None
+
+    def execute(self, sql, params=None):
+        if not self.connected:
+            self.connect()
+        deadline = time.monotonic() + self.statement_timeout
+        try:
+            cursor = self._conn.cursor()
+            cursor.execute(sql, params)
+            _wait(self._conn, deadline)
+            rows = cursor.fetchall() if cursor.description else []
+            cursor.close()
+            return rows
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, _Timeout, OSError) as exc:
+            self.close()
+            raise self._unavailable("database call failed", exc) from None
+        except psycopg2.Error as exc:
+            if exc.pgcode in (errorcodes.UNDEFINED_TABLE, errorcodes.UNDEFINED_OBJECT,
+                              errorcodes.UNDEFINED_COLUMN, errorcodes.UNDEFINED_FUNCTION):
+                raise SchemaMissing(
+                    "the database has no attune-sensor schema (" + scrub(exc.pgerror or exc, self.url)
+                    + "); run 'attune-sensor migrate run'"
+                ) from None
+            if exc.pgcode and exc.pgcode.startswith(("08", "57", "53")):
+                # connection exceptions, operator intervention (shutdown), insufficient resources
+                self.close()
+                raise self._unavailable("database call failed", exc) from None
+            raise
+
+    def close(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def _unavailable(self, what, exc):
+        reason = "no answer within the time limit" if isinstance(exc, _Timeout) else scrub(exc, self.url)
+        return DatabaseUnavailable(f"{what}: {reason or type(exc).__name__}")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _wait(conn, deadline):
+    """Drives an async psycopg2 connection until the current operation finishes or the deadline."""
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout()
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn.fileno()], [], [], remaining)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            select.select([], [conn.fileno()], [], remaining)
+        else:  # pragma: no cover - psycopg2 documents only the three states
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+
+def connect_blocking(url, connect_timeout=5.0, application_name=APPLICATION_NAME + " migrate"):
+    """An ordinary (transactional) connection, for migrations, which need BEGIN/COMMIT."""
+    try:
+        return psycopg2.connect(url, connect_timeout=max(1, int(round(connect_timeout))),
+                                application_name=application_name, **KEEPALIVES)
+    except psycopg2.Error as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {scrub(exc, url)}") from None
+
+
+def json_param(value):
+    return psycopg2.extras.Json(value)

@@ -1,0 +1,61 @@
+"""Exceptions that cross module boundaries, and the exit code each one maps to (cli.py)."""
+
+# sysexits.h values: systemd's RestartPreventExitStatus=78 relies on EX_CONFIG.
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+
+class AttuneSensorError(Exception):
+    """Base class: `str(err)` is a one-line message fit for an operator."""
+
+    exit_code = EX_FAILURE
+
+
+class ConfigError(AttuneSensorError):
+    """A configuration value (file, environment, CLI) is wrong. The message names it."""
+
+    exit_code = EX_CONFIG
+
+
+class DatabaseUnavailable(AttuneSensorError):
+    """The database could not be reached or did not answer within its bound."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class SchemaMissing(AttuneSensorError):
+    """The database lacks the worker schema: `attune-sensor migrate run` has not been run."""
+
+    exit_code = EX_CONFIG
+
+
+class WorkerNameConflict(AttuneSensorError):
+    """Another live host owns this worker name. Restarting cannot fix it, hence EX_CONFIG."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, name, owner_host):
+        self.name = name
+        self.owner_host = owner_host
+        super().__init__(
+            f"worker name {name!r} is in use by a live worker on host {owner_host!r}; "
+            "set sensor.worker_name to a unique name on this host"
+        )
+
+
+class WorkerTakenOver(WorkerNameConflict):
+    """Our row was taken over by another process while we ran (fencing)."""
+
+    def __init__(self, name, owner_host):
+        super().__init__(name, owner_host)
+        self.args = (
+            f"worker {name!r} was taken over by another process on host {owner_host!r}; "
+            "this instance stops so the two do not both claim the name",
+        )
+
+
+class MigrationError(AttuneSensorError):
+    """A migration could not be applied or an applied migration changed on disk."""

@@ -1,0 +1,83 @@
+"""Read-side queries over all workers, the stale reaper, and fleet metrics.
+
+Staleness is per worker (DESIGN.md decision 8): a row is stale when its last heartbeat is older
+than `multiplier` times its own recorded heartbeat_interval. The same expression serves the
+reaper, `workers --stale`, `check` and `metrics`, so they always agree.
+"""
+
+REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
+
+STALE_EXPR = ("w.last_heartbeat < now() - make_interval(secs => %(multiplier)s * "
+              "worker_heartbeat_interval(w.capabilities))")
+
+# Election and work in one statement: the CTE is evaluated once, and only the session that
+# got the transaction-scoped advisory lock updates anything. The lock ends with the statement.
+REAP_SQL = f"""
+WITH elected AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(lock)s) AS ok)
+UPDATE worker AS w
+   SET status = 'inactive',
+       meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
+           'reaped_at', now(), 'reaped_by', %(reaper)s::text,
+           'reaped_last_heartbeat', w.last_heartbeat)
+  FROM elected
+ WHERE elected.ok
+   AND w.worker_role IN ('sensor', 'hybrid')
+   AND w.status = 'active'
+   AND {STALE_EXPR}
+RETURNING w.id, w.name, w.host
+"""
+
+WORKERS_SQL = f"""
+SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
+       coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),
+       coalesce((w.capabilities ->> 'max_concurrent_sensors')::int, 0),
+       extract(epoch FROM now() - w.last_heartbeat)::float8,
+       (w.status = 'active' AND {STALE_EXPR}) AS stale,
+       worker_heartbeat_interval(w.capabilities),
+       coalesce(w.meta ? 'reaped_at', false) AS reaped
+  FROM worker AS w
+ WHERE w.worker_role IN ('sensor', 'hybrid')
+   AND (%(runtime)s::text IS NULL OR w.capabilities -> 'runtimes' ? %(runtime)s::text)
+   AND (%(name)s::text IS NULL OR w.name = %(name)s::text)
+   AND (NOT %(stale_only)s OR (w.status = 'active' AND {STALE_EXPR}))
+ ORDER BY w.name
+"""
+
+COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity",
+           "heartbeat_age", "stale", "heartbeat_interval", "reaped")
+
+
+def reaper_period(heartbeat_interval):
+    # Reaping more often than workers heartbeat finds nothing new.
+    return max(30.0, float(heartbeat_interval))
+
+
+def reap_stale(db, reaper_name, multiplier):
+    """Marks stale active sensor workers inactive; returns [(id, name, host)] reaped by us."""
+    rows = db.execute(REAP_SQL, {"lock": REAPER_LOCK_KEY, "reaper": reaper_name, "multiplier": multiplier})
+    return [tuple(row) for row in rows]
+
+
+def list_workers(db, multiplier, runtime=None, stale_only=False, name=None):
+    rows = db.execute(WORKERS_SQL, {"runtime": runtime, "stale_only": stale_only,
+                                    "multiplier": multiplier, "name": name})
+    return [dict(zip(COLUMNS, row)) for row in rows]
+
+
+def summary(workers):
+    """The spec's "Metrics to Track" over a list from list_workers()."""
+    active = [w for w in workers if w["status"] == "active"]
+    distribution = {}
+    for worker in active:
+        for runtime in worker["runtimes"]:
+            distribution[runtime] = distribution.get(runtime, 0) + 1
+    lags = [w["heartbeat_age"] for w in active if w["heartbeat_age"] is not None]
+    return {
+        "active": len(active),
+        "total": len(workers),
+        "stale": sum(1 for w in workers if w["stale"]),
+        "runtimes": dict(sorted(distribution.items())),
+        "max_heartbeat_lag": max(lags) if lags else None,
+        "capacity": sum(w["capacity"] for w in active),
+    }
+

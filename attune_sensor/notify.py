@@ -1,0 +1,57 @@
+"""The systemd notify protocol (sd_notify(3)): READY, WATCHDOG, STATUS, STOPPING, RELOADING.
+
+Outside systemd (no NOTIFY_SOCKET) every call is a silent no-op, as sdnotify does it.
+"""
+
+import os
+import time
+
+import sdnotify
+
+
+def monotonic_usec():
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def watchdog_usec(environ=None):
+    """systemd's WatchdogSec in microseconds, or None when no watchdog is armed for us."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("WATCHDOG_USEC")
+    pid = environ.get("WATCHDOG_PID")
+    if not value or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        usec = int(value)
+    except ValueError:
+        return None
+    return usec if usec > 0 else None
+
+
+class Notifier:
+    def __init__(self):
+        self._notifier = sdnotify.SystemdNotifier()
+
+    @property
+    def active(self):
+        return self._notifier.socket is not None
+
+    def send(self, *fields):
+        self._notifier.notify("\n".join(fields))
+
+    def status(self, text):
+        self.send(f"STATUS={text}")
+
+    def ready(self, status):
+        self.send("READY=1", f"STATUS={status}")
+
+    def watchdog(self):
+        self.send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds, status):
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", f"STATUS={status}")
+
+    def reloading(self):
+        self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}", "STATUS=Reloading configuration")
+
+    def stopping(self):
+        self.send("STOPPING=1", "STATUS=Stopping: deregistering worker")

@@ -1,0 +1,282 @@
+"""SensorService: the daemon's loop, its timing, signals and shutdown order. No SQL here.
+
+One thread. Signal handlers only set flags and wake the loop through a pipe
+(signal.set_wakeup_fd), so every action happens between two bounded database calls:
+
+    register (retrying while the database is away) -> READY=1
+    every heartbeat_interval: heartbeat -> WATCHDOG=1 -> (reaper, when due)
+    SIGHUP: RELOADING=1 -> reload config -> READY=1
+    SIGTERM/SIGINT: STOPPING=1 -> deregister -> close -> exit 0
+"""
+
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import replace
+
+from . import config as config_module
+from . import fleet, logs, runtimes
+from .db import Backoff, Database
+from .errors import ConfigError, DatabaseUnavailable, SchemaMissing
+from .notify import Notifier, watchdog_usec
+from .registration import SensorWorkerRegistration
+
+log = logs.get("service")
+
+# At stop the database gets one short try: systemd should not wait on an absent server,
+# and the reaper marks the row if this fails (DESIGN.md decision 7).
+STOP_CONNECT_TIMEOUT = 2.0
+STOP_STATEMENT_TIMEOUT = 2.0
+RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
+
+
+def check_watchdog_fits(interval, environ):
+    """ConfigError when heartbeats (and so WATCHDOG=1) would come too rarely for systemd."""
+    usec = watchdog_usec(environ)
+    if usec is None:
+        return
+    limit = usec / 2_000_000
+    if interval > limit:
+        raise ConfigError(
+            f"sensor.heartbeat_interval: {interval:g}s does not fit in half of the unit's "
+            f"WatchdogSec ({usec / 1_000_000:g}s); systemd would kill the daemon. "
+            f"Lower the interval to at most {limit:g}s or raise WatchdogSec"
+        )
+
+
+class SensorService:
+    """Runs one sensor worker: `start()` registers and blocks in the heartbeat loop until
+    `stop()` is called (or SIGTERM/SIGINT arrives), then deregisters and returns."""
+
+    def __init__(self, config, config_path=None, environ=None, notifier=None, db=None, clock=time.monotonic):
+        self.environ = os.environ if environ is None else environ
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.db = db or Database.from_config(config)
+        self.clock = clock
+        detected, source = runtimes.resolve(config.sensor.runtimes, self.environ)
+        self.runtime_source = source
+        self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ)
+        self._stop_requested = False
+        self._reload_requested = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._capabilities_pending = False
+        self._database_down = False
+        self._next_reap = 0.0
+
+    # --- public -------------------------------------------------------------------------
+
+    def start(self):
+        sensor = self.config.sensor
+        check_watchdog_fits(sensor.heartbeat_interval, self.environ)
+        previous = self._install_signal_handlers()
+        try:
+            log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
+                     sensor.worker_name, sensor.host, ",".join(self.registration.capabilities["runtimes"]),
+                     self.runtime_source)
+            if not self._register_until_done():
+                log.info("Stopped before the worker was registered")
+                return
+            self.notifier.ready(self._status_line())
+            self._loop()
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                self._restore_signal_handlers(previous)
+
+    def stop(self):
+        self._stop_requested = True
+        self._wake()
+
+    def reload(self):
+        self._reload_requested = True
+        self._wake()
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def _register_until_done(self):
+        backoff = Backoff(first=1.0, cap=30.0)
+        while not self._stop_requested:
+            try:
+                worker_id = self.registration.register()
+            except DatabaseUnavailable as exc:
+                delay = backoff.next_delay()
+                bound = self.db.connect_timeout + self.db.statement_timeout
+                log.warning("Database not reachable, sensor worker not registered yet; retrying in %.1fs: %s", delay, exc)
+                # Ask systemd for more start time than the next attempt can take.
+                self.notifier.extend_timeout(delay + bound + 5, f"Waiting for the database: {exc}")
+                self.notifier.watchdog()
+                self._sleep(delay)
+                continue
+            log.info("Registered sensor worker %s as id %s (instance %s)",
+                     self.registration.worker_name, worker_id, self.registration.instance_id)
+            return True
+        return False
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _loop(self):
+        next_beat = self.clock() + self.config.sensor.heartbeat_interval
+        while not self._stop_requested:
+            self._sleep(max(0.0, next_beat - self.clock()))
+            if self._stop_requested:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self._apply_reload()
+            now = self.clock()
+            if now < next_beat:
+                continue
+            self._heartbeat()
+            interval = self.config.sensor.heartbeat_interval
+            # Keep the rhythm: the next beat is one interval after the scheduled one, unless
+            # the loop fell a whole interval behind (a long outage), then start afresh.
+            next_beat += interval
+            if next_beat <= self.clock():
+                next_beat = self.clock() + interval
+
+    def _heartbeat(self):
+        registration = self.registration
+        try:
+            if registration.heartbeat():
+                log.info("heartbeat: worker %s (id %s) active", registration.worker_name, registration.worker_id)
+            else:
+                log.warning("heartbeat: worker %s was missing from the database and was registered again as id %s",
+                            registration.worker_name, registration.worker_id)
+            if self._database_down:
+                self._database_down = False
+                log.info("Database reachable again")
+                self.notifier.status(self._status_line())
+            if self._capabilities_pending:
+                registration.update_capabilities()
+                self._capabilities_pending = False
+        except (DatabaseUnavailable, SchemaMissing) as exc:
+            self._database_down = True
+            log.warning("heartbeat failed for worker %s, next try in %gs: %s",
+                        registration.worker_name, self.config.sensor.heartbeat_interval, exc)
+            self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
+        # After every attempt that ended within its bound, database up or down (decision 5).
+        self.notifier.watchdog()
+        self._maybe_reap()
+
+    def _maybe_reap(self):
+        sensor = self.config.sensor
+        if not sensor.reaper or self._database_down or self.clock() < self._next_reap:
+            return
+        self._next_reap = self.clock() + fleet.reaper_period(sensor.heartbeat_interval)
+        try:
+            reaped = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
+        except (DatabaseUnavailable, SchemaMissing) as exc:
+            log.warning("stale worker reaper skipped: %s", exc)
+            return
+        for worker_id, name, host in reaped:
+            log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
+
+    # --- reload -------------------------------------------------------------------------
+
+    def _apply_reload(self):
+        self.notifier.reloading()
+        try:
+            new = config_module.load(self.config_path, self.environ)
+            detected, source = runtimes.resolve(new.sensor.runtimes, self.environ)
+            check_watchdog_fits(new.sensor.heartbeat_interval, self.environ)
+        except (ConfigError, ValueError) as exc:
+            log.error("Reload failed, keeping the running configuration: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        old = self.config
+        for key in RESTART_ONLY_KEYS:
+            if getattr(new.sensor, key) != getattr(old.sensor, key):
+                log.warning("Reload: sensor.%s changed; it takes effect at the next restart", key)
+        if new.database != old.database:
+            log.warning("Reload: database settings changed; they take effect at the next restart")
+        # Keep what needs a restart, take the rest.
+        kept = new.with_sensor(**{key: getattr(old.sensor, key) for key in RESTART_ONLY_KEYS})
+        self.config = replace(kept, database=old.database)
+        logs.set_level(new.log.level)
+        self.registration.set_capabilities(self.config, detected)
+        self.runtime_source = source
+        try:
+            self.registration.update_capabilities()
+            self._capabilities_pending = False
+            log.info("Reloaded configuration: runtimes %s from %s, heartbeat every %gs",
+                     ",".join(detected), source, new.sensor.heartbeat_interval)
+        except (DatabaseUnavailable, SchemaMissing) as exc:
+            self._capabilities_pending = True
+            log.warning("Reloaded configuration; capabilities will be stored once the database answers: %s", exc)
+        self.notifier.ready(self._status_line())
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    def _shutdown(self):
+        self.notifier.stopping()
+        registration = self.registration
+        if registration.worker_id is not None:
+            self.db.connect_timeout = min(self.db.connect_timeout, STOP_CONNECT_TIMEOUT)
+            self.db.statement_timeout = min(self.db.statement_timeout, STOP_STATEMENT_TIMEOUT)
+            try:
+                if registration.deregister():
+                    log.info("Deregistered sensor worker %s (id %s): status inactive",
+                             registration.worker_name, registration.worker_id)
+                else:
+                    log.warning("Did not deregister worker %s: the row is no longer this instance's",
+                                registration.worker_name)
+            except (DatabaseUnavailable, SchemaMissing) as exc:
+                log.warning("Could not deregister worker %s (%s); peers will mark it inactive once it is stale",
+                            registration.worker_name, exc)
+        self.db.close()
+
+    # --- signals and sleeping -----------------------------------------------------------
+
+    def _status_line(self):
+        sensor = self.config.sensor
+        return (f"Worker {sensor.worker_name} (id {self.registration.worker_id}) active, "
+                f"heartbeat every {sensor.heartbeat_interval:g}s")
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop is awake anyway
+
+    def _on_stop_signal(self, signum, frame):
+        self._stop_requested = True
+
+    def _on_reload_signal(self, signum, frame):
+        self._reload_requested = True
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None  # embedded use: the caller calls stop()/reload()
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop_signal),
+            signal.SIGINT: signal.signal(signal.SIGINT, self._on_stop_signal),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, self._on_reload_signal),
+        }
+        previous["wakeup_fd"] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        return previous
+
+    def _restore_signal_handlers(self, previous):
+        if previous is None:
+            return
+        signal.set_wakeup_fd(previous.pop("wakeup_fd"))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _sleep(self, seconds):
+        """Sleeps up to `seconds`, returning early when a signal or stop()/reload() arrives."""
+        if self._stop_requested or self._reload_requested:
+            return
+        ready, _, _ = select.select([self._wake_r], [], [], seconds)
+        if ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass

@@ -1,0 +1,215 @@
+"""The real daemon, as a subprocess, against a real PostgreSQL and a real notify socket."""
+
+import signal
+import time
+
+from conftest import query, worker_row, write_config
+
+
+def config_for(workdir, url, name, **sensor):
+    sensor.setdefault("heartbeat_interval", 0.5)
+    return write_config(workdir, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
+
+
+def test_lifecycle_registers_heartbeats_and_deregisters_in_order(db_url, workdir, notify_socket, daemons):
+    path = config_for(workdir, db_url, "sensor-life", max_concurrent_sensors=7,
+                      capabilities={"runtimes": ["python", "shell"], "custom_feature": True})
+    daemon = daemons(path, env={"INVOCATION_ID": "abc123"}, notify=notify_socket)
+
+    notify_socket.wait_for("READY=1")
+    # READY=1 only once the row is committed: it must be visible to another session now.
+    row = worker_row(db_url, "sensor-life")
+    assert row["status"] == "active" and row["role"] == "sensor"
+    assert row["capabilities"]["runtimes"] == ["python", "shell"]
+    assert row["capabilities"]["max_concurrent_sensors"] == 7
+    assert row["capabilities"]["custom_feature"] is True
+    assert row["capabilities"]["heartbeat_interval"] == 0.5
+    assert row["capabilities"]["sensor_version"]
+    assert row["meta"]["pid"] == daemon.proc.pid
+    assert row["meta"]["invocation_id"] == "abc123"
+    assert {"instance_id", "machine_id", "hostname", "started_at"} <= set(row["meta"])
+    first_beat = row["last_heartbeat"]
+
+    notify_socket.wait_for("WATCHDOG=1", count=3)
+    daemon.wait_for_line("heartbeat", count=3)
+    assert worker_row(db_url, "sensor-life")["last_heartbeat"] > first_beat
+
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert worker_row(db_url, "sensor-life")["status"] == "inactive"
+
+    fields = notify_socket.fields()
+    assert fields.index("READY=1") < fields.index("WATCHDOG=1") < fields.index("STOPPING=1")
+    assert "Registering sensor worker sensor-life" in daemon.lines[0]
+    heartbeat_lines = [line for line in daemon.lines if "heartbeat" in line and "INFO" in line]
+    watchdogs_before_stop = fields[: fields.index("STOPPING=1")].count("WATCHDOG=1")
+    # one INFO heartbeat line and one WATCHDOG=1 per heartbeat
+    assert len(heartbeat_lines) == watchdogs_before_stop
+
+
+def test_reregistering_keeps_the_id(db_url, workdir, daemons):
+    path = config_for(workdir, db_url, "sensor-again")
+    first = daemons(path)
+    first.wait_for_line("Registered sensor worker")
+    original_id = worker_row(db_url, "sensor-again")["id"]
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+
+    second = daemons(path)
+    second.wait_for_line("Registered sensor worker")
+    row = worker_row(db_url, "sensor-again")
+    assert row["id"] == original_id and row["status"] == "active"
+    assert query(db_url, "SELECT count(*) FROM worker")[0][0] == 1
+
+
+def test_sigint_also_deregisters(db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-int"))
+    daemon.wait_for_line("Registered sensor worker")
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait() == 0
+    assert worker_row(db_url, "sensor-int")["status"] == "inactive"
+
+
+def test_sighup_reloads_capabilities(db_url, workdir, notify_socket, daemons):
+    path = config_for(workdir, db_url, "sensor-reload", capabilities={"runtimes": ["shell"]})
+    daemon = daemons(path, notify=notify_socket)
+    notify_socket.wait_for("READY=1")
+    original = worker_row(db_url, "sensor-reload")
+
+    with open(path, "w") as handle:
+        handle.write(f"database: {{url: '{db_url}'}}\nsensor:\n  worker_name: sensor-reload\n"
+                     "  heartbeat_interval: 0.5\n  max_concurrent_sensors: 3\n"
+                     "  capabilities: {runtimes: [shell, node], gpu: true}\n")
+    daemon.signal(signal.SIGHUP)
+    notify_socket.wait_for("READY=1", count=2)
+    row = worker_row(db_url, "sensor-reload")
+    assert row["capabilities"]["runtimes"] == ["shell", "node"]
+    assert row["capabilities"]["gpu"] is True
+    assert row["capabilities"]["max_concurrent_sensors"] == 3
+    assert row["id"] == original["id"] and row["meta"]["instance_id"] == original["meta"]["instance_id"]
+    fields = notify_socket.fields()
+    reloading = fields.index("RELOADING=1")
+    assert fields[reloading + 1].startswith("MONOTONIC_USEC=") and int(fields[reloading + 1].split("=")[1]) > 0
+    assert "READY=1" in fields[reloading:]
+    assert daemon.proc.poll() is None
+
+
+def test_sighup_with_a_bad_config_keeps_the_running_one(db_url, workdir, notify_socket, daemons):
+    path = config_for(workdir, db_url, "sensor-badreload", capabilities={"runtimes": ["shell"]})
+    daemon = daemons(path, notify=notify_socket)
+    notify_socket.wait_for("READY=1")
+    with open(path, "w") as handle:
+        handle.write("sensor: [this is: not valid\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_line("Reload failed, keeping the running configuration")
+    notify_socket.wait_for("READY=1", count=2)
+    beats = sum("heartbeat:" in line for line in daemon.lines)
+    daemon.wait_for_line("heartbeat:", count=beats + 2)
+    assert worker_row(db_url, "sensor-badreload")["capabilities"]["runtimes"] == ["shell"]
+    assert daemon.proc.poll() is None
+    assert "YAML syntax error at line 2" in daemon.output
+
+
+def test_watchdog_too_short_for_interval_exits_78(db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-wd", heartbeat_interval=30),
+                     env={"WATCHDOG_USEC": "20000000"})
+    assert daemon.wait() == 78
+    assert "heartbeat_interval" in daemon.output and "WatchdogSec" in daemon.output
+    assert "Traceback" not in daemon.output
+    assert worker_row(db_url, "sensor-wd") is None
+
+
+def test_name_conflict_with_live_worker_on_other_host_exits_78(db_url, workdir, daemons):
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('sensor-taken', 'local', 'sensor', 'other-host', 'active', '{\"heartbeat_interval\": 30}', "
+                  "'{\"machine_id\": \"another-machine\", \"hostname\": \"other-host\", \"instance_id\": \"x\"}', now())")
+    before = worker_row(db_url, "sensor-taken")
+    daemon = daemons(config_for(workdir, db_url, "sensor-taken"))
+    assert daemon.wait() == 78
+    assert "other-host" in daemon.output and "Traceback" not in daemon.output
+    assert worker_row(db_url, "sensor-taken") == before
+
+
+def test_deleted_row_is_registered_again(db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-deleted"))
+    daemon.wait_for_line("Registered sensor worker")
+    query(db_url, "DELETE FROM worker WHERE name = 'sensor-deleted'")
+    daemon.wait_for_line("was missing from the database and was registered again")
+    assert worker_row(db_url, "sensor-deleted")["status"] == "active"
+
+
+def test_takeover_by_another_process_ends_the_first_with_78(db_url, workdir, daemons):
+    first = daemons(config_for(workdir, db_url, "sensor-shared"))
+    first.wait_for_line("Registered sensor worker")
+    row = worker_row(db_url, "sensor-shared")
+    # Another instance takes the row over (same machine: allowed); the first is fenced out.
+    query(db_url, "UPDATE worker SET meta = jsonb_set(meta, '{instance_id}', '\"other\"') || "
+                  "'{\"hostname\": \"intruder\"}' WHERE id = %s", (row["id"],))
+    assert first.wait() == 78
+    assert "taken over" in first.output and "intruder" in first.output
+    # the fenced daemon must not have marked the new owner's row inactive
+    assert worker_row(db_url, "sensor-shared")["status"] == "active"
+
+
+def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-outage"), notify=notify_socket)
+    notify_socket.wait_for("READY=1")
+    worker_id = worker_row(db_url, "sensor-outage")["id"]
+    cluster.stop("fast")
+    try:
+        daemon.wait_for_line("heartbeat failed", count=3)
+        watchdogs = notify_socket.count("WATCHDOG=1")
+        notify_socket.wait_for("WATCHDOG=1", count=watchdogs + 2)  # the rhythm goes on
+        assert daemon.proc.poll() is None
+    finally:
+        cluster.start()
+    beats = sum("heartbeat: worker" in line for line in daemon.lines)
+    daemon.wait_for_line("heartbeat: worker", count=beats + 1)
+    row = worker_row(db_url, "sensor-outage")
+    assert row["id"] == worker_id and row["status"] == "active"
+    assert query(db_url, "SELECT count(*) FROM worker")[0][0] == 1
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def test_waits_for_database_at_start_then_registers(cluster, db_url, workdir, notify_socket, daemons):
+    cluster.stop("fast")
+    try:
+        daemon = daemons(config_for(workdir, db_url, "sensor-late"), notify=notify_socket)
+        notify_socket.wait_for("EXTEND_TIMEOUT_USEC=", count=2)
+        assert notify_socket.count("READY=1") == 0
+        assert any(f.startswith("STATUS=Waiting for the database") for f in notify_socket.fields())
+    finally:
+        cluster.start()
+    notify_socket.wait_for("READY=1", timeout=40)
+    assert worker_row(db_url, "sensor-late")["status"] == "active"
+
+
+def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, workdir, notify_socket, daemons):
+    cluster.stop("fast")
+    try:
+        daemon = daemons(config_for(workdir, db_url, "sensor-giveup"), notify=notify_socket)
+        notify_socket.wait_for("EXTEND_TIMEOUT_USEC=")
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+        elapsed = time.monotonic() - started
+    finally:
+        cluster.start()
+    assert elapsed < 10
+    assert worker_row(db_url, "sensor-giveup") is None
+
+
+def test_password_never_appears_in_output(cluster, db_url, workdir, daemons):
+    from pgcluster import ADMIN_PASSWORD
+
+    daemon = daemons(config_for(workdir, db_url, "sensor-secret", heartbeat_interval=0.3))
+    daemon.wait_for_line("heartbeat: worker")
+    cluster.stop("immediate")
+    try:
+        daemon.wait_for_line("heartbeat failed")
+    finally:
+        cluster.start()
+    daemon.signal(signal.SIGTERM)
+    daemon.wait()
+    assert ADMIN_PASSWORD not in daemon.output
