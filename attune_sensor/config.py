@@ -148,9 +148,12 @@ def _database_url(value):
     from .db import parse_dsn  # libpq's own parser: pure, no network
 
     try:
-        parse_dsn(value)
+        parts = parse_dsn(value)
     except ValueError as exc:
         raise ValueError(f"is malformed ({exc})") from None
+    for port in filter(None, parts.get("port", "").split(",")):
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"has an invalid port {_describe(port)}")
     return value
 
 

@@ -54,7 +54,10 @@ class Cluster:
         argv = [os.path.join(self.bindir, argv[0]), *argv[1:]]
         if self.as_postgres:
             argv = ["runuser", "-u", "postgres", "--", *argv]
-        return subprocess.run(argv, check=check, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stdout.strip()}")
+        return result
 
     def init(self):
         pwfile = os.path.join(self.base, "pwfile")

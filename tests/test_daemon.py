@@ -213,3 +213,29 @@ def test_password_never_appears_in_output(cluster, db_url, workdir, daemons):
     daemon.signal(signal.SIGTERM)
     daemon.wait()
     assert ADMIN_PASSWORD not in daemon.output
+
+
+def test_missing_schema_exits_78_saying_what_to_do(empty_db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, empty_db_url, "sensor-noschema"))
+    assert daemon.wait() == 78
+    assert "attune-sensor migrate run" in daemon.output and "Traceback" not in daemon.output
+
+
+def test_json_logs(db_url, workdir, daemons):
+    import json
+
+    path = write_config(workdir, {"database": {"url": db_url}, "log": {"format": "json"},
+                                  "sensor": {"worker_name": "sensor-json", "heartbeat_interval": 0.3}})
+    daemon = daemons(path)
+    daemon.wait_for_line("heartbeat: worker")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    records = [json.loads(line) for line in daemon.lines]
+    assert records[0]["message"].startswith("Registering sensor worker sensor-json")
+    assert {"levelname", "asctime", "name"} <= set(records[0])
+
+
+def test_journal_priority_prefixes(db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-journal"), env={"JOURNAL_STREAM": "8:1234"})
+    daemon.wait_for_line("heartbeat: worker")
+    assert daemon.lines[0].startswith("<6>INFO Registering sensor worker")

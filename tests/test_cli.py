@@ -1,0 +1,86 @@
+"""The read-side commands: workers, check, metrics, and the global options."""
+
+import json
+import signal
+
+from conftest import query, run_cli, write_config
+from test_daemon import config_for
+
+FLEET = """
+INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) VALUES
+ ('s-py', 'local', 'sensor', 'h1', 'active', '{"runtimes": ["python", "shell"], "max_concurrent_sensors": 10, "heartbeat_interval": 30}', '{}', now()),
+ ('s-node', 'local', 'sensor', 'h2', 'active', '{"runtimes": ["node"], "max_concurrent_sensors": 5, "heartbeat_interval": 30}', '{}', now() - interval '10 minutes'),
+ ('s-off', 'local', 'sensor', 'h3', 'inactive', '{"runtimes": ["python"], "max_concurrent_sensors": 4}', '{"reaped_at": "x"}', now() - interval '1 day'),
+ ('a-1', 'local', 'action', 'h4', 'active', '{"runtimes": ["python"]}', '{}', now())
+"""
+
+
+def cli(url, *args):
+    return run_cli(*args, env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
+
+
+def test_workers_table_and_summary(db_url):
+    query(db_url, FLEET)
+    result = cli(db_url, "workers")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT"]
+    assert [line.split()[0] for line in lines[1:4]] == ["s-node", "s-off", "s-py"]
+    assert "a-1" not in result.stdout
+    assert "active (stale)" in lines[1]
+    assert "active: 2 of 3" in result.stdout and "stale: 1" in result.stdout and "capacity: 15" in result.stdout
+    assert "runtimes: node 1, python 1, shell 1" in result.stdout
+
+
+def test_workers_filters_and_json(db_url):
+    query(db_url, FLEET)
+    data = json.loads(cli(db_url, "workers", "--json", "--runtime", "Python").stdout)
+    assert sorted(w["name"] for w in data["workers"]) == ["s-off", "s-py"]
+    stale = json.loads(cli(db_url, "workers", "--json", "--stale").stdout)
+    assert [w["name"] for w in stale["workers"]] == ["s-node"]
+    assert stale["summary"]["stale"] == 1
+
+
+def test_metrics_in_prometheus_format(db_url):
+    query(db_url, FLEET)
+    result = cli(db_url, "metrics")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert 'attune_sensor_workers_active{role="sensor"} 2' in lines
+    assert "attune_sensor_workers_stale 1" in lines
+    assert "attune_sensor_workers_reaped 1" in lines
+    assert 'attune_sensor_runtime_workers{runtime="python"} 1' in lines
+    assert "attune_sensor_capacity_sensors 15" in lines
+    assert "# TYPE attune_sensor_heartbeat_lag_seconds gauge" in lines
+
+
+def test_check_states(db_url, workdir, daemons):
+    path = config_for(workdir, db_url, "s-check")
+    assert run_cli("--config", path, "check").returncode == 2  # not registered yet
+    daemon = daemons(path)
+    daemon.wait_for_line("Registered sensor worker")
+    ok = run_cli("--config", path, "check")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: worker s-check")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    down = run_cli("--config", path, "check")
+    assert down.returncode == 2 and "inactive" in down.stdout
+    unknown = run_cli("--config", config_for(workdir, "postgresql://x:pw@127.0.0.1:1/none", "s-check"), "check")
+    assert unknown.returncode == 3 and unknown.stdout.startswith("UNKNOWN:")
+    bad = run_cli("--config", write_config(workdir, {"sensor": {"heartbeat_interval": -1}}), "check")
+    assert bad.returncode == 3 and "heartbeat_interval" in bad.stdout
+
+
+def test_commands_without_schema_say_to_migrate(empty_db_url):
+    result = cli(empty_db_url, "workers")
+    assert result.returncode == 78 and "attune-sensor migrate run" in result.stderr
+
+
+def test_version_and_usage_errors():
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("attune-sensor 0.")
+    assert run_cli().returncode == 2
+    assert run_cli("frobnicate").returncode == 2
+    help_text = run_cli("--help").stdout
+    for command in ("run", "migrate", "workers", "check", "metrics", "config"):
+        assert command in help_text

@@ -1,0 +1,160 @@
+"""Configuration: precedence, typing, and a one-line error with exit 78 for every bad input."""
+
+import os
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attune_sensor import config
+from attune_sensor.errors import ConfigError
+from conftest import run_cli, write_config
+
+URL = "postgresql://attune:s3cret-pw@db.example.net:5432/attune"
+
+
+def load(workdir, data, env=None):
+    return config.load(write_config(workdir, data), environ=env or {})
+
+
+def test_defaults_follow_the_spec(workdir):
+    cfg = load(workdir, {"database": {"url": URL}})
+    import socket
+
+    assert cfg.sensor.worker_name == f"sensor-{socket.gethostname()}"
+    assert cfg.sensor.host == socket.gethostname()
+    assert (cfg.sensor.heartbeat_interval, cfg.sensor.poll_interval, cfg.sensor.sensor_timeout) == (30, 30, 30)
+    assert cfg.sensor.max_concurrent_sensors == 10
+    assert cfg.sensor.runtimes == ()
+    assert (cfg.log.level, cfg.log.format) == ("info", "text")
+
+
+def test_the_spec_example_file_loads(workdir):
+    cfg = load(workdir, {"database": {"url": URL}, "sensor": {
+        "worker_name": "sensor-production-01", "host": "10.0.1.42", "heartbeat_interval": 30,
+        "poll_interval": 30, "sensor_timeout": 30, "max_concurrent_sensors": 10,
+        "capabilities": {"runtimes": ["python", "shell", "node"], "custom_feature": True}}})
+    assert cfg.sensor.worker_name == "sensor-production-01"
+    assert cfg.sensor.runtimes == ("python", "shell", "node")
+    assert cfg.sensor.capabilities == {"custom_feature": True}
+
+
+def test_environment_overrides_are_typed_like_the_file(workdir):
+    cfg = load(workdir, {"database": {"url": URL}, "sensor": {"heartbeat_interval": 10}},
+               env={"ATTUNE__SENSOR__HEARTBEAT_INTERVAL": "60", "ATTUNE__SENSOR__WORKER_NAME": "sensor-custom",
+                    "ATTUNE__LOG__FORMAT": "json", "ATTUNE__SENSOR__REAPER": "false"})
+    assert cfg.sensor.heartbeat_interval == 60 and isinstance(cfg.sensor.heartbeat_interval, int)
+    assert cfg.sensor.worker_name == "sensor-custom"
+    assert cfg.log.format == "json"
+    assert cfg.sensor.reaper is False
+
+
+def test_database_url_precedence(workdir):
+    file_only = load(workdir, {"database": {"url": URL}})
+    assert file_only.database.url == URL
+    nested = load(workdir, {"database": {"url": URL}}, env={"ATTUNE__DATABASE__URL": "postgresql://a@b/c"})
+    assert nested.database.url == "postgresql://a@b/c"
+    top = load(workdir, {"database": {"url": URL}},
+               env={"ATTUNE__DATABASE__URL": "postgresql://a@b/c", "DATABASE_URL": "host=x dbname=y"})
+    assert top.database.url == "host=x dbname=y"
+
+
+def test_default_file_may_be_absent_when_the_environment_has_the_url(workdir, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", os.path.join(workdir, "absent.yaml"))
+    assert config.load(None, environ={"DATABASE_URL": URL}).database.url == URL
+    with pytest.raises(ConfigError, match="absent.yaml: not found"):
+        config.load(None, environ={})
+    # a file named explicitly must exist, whatever the environment holds
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(os.path.join(workdir, "named.yaml"), environ={"DATABASE_URL": URL})
+
+
+BAD = [
+    ({"database": {"url": URL}, "sensor": {"heartbeat_interval": "abc"}}, "sensor.heartbeat_interval", "positive number"),
+    ({"database": {"url": URL}, "sensor": {"heartbeat_interval": 0}}, "sensor.heartbeat_interval", "greater than 0"),
+    ({"database": {"url": URL}, "sensor": {"heartbeat_interval": -5}}, "sensor.heartbeat_interval", "greater than 0"),
+    ({"database": {"url": URL}, "sensor": {"poll_interval": True}}, "sensor.poll_interval", "positive number"),
+    ({"database": {"url": URL}, "sensor": {"max_concurrent_sensors": 2.5}}, "sensor.max_concurrent_sensors", "whole number"),
+    ({"database": {"url": URL}, "log": {"level": "loud"}}, "log.level", "debug, info, warning, error"),
+    ({"database": {"url": URL}, "log": {"format": "xml"}}, "log.format", "text, json"),
+    ({"database": {"url": "mysql://a@b/c"}}, "database.url", "scheme"),
+    ({"database": {"url": "not a url"}}, "database.url", "neither"),
+    ({"database": {"url": URL}, "sensor": {"heartbeat_intervall": 5}}, "sensor.heartbeat_intervall", "unknown setting"),
+    ({"database": {"url": URL}, "sensors": {}}, "sensors", "unknown section"),
+    ({"database": {"url": URL}, "sensor": {"worker_name": "x'; DROP TABLE worker;--"}}, "sensor.worker_name", "letters"),
+    ({"database": {"url": URL}, "sensor": {"worker_name": "a" * 10000}}, "sensor.worker_name", "1-128"),
+    ({"database": {"url": URL}, "sensor": {"worker_name": "bad\nname"}}, "sensor.worker_name", "letters"),
+    ({"database": {"url": URL}, "sensor": {"capabilities": {"runtimes": ["py thon"]}}}, "sensor.capabilities.runtimes", "invalid runtime"),
+    ({"database": {"url": URL}, "sensor": {"capabilities": {"blob": "x" * 20000}}}, "sensor.capabilities", "bytes"),
+    ({"database": {"url": URL}, "sensor": {"capabilities": ["python"]}}, "sensor.capabilities", "mapping"),
+    ({"sensor": {"heartbeat_interval": 5}}, "database.url", "not set"),
+    ("sensor: [unclosed\n", "YAML syntax error at line", ""),
+    ("- just\n- a list\n", "must be a mapping", ""),
+]
+
+
+@pytest.mark.parametrize("data,names,problem", BAD)
+def test_bad_config_exits_78_with_one_line_naming_the_key(workdir, data, names, problem):
+    path = write_config(workdir, data)
+    result = run_cli("--config", path, "config")
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0] and problem in lines[0]
+    assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"ATTUNE__SENSOR__HEARTBEAT_INTERVAL": "soon"}, "ATTUNE__SENSOR__HEARTBEAT_INTERVAL"),
+    ({"ATTUNE__SENSOR__HEARTBEAT_INTERVAL": "[1, 2"}, "ATTUNE__SENSOR__HEARTBEAT_INTERVAL"),
+    ({"ATTUNE__SENSOR__NOPE": "1"}, "ATTUNE__SENSOR__NOPE"),
+    ({"ATTUNE__NOPE": "1"}, "ATTUNE__NOPE"),
+    ({"DATABASE_URL": "postgresql://u:pw@h:notaport/db"}, "DATABASE_URL"),
+])
+def test_bad_environment_exits_78_naming_the_variable(workdir, env, names):
+    path = write_config(workdir, {"database": {"url": URL}})
+    result = run_cli("--config", path, "config", env=env)
+    assert result.returncode == 78, result.stdout
+    assert names in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_runtimes_variable_stops_run_with_78(workdir):
+    path = write_config(workdir, {"database": {"url": URL}})
+    result = run_cli("--config", path, "run", env={"ATTUNE_SENSOR_RUNTIMES": "python,no way"})
+    assert result.returncode == 78
+    assert "ATTUNE_SENSOR_RUNTIMES" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_and_unreadable_files(workdir):
+    result = run_cli("--config", os.path.join(workdir, "absent.yaml"), "config")
+    assert result.returncode == 78 and "not found" in result.stderr
+    result = run_cli("config", env={"ATTUNE_CONFIG": workdir})
+    assert result.returncode == 78 and "is a directory" in result.stderr
+
+
+def test_config_command_masks_the_password(workdir):
+    for url in (URL, "host=db.example.net user=attune password=s3cret-pw dbname=attune",
+                "postgresql://attune@db.example.net/attune?password=s3cret-pw"):
+        result = run_cli("--config", write_config(workdir, {"database": {"url": url}}), "config")
+        assert result.returncode == 0, result.stderr
+        assert "s3cret-pw" not in result.stdout and "***" in result.stdout
+        shown = yaml.safe_load(result.stdout)
+        assert shown["sensor"]["heartbeat_interval"] == 30
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.one_of(st.text(max_size=50), st.integers(), st.floats(allow_nan=True), st.booleans(),
+                       st.lists(st.integers(), max_size=3), st.none()),
+       key=st.sampled_from(["heartbeat_interval", "poll_interval", "sensor_timeout", "max_concurrent_sensors",
+                            "worker_name", "host", "worker_type", "stale_multiplier", "reaper"]))
+def test_any_value_either_loads_or_gives_a_config_error(tmp_path_factory, key, value):
+    workdir = tmp_path_factory.mktemp("prop")
+    path = write_config(workdir, {"database": {"url": URL}, "sensor": {key: value}})
+    try:
+        cfg = config.load(path, environ={})
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and f"sensor.{key}" in message
+    else:
+        assert getattr(cfg.sensor, key) is not None

@@ -1,0 +1,142 @@
+"""Schema migrations against a real PostgreSQL: empty, legacy and concurrent cases."""
+
+import subprocess
+
+import pytest
+
+from attune_sensor import migrations
+from conftest import ATTUNE_SENSOR, base_env, query, run_cli
+
+LEGACY_SCHEMA = """
+CREATE TYPE worker_type_enum AS ENUM ('local', 'remote', 'container');
+CREATE TYPE worker_status_enum AS ENUM ('active', 'inactive', 'busy', 'error');
+CREATE TABLE runtime (id BIGSERIAL PRIMARY KEY, ref TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT NOW(), updated TIMESTAMPTZ NOT NULL DEFAULT NOW());
+CREATE TABLE worker (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, worker_type worker_type_enum NOT NULL,
+    runtime BIGINT REFERENCES runtime(id), host TEXT, port INTEGER, status worker_status_enum DEFAULT 'inactive',
+    capabilities JSONB, meta JSONB, last_heartbeat TIMESTAMPTZ,
+    created TIMESTAMPTZ NOT NULL DEFAULT NOW(), updated TIMESTAMPTZ NOT NULL DEFAULT NOW());
+CREATE INDEX idx_worker_last_heartbeat ON worker (last_heartbeat);
+INSERT INTO worker (name, worker_type, host, status) VALUES ('action-1', 'local', 'h1', 'active'),
+    ('action-2', 'remote', 'h2', 'inactive');
+"""
+
+
+def migrate(url, *action):
+    return run_cli("migrate", *(action or ("run",)), env={"DATABASE_URL": url})
+
+
+def columns(url):
+    return dict(query(url, "SELECT column_name, data_type FROM information_schema.columns "
+                           "WHERE table_name = 'worker'"))
+
+
+def test_empty_database_gets_the_spec_schema(empty_db_url):
+    result = migrate(empty_db_url)
+    assert result.returncode == 0, result.stderr
+    assert set(columns(empty_db_url)) == {"id", "name", "worker_type", "worker_role", "runtime", "host", "port",
+                                          "status", "capabilities", "meta", "last_heartbeat", "created", "updated"}
+    enum = query(empty_db_url, "SELECT enum_range(NULL::worker_status_enum)::text")[0][0]
+    assert enum == "{active,inactive,busy,error}"
+    assert query(empty_db_url, "SELECT enum_range(NULL::worker_role_enum)::text")[0][0] == "{action,sensor,hybrid}"
+    info = migrate(empty_db_url, "info")
+    assert info.returncode == 0 and "pending" not in info.stdout
+    assert "20260131000001_add_worker_role.sql  applied" in info.stdout
+
+
+def test_info_lists_pending_before_run(empty_db_url):
+    info = migrate(empty_db_url, "info")
+    assert info.returncode == 0
+    assert info.stdout.count("pending") == len(migrations.available())
+
+
+def test_second_run_changes_nothing(empty_db_url):
+    assert migrate(empty_db_url).returncode == 0
+    again = migrate(empty_db_url)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_legacy_worker_table_gains_roles_and_keeps_rows(empty_db_url):
+    query(empty_db_url, LEGACY_SCHEMA)
+    result = migrate(empty_db_url)
+    assert result.returncode == 0, result.stderr
+    rows = query(empty_db_url, "SELECT name, worker_role::text, host FROM worker ORDER BY name")
+    assert rows == [("action-1", "action", "h1"), ("action-2", "action", "h2")]
+    indexes = [r[0] for r in query(empty_db_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'worker'")]
+    assert "idx_worker_last_heartbeat" not in indexes
+    assert "worker_name_key" in indexes
+
+
+def test_duplicate_names_stop_the_migration_and_change_nothing(empty_db_url):
+    query(empty_db_url, LEGACY_SCHEMA + "INSERT INTO worker (name, worker_type) VALUES ('action-1', 'local');")
+    result = migrate(empty_db_url)
+    assert result.returncode == 1
+    assert "action-1 (ids 1, 3)" in result.stderr and "rolled back" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # the role migration before it was applied; the failed one left no trace
+    assert query(empty_db_url, "SELECT count(*) FROM worker")[0][0] == 3
+    indexes = [r[0] for r in query(empty_db_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'worker'")]
+    assert "worker_name_key" not in indexes and "idx_worker_last_heartbeat" in indexes
+    # fix the data, run again: it completes
+    query(empty_db_url, "DELETE FROM worker WHERE id = 3")
+    assert migrate(empty_db_url).returncode == 0
+
+
+def test_changed_migration_file_is_refused(db_url):
+    query(db_url, "UPDATE attune_sensor_migrations SET checksum = 'tampered' WHERE version = 20260131000001")
+    for action in ("run", "info"):
+        result = migrate(db_url, action)
+        assert result.returncode == 1
+        assert "20260131000001_add_worker_role.sql was changed" in result.stderr
+
+
+def test_concurrent_migrate_runs_build_one_schema(empty_db_url):
+    procs = [subprocess.Popen([ATTUNE_SENSOR, "migrate", "run"], env=base_env({"DATABASE_URL": empty_db_url}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert query(empty_db_url, "SELECT count(*) FROM attune_sensor_migrations")[0][0] == len(migrations.available())
+
+
+def test_unreachable_database_exits_69(cluster):
+    result = run_cli("migrate", "run", env={"DATABASE_URL": "postgresql://nobody:pw@127.0.0.1:1/x"})
+    assert result.returncode == 69
+    assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
+
+
+# (query from the spec, column holding the name, names it must return)
+SPEC_QUERIES = [
+    ("SELECT id, name, host, capabilities, last_heartbeat FROM worker WHERE worker_role = 'sensor' "
+     "AND status = 'active';", 1, {"s1", "s2"}),
+    ("SELECT id, name, host, capabilities->'runtimes' as runtimes FROM worker WHERE worker_role = 'sensor' "
+     "AND status = 'active' AND capabilities->'runtimes' ? 'python';", 1, {"s1"}),
+    ("SELECT id, name, last_heartbeat FROM worker WHERE worker_role = 'sensor' AND status = 'active' "
+     "AND last_heartbeat < NOW() - INTERVAL '5 minutes';", 1, {"s1"}),
+    ("SELECT name, host, status, last_heartbeat, NOW() - last_heartbeat AS time_since_heartbeat FROM worker "
+     "WHERE worker_role = 'sensor' AND status = 'active' AND last_heartbeat < NOW() - INTERVAL '60 seconds' "
+     "ORDER BY last_heartbeat;", 0, {"s1"}),
+    ("SELECT * FROM worker WHERE worker_role IN ('sensor', 'hybrid') AND status = 'active' "
+     "AND capabilities->'runtimes' ? %s ORDER BY last_heartbeat DESC", 1, {"s1"}),
+]
+
+
+@pytest.mark.parametrize("sql,name_column,expected", SPEC_QUERIES)
+def test_spec_queries_run_unchanged(db_url, sql, name_column, expected):
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, last_heartbeat) VALUES "
+                  "('s1', 'local', 'sensor', 'active', '{\"runtimes\": [\"python\"]}', now() - interval '10 minutes'),"
+                  "('s2', 'local', 'sensor', 'active', '{\"runtimes\": [\"node\"]}', now()),"
+                  "('a1', 'local', 'action', 'active', '{\"runtimes\": [\"python\"]}', now() - interval '1 hour')")
+    rows = query(db_url, sql, ("python",) if "%s" in sql else None)
+    assert {row[name_column] for row in rows} == expected
+
+
+def test_updated_is_maintained_and_heartbeats_are_hot(db_url):
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, last_heartbeat, updated) "
+                  "VALUES ('hot', 'local', 'sensor', 'active', now(), now() - interval '1 hour')")
+    query(db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
+    assert query(db_url, "SELECT now() - updated < interval '1 minute' FROM worker WHERE name = 'hot'")[0][0]
+    for _ in range(20):
+        query(db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
+    query(db_url, "SELECT pg_stat_force_next_flush()")
+    updates, hot = query(db_url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
+    assert updates >= 21 and hot == updates

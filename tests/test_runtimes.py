@@ -1,0 +1,53 @@
+"""Runtime detection: environment > config > probing real binaries on PATH."""
+
+import os
+import stat
+
+import pytest
+
+from attune_sensor import runtimes
+
+
+def fake_bin(directory, name, exit_code=0):
+    path = os.path.join(directory, name)
+    with open(path, "w") as handle:
+        handle.write(f"#!/bin/sh\n[ \"$1\" = --version ] || exit 9\n[ -z \"$NOTIFY_SOCKET\" ] || exit 7\nexit {exit_code}\n")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+
+
+def test_detection_runs_the_binaries(workdir):
+    fake_bin(workdir, "python3")
+    fake_bin(workdir, "node", exit_code=1)  # present but broken: not a runtime
+    env = {"PATH": workdir}
+    assert runtimes.resolve((), env) == (["python", "shell", "native"], "detected")
+
+
+def test_detection_falls_back_to_python_and_finds_node(workdir):
+    fake_bin(workdir, "python")
+    fake_bin(workdir, "node")
+    assert runtimes.resolve((), {"PATH": workdir})[0] == ["python", "node", "shell", "native"]
+
+
+def test_probes_do_not_inherit_the_notify_socket(workdir):
+    fake_bin(workdir, "python3")  # exits 7 when it sees NOTIFY_SOCKET
+    found, _ = runtimes.resolve((), {"PATH": workdir, "NOTIFY_SOCKET": "/run/systemd/notify"})
+    assert "python" in found
+
+
+def test_empty_path_still_has_shell_and_native(workdir):
+    assert runtimes.resolve((), {"PATH": workdir}) == (["shell", "native"], "detected")
+
+
+def test_config_beats_detection_and_environment_beats_config(workdir):
+    fake_bin(workdir, "python3")
+    assert runtimes.resolve(("node",), {"PATH": workdir}) == (["node"], "config")
+    env = {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " Python, shell,,python ,NODE "}
+    assert runtimes.resolve(("node",), env) == (["python", "shell", "node"], "environment")
+    # set but empty counts as unset
+    assert runtimes.resolve(("node",), {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " , "}) == (["node"], "config")
+
+
+@pytest.mark.parametrize("value", ["py thon", "x" * 40, "a;b", "ü"])
+def test_bad_names_in_the_variable_are_named(value):
+    with pytest.raises(ValueError, match="ATTUNE_SENSOR_RUNTIMES"):
+        runtimes.resolve((), {"ATTUNE_SENSOR_RUNTIMES": value})
