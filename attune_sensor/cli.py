@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from . import config as config_module
-from .errors import EX_CONFIG, AttuneSensorError, ConfigError
+from .errors import AttuneSensorError, ConfigError, DatabaseUrlMissing
 
 CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
 EX_SOFTWARE = 70
@@ -56,9 +56,12 @@ def _parser():
     commands.add_parser("metrics", help="fleet gauges in the Prometheus text format",
                         description="Print fleet gauges in the Prometheus text exposition format, for "
                                     "node_exporter's textfile collector.")
-    commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
-                        description="Print the configuration after file, environment and defaults are merged. "
-                                    "The database password is masked.")
+    show = commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
+                               description="Print the configuration after file, environment and defaults are merged. "
+                                           "The database password is masked.")
+    show.add_argument("--is-configured", action="store_true",
+                      help="print nothing; exit 0 once a database URL is set, 1 (saying what to set) before. "
+                           "Other errors are left to 'run' to report. The unit's ExecCondition uses it.")
     return parser
 
 
@@ -220,10 +223,17 @@ def cmd_config(args):
 
     try:
         config = _load(args)
-    except ConfigError as exc:
-        print(f"attune-sensor: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    sys.stdout.write(yaml.safe_dump(config_module.describe(config), sort_keys=False))
+    except DatabaseUrlMissing as exc:
+        if args.is_configured:
+            print(f"attune-sensor: not started: {exc}; then start the service again", file=sys.stderr)
+            return 1
+        raise
+    except ConfigError:
+        if args.is_configured:
+            return 0  # configured, but wrongly: 'run' then fails with the precise message
+        raise
+    if not args.is_configured:
+        sys.stdout.write(yaml.safe_dump(config_module.describe(config), sort_keys=False))
     return 0
 
 

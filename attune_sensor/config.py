@@ -17,7 +17,7 @@ import re
 import socket
 from dataclasses import dataclass, field, replace
 
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseUrlMissing
 
 DEFAULT_CONFIG_PATH = "/etc/attune/config.yaml"
 ENV_PREFIX = "ATTUNE__"
@@ -300,7 +300,7 @@ def load(path=None, environ=None):
             raise ConfigError(f"{label}: {exc}") from None
 
     if ("database", "url") not in clean:
-        raise ConfigError(f"database.url is not set: put it in {path} or set DATABASE_URL")
+        raise DatabaseUrlMissing(f"database.url is not set: put it in {path} or set DATABASE_URL")
     return _build(clean, path)
 
 

@@ -20,6 +20,10 @@ class ConfigError(AttuneSensorError):
     exit_code = EX_CONFIG
 
 
+class DatabaseUrlMissing(ConfigError):
+    """No database URL anywhere: the state of a fresh package install."""
+
+
 class DatabaseUnavailable(AttuneSensorError):
     """The database could not be reached or did not answer within its bound."""
 

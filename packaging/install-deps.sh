@@ -9,7 +9,7 @@ APT_PACKAGES=(
   # a throwaway PostgreSQL for the tests (initdb, pg_ctl)
   postgresql-15 postgresql-contrib
   # building and checking the .deb
-  build-essential debhelper dh-python python3-all python3-setuptools
+  build-essential debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject python3-pytest python3-hypothesis
   python3-psycopg2 python3-yaml python3-sdnotify python3-pythonjsonlogger
   lintian fakeroot
   # booting a real systemd for the end-to-end test

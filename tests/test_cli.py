@@ -84,3 +84,14 @@ def test_version_and_usage_errors():
     help_text = run_cli("--help").stdout
     for command in ("run", "migrate", "workers", "check", "metrics", "config"):
         assert command in help_text
+
+
+def test_is_configured_tells_a_fresh_install_from_a_configured_one(workdir):
+    fresh = write_config(workdir, "# database:\n#   url: postgresql://...\n")
+    result = run_cli("--config", fresh, "config", "--is-configured")
+    assert result.returncode == 1 and "database.url is not set" in result.stderr
+    assert run_cli("--config", fresh, "config").returncode == 78
+    configured = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}})
+    assert run_cli("--config", configured, "config", "--is-configured").returncode == 0
+    wrong = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"heartbeat_interval": 0}})
+    assert run_cli("--config", wrong, "config", "--is-configured").returncode == 0
