@@ -12,6 +12,12 @@ trap 'rm -rf "$scratch"' EXIT
 mkdir "$scratch/src"
 # Only the files git knows about (tracked or new, not ignored): no .venv, no caches.
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$scratch/src"
+if [ -n "${ATTUNE_DEB_VERSION:-}" ]; then
+  # A throwaway newer version, for the upgrade test: a changelog entry in the scratch copy only.
+  { printf 'attune-sensor (%s) unstable; urgency=medium\n\n  * Test build.\n\n -- %s  %s\n\n' \
+      "$ATTUNE_DEB_VERSION" "$(dpkg-parsechangelog -l debian/changelog -S Maintainer)" "$(date -R)"
+    cat debian/changelog; } > "$scratch/src/debian/changelog"
+fi
 (cd "$scratch/src" && dpkg-buildpackage -us -uc -b >"$scratch/build.log" 2>&1) || {
   tail -60 "$scratch/build.log" >&2
   echo "build-deb: dpkg-buildpackage failed (log above)" >&2

@@ -1,0 +1,209 @@
+"""The .deb under a real systemd: build it, boot Debian bookworm in systemd-nspawn, install it
+with apt as an operator would, and check each promise by querying the database or the journal.
+
+The steps share one container and run in file order; each leaves the service as the next
+expects. Needs root and systemd-nspawn: without them this fails, saying what is missing.
+"""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import query, wait_for, worker_row
+from nspawn import Container, missing_tools
+from pgcluster import ADMIN_PASSWORD
+
+pytestmark = pytest.mark.systemd
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = "attune-sensor"
+# Short timings so the watchdog and restart paths run in seconds; the shipped values are longer.
+DROPIN = "[Service]\nWatchdogSec=8s\nRestartSec=1s\n"
+INTERVAL = 2
+
+
+def build_deb(version=None):
+    env = dict(os.environ)
+    if version:
+        env["ATTUNE_DEB_VERSION"] = version
+    result = subprocess.run(["bash", "packaging/build-deb.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout
+    return next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("built "))
+
+
+@pytest.fixture(scope="module")
+def box():
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root")
+    problems += missing_tools()
+    if problems:
+        pytest.fail("the systemd package test needs: " + ", ".join(problems) + " (run packaging/install-deps.sh as root)")
+    container = Container()
+    try:
+        container.boot()
+        yield container
+    finally:
+        container.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pkg_db(cluster, template_db):
+    cluster.psql(f"CREATE DATABASE package_test TEMPLATE {template_db}")
+    return cluster.url("package_test")
+
+
+def show(box, prop, unit=UNIT):
+    return box.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+
+def journal(box, unit=UNIT):
+    return box.run("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
+
+
+def write_config(box, url, name="sensor-box", path="/etc/attune/config.yaml", **extra):
+    lines = [f"database:\n  url: '{url}'\n", f"sensor:\n  worker_name: {name}\n  heartbeat_interval: {INTERVAL}\n"]
+    lines += [f"  {key}: {value}\n" for key, value in extra.items()]
+    box.write(path, "".join(lines))
+
+
+def test_install_enables_without_starting_until_configured(box):
+    deb = build_deb()
+    box.put(str(ROOT / deb), "/root/" + os.path.basename(deb))
+    box.sh(f"cd /root && apt-get install -y ./{os.path.basename(deb)}", timeout=300)
+    assert box.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+    assert show(box, "ActiveState") == "inactive"
+    assert box.run("systemctl", "is-failed", UNIT, check=False).stdout.strip() != "failed"
+    assert "database.url is not set" in journal(box)
+    assert box.run("stat", "-c", "%U:%G %a", "/etc/attune/config.yaml").stdout.strip() == "root:attune 640"
+    assert box.run("getent", "passwd", "attune").returncode == 0
+    # minbase has no man-db to resolve Documentation=man:...; the page itself is checked instead
+    assert box.run("test", "-f", "/usr/share/man/man1/attune-sensor.1.gz", check=False).returncode == 0
+    verify = box.run("systemd-analyze", "verify", "--man=no", f"{UNIT}.service", f"{UNIT}@x.service", check=False)
+    assert verify.returncode == 0 and verify.stdout.strip() == "", verify.stdout
+
+
+def test_start_registers_and_heartbeats_at_the_interval(box, pkg_db):
+    box.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}.service.d")
+    box.write(f"/etc/systemd/system/{UNIT}.service.d/test.conf", DROPIN)
+    box.run("systemctl", "daemon-reload")
+    write_config(box, pkg_db)
+    box.run("systemctl", "start", UNIT)  # Type=notify: returns once READY=1 arrived
+    assert show(box, "ActiveState") == "active"
+    row = worker_row(pkg_db, "sensor-box")
+    assert row["status"] == "active" and row["role"] == "sensor"
+    assert {"python", "shell", "native"} <= set(row["capabilities"]["runtimes"])
+    assert row["meta"]["invocation_id"] == show(box, "InvocationID")
+    wait_for(lambda: journal(box).count("heartbeat: worker sensor-box") >= 4, 30, what="4 heartbeats in the journal")
+    stamps = [float(line.split()[0]) for line in box.run(
+        "journalctl", "-u", UNIT, "-o", "short-unix", "--no-pager", "-g", "heartbeat: worker").stdout.splitlines()
+        if line and line[0].isdigit()]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert gaps and all(INTERVAL * 0.5 < gap < INTERVAL * 1.5 for gap in gaps), gaps
+
+
+def test_reload_updates_capabilities_without_restart(box, pkg_db):
+    pid = show(box, "MainPID")
+    write_config(box, pkg_db, max_concurrent_sensors=4, capabilities="{runtimes: [python, shell], reloaded: true}")
+    box.run("systemctl", "reload", UNIT)
+    caps = wait_for(lambda: (c := worker_row(pkg_db, "sensor-box")["capabilities"]).get("reloaded") and c, 15,
+                    what="reloaded capabilities")
+    assert caps["runtimes"] == ["python", "shell"] and caps["max_concurrent_sensors"] == 4
+    assert show(box, "MainPID") == pid and show(box, "ActiveState") == "active"
+
+
+def test_frozen_process_is_killed_by_the_watchdog_and_comes_back(box, pkg_db):
+    worker_id = worker_row(pkg_db, "sensor-box")["id"]
+    restarts = int(show(box, "NRestarts"))
+    box.run("systemctl", "kill", "-s", "SIGSTOP", UNIT)
+    wait_for(lambda: int(show(box, "NRestarts")) > restarts, 40, what="a watchdog restart")
+    wait_for(lambda: show(box, "ActiveState") == "active", 30, what="the unit active again")
+    assert "Watchdog timeout" in box.run("journalctl", "--no-pager", "-o", "cat").stdout
+    # the row now belongs to the new process, under the same id
+    new_pid = int(show(box, "MainPID"))
+    row = worker_row(pkg_db, "sensor-box")
+    assert row["id"] == worker_id and row["status"] == "active"
+    assert row["meta"]["invocation_id"] == show(box, "InvocationID")
+    assert new_pid > 0
+
+
+def test_database_outage_longer_than_the_watchdog_does_not_restart(box, pkg_db, cluster):
+    restarts = show(box, "NRestarts")
+    cluster.stop("fast")
+    try:
+        time.sleep(12)  # longer than WatchdogSec=8s
+        assert show(box, "NRestarts") == restarts and show(box, "ActiveState") == "active"
+        assert "heartbeat failed for worker sensor-box" in journal(box)
+    finally:
+        cluster.start()
+    before = time.time()
+    wait_for(lambda: worker_row(pkg_db, "sensor-box")["last_heartbeat"].timestamp() > before, 20,
+             what="a heartbeat after the database returned")
+    assert worker_row(pkg_db, "sensor-box")["status"] == "active"
+
+
+def test_invalid_config_fails_once_without_a_restart_loop(box, pkg_db):
+    write_config(box, pkg_db, max_concurrent_sensors="many")
+    box.run("systemctl", "restart", UNIT, check=False)
+    wait_for(lambda: show(box, "ActiveState") == "failed", 20, what="the unit failed")
+    time.sleep(3)  # a restart loop would show within RestartSec=1s
+    assert show(box, "ActiveState") == "failed" and show(box, "ExecMainStatus") == "78"
+    invocation = show(box, "InvocationID")
+    lines = box.run("journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--no-pager", "-o", "cat").stdout
+    assert lines.count("sensor.max_concurrent_sensors (in /etc/attune/config.yaml): must be a whole number") == 1
+    assert "Traceback" not in lines
+    write_config(box, pkg_db)
+    box.run("systemctl", "reset-failed", UNIT)
+    box.run("systemctl", "start", UNIT)
+
+
+def test_stop_marks_the_worker_inactive(box, pkg_db):
+    box.run("systemctl", "stop", UNIT)
+    # systemctl stop returns when the process has exited, after it deregistered
+    assert worker_row(pkg_db, "sensor-box")["status"] == "inactive"
+    assert show(box, "ActiveState") == "inactive" and show(box, "ExecMainStatus") == "0"
+
+
+def test_password_never_reaches_the_journal_or_process_list(box):
+    everything = box.run("journalctl", "--no-pager", "-o", "cat").stdout
+    assert ADMIN_PASSWORD not in everything
+    box.run("systemctl", "start", UNIT)
+    assert ADMIN_PASSWORD not in box.run("ps", "axww", "-o", "args").stdout
+    assert ADMIN_PASSWORD not in box.run("attune-sensor", "config").stdout
+
+
+def test_template_instances_register_their_own_workers(box, pkg_db):
+    for instance in ("a", "b"):
+        write_config(box, pkg_db, name=f"sensor-box-{instance}", path=f"/etc/attune/sensor-{instance}.yaml")
+    box.run("systemctl", "start", f"{UNIT}@a", f"{UNIT}@b")
+    for instance in ("a", "b"):
+        assert worker_row(pkg_db, f"sensor-box-{instance}")["status"] == "active"
+    box.run("systemctl", "stop", f"{UNIT}@a", f"{UNIT}@b")
+    assert worker_row(pkg_db, "sensor-box-a")["status"] == "inactive"
+
+
+def test_upgrade_keeps_the_edited_config_and_restarts(box, pkg_db):
+    assert show(box, "ActiveState") == "active"
+    pid = show(box, "MainPID")
+    deb = build_deb(version="0.1.0+upgrade1")
+    box.put(str(ROOT / deb), "/root/" + os.path.basename(deb))
+    box.sh(f"cd /root && apt-get install -y ./{os.path.basename(deb)}", timeout=300)
+    assert box.run("dpkg-query", "-W", "-f=${Version}", "attune-sensor").stdout == "0.1.0+upgrade1"
+    assert pkg_db.split("@")[1] in box.run("cat", "/etc/attune/config.yaml").stdout
+    wait_for(lambda: show(box, "ActiveState") == "active" and show(box, "MainPID") not in ("0", pid), 30,
+             what="a restarted service")
+    assert worker_row(pkg_db, "sensor-box")["status"] == "active"
+
+
+def test_remove_stops_and_purge_leaves_nothing(box, pkg_db):
+    box.run("apt-get", "remove", "-y", "attune-sensor", timeout=300)
+    assert worker_row(pkg_db, "sensor-box")["status"] == "inactive"
+    box.run("apt-get", "purge", "-y", "attune-sensor", timeout=300)
+    for path in ("/etc/attune", "/var/lib/attune-sensor", "/lib/systemd/system/attune-sensor.service",
+                 "/usr/bin/attune-sensor"):
+        assert box.run("test", "-e", path, check=False).returncode == 1, path
+    assert "/etc/attune" not in box.run("dpkg-statoverride", "--list").stdout
+    assert query(pkg_db, "SELECT count(*) FROM worker WHERE status = 'active'")[0][0] == 0
