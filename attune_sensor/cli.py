@@ -49,6 +49,9 @@ def _parser():
     workers.add_argument("--runtime", metavar="R", help="only workers offering runtime R (e.g. python)")
     workers.add_argument("--stale", action="store_true", help="only active workers whose heartbeat is overdue")
     workers.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    workers.add_argument("--watch", action="store_true",
+                         help="after the list, print worker events (registered, deregistered, reaped) as they "
+                              "happen, one line each (one JSON object per line with --json), until Ctrl-C")
 
     commands.add_parser("check", help="monitoring probe for this host's worker (exit 0 OK, 2 critical, 3 unknown)",
                         description="Check that this host's worker row is active with a recent heartbeat. "
@@ -78,7 +81,7 @@ def main(argv=None):
         print(f"attune-sensor: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a bug: one line for the operator, no traceback in the journal
         print(f"attune-sensor: internal error: {type(exc).__name__}: {_scrubbed(exc, args)}", file=sys.stderr)
         return EX_SOFTWARE
@@ -151,8 +154,10 @@ def cmd_workers(args):
                               stale_only=args.stale)
     stats = fleet.summary(workers)
     if args.json:
-        json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=2, default=str)
-        print()
+        json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=None if args.watch else 2, default=str)
+        print(flush=True)
+        if args.watch:
+            _watch(args)
         return 0
     header = ("NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT")
     rows = [(w["name"], w["host"] or "", w["status"] + (" (stale)" if w["stale"] else ""),
@@ -165,7 +170,26 @@ def cmd_workers(args):
     print(f"active: {stats['active']} of {stats['total']}   stale: {stats['stale']}   "
           f"capacity: {stats['capacity']} sensors   max heartbeat lag: {'-' if lag is None else f'{lag:.1f}s'}")
     print("runtimes: " + (", ".join(f"{k} {v}" for k, v in stats["runtimes"].items()) or "-"))
+    if args.watch:
+        _watch(args)
     return 0
+
+
+def _watch(args):
+    from . import fleet
+
+    config = _load(args)
+
+    def show(event):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            extra = f" by {event['by']}" if event.get("by") else ""
+            print(f"{event.get('at', '')}  {event.get('event')}  {event.get('name')} (id {event.get('id')}, "
+                  f"host {event.get('host')}){extra}", flush=True)
+
+    print("watching worker events (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    fleet.watch(config.database.url, config.database.connect_timeout, show)
 
 
 def cmd_check(args):

@@ -17,7 +17,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import errorcodes
 
-from .errors import DatabaseUnavailable, SchemaMissing
+from .errors import DatabaseError, DatabaseUnavailable, SchemaMissing
 
 APPLICATION_NAME = "attune-sensor"
 
@@ -79,7 +79,7 @@ class Backoff:
 
 class Database:
     """One bounded connection. `execute` returns all rows; errors become DatabaseUnavailable
-    (connection trouble, timeouts) or SchemaMissing; other SQL errors propagate as psycopg2's."""
+    (connection trouble, timeouts, read-only server), SchemaMissing, or DatabaseError."""
 
     def __init__(self, url, connect_timeout=5.0, statement_timeout=5.0, application_name=APPLICATION_NAME):
         self.url = url
@@ -129,11 +129,14 @@ class Database:
                     "the database has no attune-sensor schema (" + scrub(exc.pgerror or exc, self.url)
                     + "); run 'attune-sensor migrate run'"
                 ) from None
-            if exc.pgcode and exc.pgcode.startswith(("08", "57", "53")):
-                # connection exceptions, operator intervention (shutdown), insufficient resources
+            if exc.pgcode and (exc.pgcode.startswith(("08", "57", "53"))
+                               or exc.pgcode == errorcodes.READ_ONLY_SQL_TRANSACTION):
+                # Connection exceptions, shutdown, insufficient resources, or a server that
+                # turned read-only (a demoted primary): reconnecting, with libpq's multi-host
+                # target_session_attrs=read-write, finds the writable server.
                 self.close()
                 raise self._unavailable("database call failed", exc) from None
-            raise
+            raise DatabaseError("database refused the statement: " + scrub(exc.pgerror or exc, self.url)) from None
 
     def close(self):
         if self._conn is not None:

@@ -30,6 +30,10 @@ class DatabaseUnavailable(AttuneSensorError):
     exit_code = EX_UNAVAILABLE
 
 
+class DatabaseError(AttuneSensorError):
+    """The database refused a statement for a reason other than reachability."""
+
+
 class SchemaMissing(AttuneSensorError):
     """The database lacks the worker schema: `attune-sensor migrate run` has not been run."""
 

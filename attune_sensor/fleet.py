@@ -5,6 +5,15 @@ than `multiplier` times its own recorded heartbeat_interval. The same expression
 reaper, `workers --stale`, `check` and `metrics`, so they always agree.
 """
 
+import json
+import select
+
+import psycopg2
+
+from .db import connect_blocking, scrub
+from .errors import DatabaseUnavailable
+
+EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
 
 STALE_EXPR = ("w.last_heartbeat < now() - make_interval(secs => %(multiplier)s * "
@@ -81,3 +90,28 @@ def summary(workers):
         "capacity": sum(w["capacity"] for w in active),
     }
 
+
+
+def watch(url, connect_timeout, on_event, should_stop=lambda: False):
+    """LISTENs for worker events (see migration worker_events) and calls on_event(dict) for each
+    until should_stop() is true. Needs a session-mode connection (not PgBouncer transaction
+    pooling, where LISTEN does not work)."""
+    conn = connect_blocking(url, connect_timeout, application_name="attune-sensor watch")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(f"LISTEN {EVENT_CHANNEL}")
+        while not should_stop():
+            select.select([conn], [], [], 1.0)
+            try:
+                conn.poll()
+            except psycopg2.Error as exc:
+                raise DatabaseUnavailable(f"lost the database connection: {scrub(exc, url)}") from None
+            while conn.notifies:
+                note = conn.notifies.pop(0)
+                try:
+                    on_event(json.loads(note.payload))
+                except ValueError:
+                    on_event({"event": "unparsed", "payload": note.payload})
+    finally:
+        conn.close()

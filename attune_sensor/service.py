@@ -19,7 +19,7 @@ from dataclasses import replace
 from . import config as config_module
 from . import fleet, logs, runtimes
 from .db import Backoff, Database
-from .errors import ConfigError, DatabaseUnavailable, SchemaMissing
+from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
 from .notify import Notifier, watchdog_usec
 from .registration import SensorWorkerRegistration
 
@@ -30,6 +30,8 @@ log = logs.get("service")
 STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
 RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
+# What a running daemon logs and rides out; anything else is a bug and ends the process.
+DATABASE_TROUBLE = (DatabaseUnavailable, DatabaseError, SchemaMissing)
 
 
 def check_watchdog_fits(interval, environ):
@@ -156,7 +158,7 @@ class SensorService:
             if self._capabilities_pending:
                 registration.update_capabilities()
                 self._capabilities_pending = False
-        except (DatabaseUnavailable, SchemaMissing) as exc:
+        except DATABASE_TROUBLE as exc:
             self._database_down = True
             log.warning("heartbeat failed for worker %s, next try in %gs: %s",
                         registration.worker_name, self.config.sensor.heartbeat_interval, exc)
@@ -172,7 +174,7 @@ class SensorService:
         self._next_reap = self.clock() + fleet.reaper_period(sensor.heartbeat_interval)
         try:
             reaped = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
-        except (DatabaseUnavailable, SchemaMissing) as exc:
+        except DATABASE_TROUBLE as exc:
             log.warning("stale worker reaper skipped: %s", exc)
             return
         for worker_id, name, host in reaped:
@@ -207,7 +209,7 @@ class SensorService:
             self._capabilities_pending = False
             log.info("Reloaded configuration: runtimes %s from %s, heartbeat every %gs",
                      ",".join(detected), source, new.sensor.heartbeat_interval)
-        except (DatabaseUnavailable, SchemaMissing) as exc:
+        except DATABASE_TROUBLE as exc:
             self._capabilities_pending = True
             log.warning("Reloaded configuration; capabilities will be stored once the database answers: %s", exc)
         self.notifier.ready(self._status_line())
@@ -227,7 +229,7 @@ class SensorService:
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",
                                 registration.worker_name)
-            except (DatabaseUnavailable, SchemaMissing) as exc:
+            except DATABASE_TROUBLE as exc:
                 log.warning("Could not deregister worker %s (%s); peers will mark it inactive once it is stale",
                             registration.worker_name, exc)
         self.db.close()

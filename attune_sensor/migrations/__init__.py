@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import psycopg2
+
 from ..db import connect_blocking, scrub
 from ..errors import MigrationError
 
@@ -83,6 +85,17 @@ def info(url, connect_timeout=5.0):
     return rows
 
 
+def _create_bookkeeping(cursor, url):
+    # Only when missing: even IF NOT EXISTS needs CREATE rights, which daemon roles lack.
+    try:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
+            "checksum TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+    except psycopg2.Error as exc:
+        raise MigrationError(f"cannot create the table {TABLE}: {scrub(exc.pgerror or exc, url)}") from None
+
+
 def run(url, connect_timeout=5.0, log=print):
     """Applies pending migrations; returns the filenames applied."""
     conn = connect_blocking(url, connect_timeout)
@@ -92,12 +105,10 @@ def run(url, connect_timeout=5.0, log=print):
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             try:
-                cursor.execute(
-                    f"CREATE TABLE IF NOT EXISTS {TABLE} (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
-                    "checksum TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                )
                 migrations = available()
                 applied = _applied(cursor)
+                if not applied:
+                    _create_bookkeeping(cursor, url)
                 _check_unchanged(migrations, applied)
                 conn.autocommit = False
                 for migration in migrations:
