@@ -30,6 +30,10 @@ def watchdog_usec(environ=None):
 class Notifier:
     def __init__(self):
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            # A receiver that stops reading must not block the loop: a full queue drops the
+            # message (sdnotify swallows the error) instead of stalling heartbeats.
+            self._notifier.socket.setblocking(False)
 
     @property
     def active(self):

@@ -239,3 +239,17 @@ def test_journal_priority_prefixes(db_url, workdir, daemons):
     daemon = daemons(config_for(workdir, db_url, "sensor-journal"), env={"JOURNAL_STREAM": "8:1234"})
     daemon.wait_for_line("heartbeat: worker")
     assert daemon.lines[0].startswith("<6>INFO Registering sensor worker")
+
+
+def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, workdir, daemons):
+    import socket as socketlib
+
+    path = f"{workdir}/deaf.sock"
+    deaf = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    deaf.bind(path)  # bound, never read: its queue fills after a few hundred datagrams
+    try:
+        daemon = daemons(config_for(workdir, db_url, "sensor-deaf", heartbeat_interval=0.002, reaper=False),
+                         env={"NOTIFY_SOCKET": path})
+        daemon.wait_for_line("heartbeat: worker", count=2000, timeout=60)
+    finally:
+        deaf.close()
