@@ -6,6 +6,7 @@ reaper, `workers --stale`, `check` and `metrics`, so they always agree.
 """
 
 import json
+import random
 import select
 
 import psycopg2
@@ -21,19 +22,25 @@ STALE_EXPR = ("w.last_heartbeat < now() - make_interval(secs => %(multiplier)s *
 
 # Election and work in one statement: the CTE is evaluated once, and only the session that
 # got the transaction-scoped advisory lock updates anything. The lock ends with the statement.
+# The last row carries the number of active workers, which spaces out the next attempt.
 REAP_SQL = f"""
-WITH elected AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(lock)s) AS ok)
-UPDATE worker AS w
-   SET status = 'inactive',
-       meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
-           'reaped_at', now(), 'reaped_by', %(reaper)s::text,
-           'reaped_last_heartbeat', w.last_heartbeat)
-  FROM elected
- WHERE elected.ok
-   AND w.worker_role IN ('sensor', 'hybrid')
-   AND w.status = 'active'
-   AND {STALE_EXPR}
-RETURNING w.id, w.name, w.host
+WITH elected AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(lock)s) AS ok),
+reaped AS (
+    UPDATE worker AS w
+       SET status = 'inactive',
+           meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
+               'reaped_at', now(), 'reaped_by', %(reaper)s::text,
+               'reaped_last_heartbeat', w.last_heartbeat)
+      FROM elected
+     WHERE elected.ok
+       AND w.worker_role IN ('sensor', 'hybrid')
+       AND w.status = 'active'
+       AND {STALE_EXPR}
+    RETURNING w.id, w.name, w.host
+)
+SELECT id, name, host, NULL::bigint FROM reaped
+UNION ALL
+SELECT NULL, NULL, NULL, count(*) FROM worker WHERE worker_role IN ('sensor', 'hybrid') AND status = 'active'
 """
 
 WORKERS_SQL = f"""
@@ -56,15 +63,22 @@ COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity
            "heartbeat_age", "stale", "heartbeat_interval", "reaped")
 
 
-def reaper_period(heartbeat_interval):
-    # Reaping more often than workers heartbeat finds nothing new.
-    return max(30.0, float(heartbeat_interval))
+def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
+    """Seconds until this daemon's next reap attempt. Each of N active workers waits about
+    N x the base period (jittered), so the whole fleet makes about one attempt per base period,
+    whatever its size; the base is max(30 s, heartbeat_interval), since reaping more often than
+    workers heartbeat finds nothing new."""
+    base = max(30.0, float(heartbeat_interval))
+    return base * max(1, active_workers) * (0.5 + rng())
 
 
 def reap_stale(db, reaper_name, multiplier):
-    """Marks stale active sensor workers inactive; returns [(id, name, host)] reaped by us."""
+    """Marks stale active sensor workers inactive if this session wins the election.
+    Returns ([(id, name, host)] reaped by us, number of active workers before the reap)."""
     rows = db.execute(REAP_SQL, {"lock": REAPER_LOCK_KEY, "reaper": reaper_name, "multiplier": multiplier})
-    return [tuple(row) for row in rows]
+    reaped = [tuple(row[:3]) for row in rows if row[3] is None]
+    active = next(row[3] for row in rows if row[3] is not None)
+    return reaped, active
 
 
 def list_workers(db, multiplier, runtime=None, stale_only=False, name=None):

@@ -171,12 +171,13 @@ class SensorService:
         sensor = self.config.sensor
         if not sensor.reaper or self._database_down or self.clock() < self._next_reap:
             return
-        self._next_reap = self.clock() + fleet.reaper_period(sensor.heartbeat_interval)
         try:
-            reaped = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
+            reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
         except DATABASE_TROUBLE as exc:
+            self._next_reap = self.clock() + fleet.reaper_delay(sensor.heartbeat_interval, 1)
             log.warning("stale worker reaper skipped: %s", exc)
             return
+        self._next_reap = self.clock() + fleet.reaper_delay(sensor.heartbeat_interval, active)
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
 

@@ -75,7 +75,7 @@ def test_per_worker_interval_decides_staleness(db_url):
     registration, db = make(db_url, "api-slow")
     with pytest.raises(WorkerNameConflict):
         registration.register()
-    assert fleet.reap_stale(db, "me", 3.0) == []
+    assert fleet.reap_stale(db, "me", 3.0) == ([], 1)
     db.close()
 
 
@@ -100,8 +100,9 @@ def test_reaper_marks_stale_workers_and_records_who(db_url):
     _, db = make(db_url, "api-reaper")
     stale = [w["name"] for w in fleet.list_workers(db, 3.0, stale_only=True)]
     assert stale == ["old"]
-    reaped = fleet.reap_stale(db, "api-reaper", 3.0)
-    assert [r[1] for r in reaped] == ["old"]
+    reaped, active = fleet.reap_stale(db, "api-reaper", 3.0)
+    # the count is taken from the snapshot before the reap; action workers are not counted
+    assert [r[1] for r in reaped] == ["old"] and active == 2
     row = worker_row(db_url, "old")
     assert row["status"] == "inactive" and row["meta"]["reaped_by"] == "api-reaper" and row["meta"]["reaped_at"]
     assert worker_row(db_url, "action")["status"] == "active"  # not ours to judge
@@ -116,11 +117,11 @@ def test_reaper_is_elected_one_at_a_time(db_url):
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (fleet.REAPER_LOCK_KEY,))
         query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, last_heartbeat) "
                       "VALUES ('old2', 'local', 'sensor', 'active', '{}', now() - interval '1 hour')")
-        assert fleet.reap_stale(db, "api-lock", 3.0) == []  # someone else holds the lock
+        assert fleet.reap_stale(db, "api-lock", 3.0)[0] == []  # someone else holds the lock
         assert worker_row(db_url, "old2")["status"] == "active"
     holder.rollback()
     holder.close()
-    assert [r[1] for r in fleet.reap_stale(db, "api-lock", 3.0)] == ["old2"]
+    assert [r[1] for r in fleet.reap_stale(db, "api-lock", 3.0)[0]] == ["old2"]
     db.close()
 
 
@@ -152,3 +153,10 @@ def test_concurrent_registration_of_one_name_makes_one_row(db_url):
     ids = {proc.communicate(timeout=60)[0].strip() for proc in procs}
     assert len(ids) == 1 and ids != {""}
     assert query(db_url, "SELECT count(*) FROM worker WHERE name = 'race'")[0][0] == 1
+
+
+def test_reaper_delay_spreads_one_attempt_per_period_over_the_fleet():
+    assert fleet.reaper_delay(10, 1, rng=lambda: 0.5) == 30  # base period: max(30 s, interval)
+    assert fleet.reaper_delay(60, 1, rng=lambda: 0.5) == 60
+    assert fleet.reaper_delay(30, 1000, rng=lambda: 0.5) == 30_000  # 1000 workers: fleet-wide once per 30 s
+    assert fleet.reaper_delay(30, 0, rng=lambda: 0.0) == 15  # jitter 0.5 to 1.5
