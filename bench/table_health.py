@@ -1,0 +1,75 @@
+"""Table health under heartbeats: one million heartbeats over 100,000 rows, HOT update share
+and table + index size after the first pass and at the end; then the same run with an index on
+last_heartbeat (as the original schema had) to show why the schema has none."""
+
+import os
+import subprocess
+import tempfile
+
+import psycopg2
+
+from common import database, insert_workers, table
+from attune_sensor.registration import HEARTBEAT_SQL
+
+ROWS = int(os.environ.get("BENCH_ROWS", "100000"))
+TOTAL = int(os.environ.get("BENCH_HEARTBEATS_TOTAL", "1000000"))
+CLIENTS = 4
+
+
+def heartbeats(cluster, url, count):
+    # The project's heartbeat statement, verbatim, driven by pgbench for speed.
+    statement = " ".join(HEARTBEAT_SQL.split()).replace("%s", ":id", 1).replace("%s", "'bench-' || :id", 1)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(f"\\set id random(1, {ROWS})\n{statement};\n")
+    os.chmod(script.name, 0o644)
+    env = dict(os.environ, PGPASSWORD=url.split(":")[2].split("@")[0])
+    subprocess.run([os.path.join(cluster.bindir, "pgbench"), "-n", "-c", str(CLIENTS), "-j", str(CLIENTS),
+                    "-t", str(count // CLIENTS), "-M", "extended", "-f", script.name, "-h", "127.0.0.1",
+                    "-p", str(cluster.port), "-U", url.split("//")[1].split(":")[0], url.rsplit("/", 1)[1]],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, check=True)
+    os.unlink(script.name)
+
+
+def stats(url):
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT n_tup_upd, n_tup_hot_upd, pg_relation_size('worker'), pg_indexes_size('worker') "
+                       "FROM pg_stat_user_tables WHERE relname = 'worker'")
+        row = cursor.fetchone()
+    conn.close()
+    return row
+
+
+def one_run(with_index):
+    with database() as (cluster, url):
+        insert_workers(url, ROWS)
+        if with_index:
+            conn = psycopg2.connect(url)
+            conn.autocommit = True
+            conn.cursor().execute("CREATE INDEX idx_worker_last_heartbeat ON worker (last_heartbeat)")
+            conn.close()
+        heartbeats(cluster, url, ROWS)
+        upd1, hot1, table1, index1 = stats(url)
+        heartbeats(cluster, url, TOTAL - ROWS)
+        upd2, hot2, table2, index2 = stats(url)
+        return {"hot_first": hot1 / upd1 * 100, "hot_all": hot2 / upd2 * 100, "updates": upd2,
+                "size_first": table1 + index1, "size_end": table2 + index2, "table_end": table2, "index_end": index2}
+
+
+def main():
+    rows = []
+    for label, with_index in (("schema as shipped", False), ("+ index on last_heartbeat", True)):
+        r = one_run(with_index)
+        growth = (r["size_end"] - r["size_first"]) / r["size_first"] * 100
+        rows.append((label, f"{r['updates']:,}", f"{r['hot_all']:.1f} %",
+                     f"{r['size_first'] / 2**20:.1f} MiB", f"{r['size_end'] / 2**20:.1f} MiB",
+                     f"{growth:+.1f} %", f"{r['table_end'] / 2**20:.1f} / {r['index_end'] / 2**20:.1f} MiB"))
+    table(f"{TOTAL:,} heartbeats over {ROWS:,} rows ({CLIENTS} clients)",
+          ("schema", "updates", "HOT", "size after 1st pass", "size at end", "growth", "table / indexes at end"), rows)
+    print("\ntargets (schema as shipped): HOT >= 99 %, growth within 10 %")
+
+
+if __name__ == "__main__":
+    main()
