@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 ENV_VAR = "ATTUNE_SENSOR_RUNTIMES"
 RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")
@@ -40,23 +41,41 @@ def _child_environment(environ):
     return {k: v for k, v in environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 
-def _answers(binary, environ):
+def _start(binary, environ, child_env):
     path = shutil.which(binary, path=environ.get("PATH", os.defpath))
     if not path:
+        return None
+    try:
+        return subprocess.Popen([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=child_env)
+    except OSError:
+        return None
+
+
+def _succeeded(proc, deadline):
+    if proc is None:
         return False
     try:
-        result = subprocess.run(
-            [path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, env=_child_environment(environ), timeout=PROBE_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return proc.wait(max(0.0, deadline - time.monotonic())) == 0
+    except subprocess.TimeoutExpired:
         return False
-    return result.returncode == 0
 
 
 def probe(environ=None):
+    """Runs every candidate at once (start-up time is what an operator waits for), then keeps
+    the runtimes with a candidate that exited 0 within PROBE_TIMEOUT."""
     environ = os.environ if environ is None else environ
-    found = [name for name, binaries in PROBES if any(_answers(b, environ) for b in binaries)]
+    child_env = _child_environment(environ)
+    started = [(name, [_start(b, environ, child_env) for b in binaries]) for name, binaries in PROBES]
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    try:
+        found = [name for name, procs in started if any(_succeeded(p, deadline) for p in procs)]
+    finally:
+        for _, procs in started:
+            for proc in filter(None, procs):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return found + list(ALWAYS)
 
 

@@ -51,19 +51,21 @@ def table(title, header, rows):
     sys.stdout.flush()
 
 
-def insert_workers(url, count, prefix="w", interval=30):
-    """Bulk rows for scale benchmarks (set-up only; heartbeats go through the project's code)."""
+def insert_workers(url, count, start=0, interval=30):
+    """Bulk rows w{start+1}..w{start+count} for scale benchmarks (set-up only; heartbeats go through
+    the project's code). On a fresh table row g gets id g and instance_id bench-g."""
     import psycopg2
 
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
-            "SELECT %s || g, 'local', 'sensor', 'host-' || g, 'active', "
+            "INSERT INTO worker (id, name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+            "SELECT g, 'w' || g, 'local', 'sensor', 'host-' || g, 'active', "
             "jsonb_build_object('runtimes', CASE WHEN g %% 3 = 0 THEN '[\"python\", \"shell\"]'::jsonb "
             "  WHEN g %% 3 = 1 THEN '[\"node\", \"shell\"]'::jsonb ELSE '[\"shell\", \"native\"]'::jsonb END, "
             "  'max_concurrent_sensors', 10, 'heartbeat_interval', %s, 'sensor_version', '0.1.0'), "
             "jsonb_build_object('instance_id', 'bench-' || g, 'machine_id', 'm-' || g, 'hostname', 'host-' || g), "
             "now() - (g %% 30) * interval '1 second' "
-            "FROM generate_series(1, %s) AS g", (prefix, interval, count))
+            "FROM generate_series(%s, %s) AS g", (interval, start + 1, start + count))
+        cursor.execute("SELECT setval('worker_id_seq', (SELECT max(id) FROM worker))")
     conn.close()

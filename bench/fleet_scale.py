@@ -85,7 +85,7 @@ def main():
         made = 0
         for fleet in FLEETS:
             if fleet > made:
-                insert_workers(url, fleet - made, prefix=f"w{made}-")
+                insert_workers(url, fleet - made, start=made)
                 made = fleet
             target = fleet / INTERVAL
             rate, latencies = run_clients(url, fleet, target, SECONDS)

@@ -51,3 +51,17 @@ def test_config_beats_detection_and_environment_beats_config(workdir):
 def test_bad_names_in_the_variable_are_named(value):
     with pytest.raises(ValueError, match="ATTUNE_SENSOR_RUNTIMES"):
         runtimes.resolve((), {"ATTUNE_SENSOR_RUNTIMES": value})
+
+
+def test_a_hanging_binary_is_not_a_runtime_and_is_not_left_running(workdir, monkeypatch):
+    path = os.path.join(workdir, "node")
+    pidfile = os.path.join(workdir, "node.pid")
+    with open(path, "w") as handle:
+        handle.write(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 30\n")
+    os.chmod(path, 0o755)
+    monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
+    found, _ = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
+    assert "node" not in found and found[-2:] == ["shell", "native"]
+    with open(pidfile) as handle:
+        pid = int(handle.read())
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
