@@ -69,3 +69,22 @@ def insert_workers(url, count, start=0, interval=30):
             "FROM generate_series(%s, %s) AS g", (interval, start + 1, start + count))
         cursor.execute("SELECT setval('worker_id_seq', (SELECT max(id) FROM worker))")
     conn.close()
+
+
+def pgbench(cluster, url, script_text, *options):
+    """Runs the server's own pgbench with a custom script against `url`; returns its output."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(script_text)
+    os.chmod(script.name, 0o644)
+    user, password = url.split("//")[1].split("@")[0].split(":")
+    try:
+        return subprocess.run(
+            [os.path.join(cluster.bindir, "pgbench"), "-n", "-M", "extended", *options, "-f", script.name,
+             "-h", "127.0.0.1", "-p", str(cluster.port), "-U", user, url.rsplit("/", 1)[1]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True,
+            env=dict(os.environ, PGPASSWORD=password)).stdout
+    finally:
+        os.unlink(script.name)

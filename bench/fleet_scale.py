@@ -7,10 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
-from common import database, insert_workers, median, percentile, table
+from common import database, insert_workers, median, percentile, pgbench, table
 
 INTERVAL = 30.0
 SECONDS = float(os.environ.get("BENCH_SCALE_SECONDS", "20"))
@@ -64,18 +63,10 @@ def run_clients(url, fleet, rate_total, seconds):
 
 
 def pgbench_rate(cluster, url, rows, seconds):
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(f"\\set id random(1, {rows})\n"
-                     "UPDATE worker SET last_heartbeat = now(), status = 'active' "
-                     "WHERE id = :id AND meta ->> 'instance_id' = 'bench-' || :id;\n")
-    os.chmod(script.name, 0o644)
-    binary = os.path.join(cluster.bindir, "pgbench")
-    env = dict(os.environ, PGPASSWORD=url.split(":")[2].split("@")[0])
-    out = subprocess.run([binary, "-n", "-c", str(PROCESSES), "-j", str(PROCESSES), "-T", str(int(seconds)),
-                          "-M", "extended", "-f", script.name, "-h", "127.0.0.1", "-p", str(cluster.port),
-                          "-U", url.split("//")[1].split(":")[0], url.rsplit("/", 1)[1]],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=True).stdout
-    os.unlink(script.name)
+    out = pgbench(cluster, url, f"\\set id random(1, {rows})\n"
+                  "UPDATE worker SET last_heartbeat = now(), status = 'active' "
+                  "WHERE id = :id AND meta ->> 'instance_id' = 'bench-' || :id;\n",
+                  "-c", str(PROCESSES), "-j", str(PROCESSES), "-T", str(int(seconds)))
     return float(next(line for line in out.splitlines() if line.startswith("tps")).split()[2])
 
 

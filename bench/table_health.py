@@ -3,12 +3,10 @@ and table + index size after the first pass and at the end; then the same run wi
 last_heartbeat (as the original schema had) to show why the schema has none."""
 
 import os
-import subprocess
-import tempfile
 
 import psycopg2
 
-from common import database, insert_workers, table
+from common import database, insert_workers, pgbench, table
 from attune_sensor.registration import HEARTBEAT_SQL
 
 ROWS = int(os.environ.get("BENCH_ROWS", "100000"))
@@ -19,15 +17,8 @@ CLIENTS = 4
 def heartbeats(cluster, url, count):
     # The project's heartbeat statement, verbatim, driven by pgbench for speed.
     statement = " ".join(HEARTBEAT_SQL.split()).replace("%s", ":id", 1).replace("%s", "'bench-' || :id", 1)
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(f"\\set id random(1, {ROWS})\n{statement};\n")
-    os.chmod(script.name, 0o644)
-    env = dict(os.environ, PGPASSWORD=url.split(":")[2].split("@")[0])
-    subprocess.run([os.path.join(cluster.bindir, "pgbench"), "-n", "-c", str(CLIENTS), "-j", str(CLIENTS),
-                    "-t", str(count // CLIENTS), "-M", "extended", "-f", script.name, "-h", "127.0.0.1",
-                    "-p", str(cluster.port), "-U", url.split("//")[1].split(":")[0], url.rsplit("/", 1)[1]],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, check=True)
-    os.unlink(script.name)
+    pgbench(cluster, url, f"\\set id random(1, {ROWS})\n{statement};\n",
+            "-c", str(CLIENTS), "-j", str(CLIENTS), "-t", str(count // CLIENTS))
 
 
 def stats(url):

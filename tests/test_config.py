@@ -109,3 +109,14 @@ def test_any_value_either_loads_or_gives_a_config_error(tmp_path_factory, key, v
         assert "\n" not in message and f"sensor.{key}" in message
     else:
         assert getattr(cfg.sensor, key) is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(raw=st.text(st.characters(blacklist_characters="\x00"), max_size=40),  # the kernel forbids NUL in env
+       key=st.sampled_from(["HEARTBEAT_INTERVAL", "MAX_CONCURRENT_SENSORS", "WORKER_NAME", "REAPER", "HOST"]))
+def test_any_environment_value_either_loads_or_names_the_variable(raw, key):
+    name = f"ATTUNE__SENSOR__{key}"
+    try:
+        config.load(None, environ={"DATABASE_URL": URL, "ATTUNE_CONFIG": "/dev/null", name: raw})
+    except ConfigError as exc:
+        assert name in str(exc) and "\n" not in str(exc)

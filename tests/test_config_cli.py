@@ -56,3 +56,44 @@ def test_config_command_masks_the_password(workdir):
         assert "s3cret-pw" not in result.stdout and "***" in result.stdout
         shown = yaml.safe_load(result.stdout)
         assert shown["sensor"]["heartbeat_interval"] == 30
+
+
+HOSTILE_SENSOR_VALUES = [
+    {"worker_name": "x'); DELETE FROM worker; --"},
+    {"worker_name": "robert\"; DROP TABLE worker"},
+    {"worker_name": "tab\tand\x07bell"},
+    {"worker_name": "n" * 10240},
+    {"host": "h" * 10240},
+    {"host": "a b"},
+    {"capabilities": {"blob": "x" * 20000}},
+    {"capabilities": {"nested": {"deep": [1, 2, {"k": "v" * 17000}]}}},
+    {"capabilities": {"bad key!": 1}},
+    {"heartbeat_interval": float("inf")},
+    {"heartbeat_interval": 1e300},
+    {"max_concurrent_sensors": -1},
+    {"worker_type": "vm"},
+    {"stale_multiplier": 1},
+]
+
+
+@pytest.mark.parametrize("sensor", HOSTILE_SENSOR_VALUES, ids=lambda s: next(iter(s)))
+def test_hostile_values_are_refused_and_leave_the_table_alone(db_url, workdir, sensor):
+    from conftest import query
+
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta) "
+                  "VALUES ('existing', 'local', 'sensor', 'h', 'active', '{\"runtimes\": [\"shell\"]}', '{}')")
+    before = query(db_url, "SELECT * FROM worker ORDER BY id")
+    path = write_config(workdir, {"database": {"url": db_url}, "sensor": {"worker_name": "existing", **sensor}})
+    result = run_cli("--config", path, "run")
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attune-sensor: sensor.") and len(lines[0]) < 400
+    assert "Traceback" not in result.stderr
+    assert query(db_url, "SELECT * FROM worker ORDER BY id") == before
+
+
+def test_capabilities_that_are_not_json_are_refused(workdir):
+    path = write_config(workdir, "database: {url: 'postgresql://a@b/c'}\n"
+                                 "sensor:\n  capabilities:\n    when: 2026-01-31 10:00:00\n")
+    result = run_cli("--config", path, "config")
+    assert result.returncode == 78 and "sensor.capabilities" in result.stderr and "JSON" in result.stderr
