@@ -3,6 +3,8 @@
 import signal
 import time
 
+import pytest
+
 from conftest import query, worker_row, write_config
 
 
@@ -151,11 +153,12 @@ def test_takeover_by_another_process_ends_the_first_with_78(db_url, workdir, dae
     assert worker_row(db_url, "sensor-shared")["status"] == "active"
 
 
-def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemons):
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemons, mode):
     daemon = daemons(config_for(workdir, db_url, "sensor-outage"), notify=notify_socket)
     notify_socket.wait_for("READY=1")
     worker_id = worker_row(db_url, "sensor-outage")["id"]
-    cluster.stop("fast")
+    cluster.stop(mode)
     try:
         daemon.wait_for_line("heartbeat failed", count=3)
         watchdogs = notify_socket.count("WATCHDOG=1")
@@ -177,11 +180,14 @@ def test_waits_for_database_at_start_then_registers(cluster, db_url, workdir, no
     try:
         daemon = daemons(config_for(workdir, db_url, "sensor-late"), notify=notify_socket)
         notify_socket.wait_for("EXTEND_TIMEOUT_USEC=", count=2)
-        assert notify_socket.count("READY=1") == 0
+        time.sleep(20)  # the scenario: reachable 20 s later
+        assert notify_socket.count("READY=1") == 0 and daemon.proc.poll() is None
         assert any(f.startswith("STATUS=Waiting for the database") for f in notify_socket.fields())
+        extends = [int(f.split("=")[1]) for f in notify_socket.fields() if f.startswith("EXTEND_TIMEOUT_USEC=")]
+        assert max(extends) <= (30 * 1.2 + 10 + 5) * 1_000_000  # capped backoff, never an unbounded wait
     finally:
         cluster.start()
-    notify_socket.wait_for("READY=1", timeout=40)
+    notify_socket.wait_for("READY=1", timeout=45)
     assert worker_row(db_url, "sensor-late")["status"] == "active"
 
 
