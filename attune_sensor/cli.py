@@ -83,14 +83,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a bug: one line for the operator, no traceback in the journal
-        print(f"attune-sensor: internal error: {type(exc).__name__}: {_scrubbed(exc, args)}", file=sys.stderr)
+        from .db import redact_dsn
+
+        print(f"attune-sensor: internal error: {type(exc).__name__}: {redact_dsn(' '.join(str(exc).split()))}",
+              file=sys.stderr)
         return EX_SOFTWARE
-
-
-def _scrubbed(exc, args):
-    from .db import redact_dsn
-
-    return redact_dsn(" ".join(str(exc).split()))
 
 
 def _load(args):

@@ -45,24 +45,23 @@ class WorkerNameConflict(AttuneSensorError):
 
     exit_code = EX_CONFIG
 
-    def __init__(self, name, owner_host):
+    def __init__(self, name, owner_host, message=None):
         self.name = name
         self.owner_host = owner_host
-        super().__init__(
+        super().__init__(message or (
             f"worker name {name!r} is in use by a live worker on host {owner_host!r}; "
             "set sensor.worker_name to a unique name on this host"
-        )
+        ))
 
 
 class WorkerTakenOver(WorkerNameConflict):
     """Our row was taken over by another process while we ran (fencing)."""
 
     def __init__(self, name, owner_host):
-        super().__init__(name, owner_host)
-        self.args = (
+        super().__init__(name, owner_host, (
             f"worker {name!r} was taken over by another process on host {owner_host!r}; "
-            "this instance stops so the two do not both claim the name",
-        )
+            "this instance stops so the two do not both claim the name"
+        ))
 
 
 class MigrationError(AttuneSensorError):
