@@ -261,3 +261,40 @@ def test_sigterm_while_the_database_is_down_exits_0_within_seconds(cluster, db_u
         assert "peers will mark it inactive" in daemon.output
     finally:
         cluster.start()
+
+
+@pytest.mark.parametrize("form", ["url", "dsn", "environment"])
+def test_password_in_any_url_form_never_reaches_any_output(cluster, db_url, workdir, daemons, form):
+    dbname = db_url.rsplit("/", 1)[1]
+    secret = "s3cr3t-" + form
+    role = f"pw_{form}_{dbname}"
+    cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}' IN ROLE attune_sensor_daemon")
+    urls = {"url": f"postgresql://{role}:{secret}@127.0.0.1:{cluster.port}/{dbname}",
+            "dsn": f"host=127.0.0.1 port={cluster.port} dbname={dbname} user={role} password={secret}"}
+    url = urls.get(form, urls["url"])
+    env = {"DATABASE_URL": url} if form == "environment" else {}
+    path = write_config(workdir, {"sensor": {"worker_name": f"sensor-{form}", "heartbeat_interval": 0.3}}
+                        if form == "environment" else
+                        {"database": {"url": url}, "sensor": {"worker_name": f"sensor-{form}", "heartbeat_interval": 0.3}})
+    outputs = []
+    daemon = daemons(path, env=env)
+    daemon.wait_for_line("heartbeat: worker")
+    ps = subprocess.run(["ps", "axww", "-o", "args"], stdout=subprocess.PIPE, text=True).stdout
+    for command in (["config"], ["workers", "--json"], ["check"], ["metrics"], ["migrate", "info"]):
+        result = run_cli("--config", path, *command, env=env)
+        outputs += [result.stdout, result.stderr]
+    cluster.stop("immediate")
+    try:
+        daemon.wait_for_line("heartbeat failed")
+        for command in (["workers"], ["check"], ["migrate", "run"]):
+            result = run_cli("--config", path, *command, env=env)
+            outputs += [result.stdout, result.stderr]
+    finally:
+        cluster.start()
+    daemon.stop()
+    bad_path = write_config(workdir, {"database": {"url": url.replace(str(cluster.port), "1")}})
+    outputs += [run_cli("--config", bad_path, "workers", env={} if form != "environment" else
+                        {"DATABASE_URL": url.replace(str(cluster.port), "1")}).stderr]
+    assert secret not in ps
+    assert all(secret not in text for text in outputs + [daemon.output])
+    assert any("***" in text for text in outputs)  # config shows the masked form
