@@ -1,0 +1,40 @@
+"""Static checks of the shipped units (the package test runs them under a real systemd)."""
+
+import configparser
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from attune_sensor import config
+
+UNITS = sorted((Path(__file__).resolve().parent.parent / "systemd").glob("*.service"))
+
+
+def read_unit(path):
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(path)
+    return parser
+
+
+def test_both_units_exist():
+    assert [u.name for u in UNITS] == ["attune-sensor.service", "attune-sensor@.service"]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_hardening_scores_2_or_lower(unit):
+    # --threshold is the exposure level times ten; the command fails above it
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-600:]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_the_watchdog_fits_the_default_heartbeat(unit):
+    service = read_unit(unit)["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert service["RestartPreventExitStatus"] == "78" and service["Restart"] == "on-failure"
+    watchdog = float(service["WatchdogSec"].rstrip("s"))
+    default_interval = config.SensorConfig.__dataclass_fields__["heartbeat_interval"].default
+    assert default_interval <= watchdog / 2  # the daemon's own start-up check (service.check_watchdog_fits)
