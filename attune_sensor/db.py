@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import errorcodes
 
-from .errors import DatabaseError, DatabaseUnavailable, SchemaMissing
+from .errors import DatabaseError, DatabasePermissionDenied, DatabaseUnavailable, SchemaMissing
 
 APPLICATION_NAME = "attune-sensor"
 
@@ -136,6 +136,10 @@ class Database:
                 # target_session_attrs=read-write, finds the writable server.
                 self.close()
                 raise self._unavailable("database call failed", exc) from None
+            if exc.pgcode == errorcodes.INSUFFICIENT_PRIVILEGE:
+                raise DatabasePermissionDenied(
+                    scrub(exc.pgerror or exc, self.url) + "; give the login role the group role "
+                    "attune_sensor_daemon (GRANT attune_sensor_daemon TO <role>)") from None
             raise DatabaseError("database refused the statement: " + scrub(exc.pgerror or exc, self.url)) from None
 
     def close(self):

@@ -34,6 +34,12 @@ class DatabaseError(AttuneSensorError):
     """The database refused a statement for a reason other than reachability."""
 
 
+class DatabasePermissionDenied(DatabaseError):
+    """The login role lacks a privilege: a deployment mistake restarting cannot fix."""
+
+    exit_code = EX_CONFIG
+
+
 class SchemaMissing(AttuneSensorError):
     """The database lacks the worker schema: `attune-sensor migrate run` has not been run."""
 

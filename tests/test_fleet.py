@@ -298,3 +298,13 @@ def test_password_in_any_url_form_never_reaches_any_output(cluster, db_url, work
     assert secret not in ps
     assert all(secret not in text for text in outputs + [daemon.output])
     assert any("***" in text for text in outputs)  # config shows the masked form
+
+
+def test_a_role_without_privileges_stops_with_78_and_says_what_to_grant(cluster, db_url, workdir, daemons):
+    dbname = db_url.rsplit("/", 1)[1]
+    role = f"bare_{dbname}"
+    cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'bare-pw'")
+    daemon = daemons(config_for(workdir, f"postgresql://{role}:bare-pw@127.0.0.1:{cluster.port}/{dbname}", "sensor-bare"))
+    assert daemon.wait() == 78
+    assert "permission denied" in daemon.output and "GRANT attune_sensor_daemon TO" in daemon.output
+    assert "Traceback" not in daemon.output and "bare-pw" not in daemon.output
