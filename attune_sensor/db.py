@@ -73,9 +73,6 @@ class Backoff:
         self.attempt += 1
         return delay * (0.8 + 0.4 * self.rng())
 
-    def reset(self):
-        self.attempt = 0
-
 
 class Database:
     """One bounded connection. `execute` returns all rows; errors become DatabaseUnavailable

@@ -103,7 +103,7 @@ class SensorService:
     # --- start-up -----------------------------------------------------------------------
 
     def _register_until_done(self):
-        backoff = Backoff(first=1.0, cap=30.0)
+        backoff = Backoff()
         while not self._stop_requested:
             try:
                 worker_id = self.registration.register()
