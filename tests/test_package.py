@@ -185,22 +185,36 @@ def test_template_instances_register_their_own_workers(box, pkg_db):
     assert worker_row(pkg_db, "sensor-box-a")["status"] == "inactive"
 
 
-def test_upgrade_keeps_the_edited_config_and_restarts(box, pkg_db):
-    assert show(box, "ActiveState") == "active"
-    pid = show(box, "MainPID")
-    deb = build_deb(version="0.1.0+upgrade1")
+def upgrade_to(box, version):
+    deb = build_deb(version=version)
     box.put(str(ROOT / deb), "/root/" + os.path.basename(deb))
     box.sh(f"cd /root && apt-get install -y ./{os.path.basename(deb)}", timeout=300)
-    assert box.run("dpkg-query", "-W", "-f=${Version}", "attune-sensor").stdout == "0.1.0+upgrade1"
+    assert box.run("dpkg-query", "-W", "-f=${Version}", "attune-sensor").stdout == version
+
+
+def test_upgrade_leaves_a_stopped_service_stopped(box, pkg_db):
+    box.run("systemctl", "stop", UNIT)
+    upgrade_to(box, "0.1.0+upgrade1")
+    assert show(box, "ActiveState") == "inactive"
+    assert worker_row(pkg_db, "sensor-box")["status"] == "inactive"
+
+
+def test_upgrade_keeps_the_edited_config_and_restarts_a_running_service(box, pkg_db):
+    box.run("systemctl", "start", UNIT)
+    pid = show(box, "MainPID")
+    upgrade_to(box, "0.1.0+upgrade2")
     assert pkg_db.split("@")[1] in box.run("cat", "/etc/attune/config.yaml").stdout
     wait_for(lambda: show(box, "ActiveState") == "active" and show(box, "MainPID") not in ("0", pid), 30,
              what="a restarted service")
     assert worker_row(pkg_db, "sensor-box")["status"] == "active"
 
 
-def test_remove_stops_and_purge_leaves_nothing(box, pkg_db):
+def test_remove_stops_every_worker_and_purge_leaves_nothing(box, pkg_db):
+    box.run("systemctl", "start", f"{UNIT}@a")
+    assert worker_row(pkg_db, "sensor-box-a")["status"] == "active"
     box.run("apt-get", "remove", "-y", "attune-sensor", timeout=300)
     assert worker_row(pkg_db, "sensor-box")["status"] == "inactive"
+    assert worker_row(pkg_db, "sensor-box-a")["status"] == "inactive"
     box.run("apt-get", "purge", "-y", "attune-sensor", timeout=300)
     for path in ("/etc/attune", "/var/lib/attune-sensor", "/lib/systemd/system/attune-sensor.service",
                  "/usr/bin/attune-sensor"):
