@@ -105,6 +105,9 @@ class SensorService:
     def _register_until_done(self):
         backoff = Backoff()
         while not self._stop_requested:
+            if self._reload_requested:
+                self._reload_requested = False
+                self._apply_reload()
             try:
                 worker_id = self.registration.register()
             except DatabaseUnavailable as exc:
@@ -184,14 +187,24 @@ class SensorService:
     # --- reload -------------------------------------------------------------------------
 
     def _apply_reload(self):
-        self.notifier.reloading()
+        # Before registration (still waiting for the database) there is no READY=1 to renew:
+        # systemd is told nothing, the new configuration is simply used by the next attempt.
+        registered = self.registration.worker_id is not None
+        if registered:
+            self.notifier.reloading()
+        try:
+            self._reload_configuration()
+        finally:
+            if registered:
+                self.notifier.ready(self._status_line())
+
+    def _reload_configuration(self):
         try:
             new = config_module.load(self.config_path, self.environ)
             detected, source = runtimes.resolve(new.sensor.runtimes, self.environ)
             check_watchdog_fits(new.sensor.heartbeat_interval, self.environ)
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
-            self.notifier.ready(self._status_line())
             return
         old = self.config
         for key in RESTART_ONLY_KEYS:
@@ -205,6 +218,9 @@ class SensorService:
         logs.set_level(new.log.level)
         self.registration.set_capabilities(self.config, detected)
         self.runtime_source = source
+        if self.registration.worker_id is None:
+            log.info("Reloaded configuration: runtimes %s from %s, used at registration", ",".join(detected), source)
+            return
         try:
             self.registration.update_capabilities()
             self._capabilities_pending = False
@@ -213,7 +229,6 @@ class SensorService:
         except DATABASE_TROUBLE as exc:
             self._capabilities_pending = True
             log.warning("Reloaded configuration; capabilities will be stored once the database answers: %s", exc)
-        self.notifier.ready(self._status_line())
 
     # --- shutdown -----------------------------------------------------------------------
 

@@ -259,3 +259,26 @@ def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, 
         daemon.wait_for_line("heartbeat: worker", count=2000, timeout=60)
     finally:
         deaf.close()
+
+
+def test_sighup_while_waiting_for_the_database_keeps_waiting_and_uses_the_new_config(
+        cluster, db_url, workdir, notify_socket, daemons):
+    path = config_for(workdir, db_url, "sensor-hup-early", capabilities={"runtimes": ["shell"]})
+    cluster.stop("fast")
+    try:
+        daemon = daemons(path, notify=notify_socket)
+        notify_socket.wait_for("EXTEND_TIMEOUT_USEC=")
+        with open(path, "w") as handle:
+            handle.write(f"database: {{url: '{db_url}'}}\nsensor:\n  worker_name: sensor-hup-early\n"
+                         "  heartbeat_interval: 0.5\n  capabilities: {runtimes: [shell, node]}\n")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_line("used at registration")
+        attempts = sum("Database not reachable" in line for line in daemon.lines)
+        time.sleep(3)
+        # still backing off (not spinning), and nothing told systemd it is ready or reloading
+        assert sum("Database not reachable" in line for line in daemon.lines) <= attempts + 2
+        assert notify_socket.count("READY=1") == 0 and notify_socket.count("RELOADING=1") == 0
+    finally:
+        cluster.start()
+    notify_socket.wait_for("READY=1", timeout=45)
+    assert worker_row(db_url, "sensor-hup-early")["capabilities"]["runtimes"] == ["shell", "node"]
