@@ -172,7 +172,8 @@ class SensorService:
 
     def _maybe_reap(self):
         sensor = self.config.sensor
-        if not sensor.reaper or self._database_down or self.clock() < self._next_reap:
+        if (not sensor.reaper or self._database_down or self._stop_requested
+                or self.clock() < self._next_reap):
             return
         try:
             reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
