@@ -10,18 +10,23 @@ LOGGER_NAME = "attune_sensor"
 _PRIORITY = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
 
 
-class JournalTextFormatter(logging.Formatter):
-    def __init__(self, journal):
-        # The journal stamps time and unit itself; elsewhere a timestamp helps.
-        fmt = "%(levelname)s %(message)s" if journal else "%(asctime)s %(levelname)s %(message)s"
-        super().__init__(fmt)
+class JournalPriority(logging.Formatter):
+    """Wraps a formatter: one line per event, prefixed with its journald priority under systemd
+    (journald strips the prefix, so a JSON message stays pure JSON in the journal)."""
+
+    def __init__(self, inner, journal):
+        super().__init__()
+        self.inner = inner
         self.journal = journal
 
     def format(self, record):
-        text = " ".join(super().format(record).split("\n"))  # one event, one line
-        if self.journal:
-            text = _PRIORITY.get(record.levelno, "<6>") + text
-        return text
+        text = " ".join(self.inner.format(record).split("\n"))
+        return _PRIORITY.get(record.levelno, "<6>") + text if self.journal else text
+
+
+def _text_formatter(journal):
+    # The journal stamps time and unit itself; elsewhere a timestamp helps.
+    return logging.Formatter("%(levelname)s %(message)s" if journal else "%(asctime)s %(levelname)s %(message)s")
 
 
 def _json_formatter():
@@ -34,10 +39,10 @@ def _json_formatter():
 
 def setup(level="info", fmt="text", stream=None, environ=None):
     environ = os.environ if environ is None else environ
-    stream = stream or sys.stderr
     journal = bool(environ.get("JOURNAL_STREAM"))
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_json_formatter() if fmt == "json" else JournalTextFormatter(journal))
+    handler = logging.StreamHandler(stream or sys.stderr)
+    inner = _json_formatter() if fmt == "json" else _text_formatter(journal)
+    handler.setFormatter(JournalPriority(inner, journal))
     logger = logging.getLogger(LOGGER_NAME)
     for old in list(logger.handlers):
         logger.removeHandler(old)

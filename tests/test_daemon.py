@@ -282,3 +282,15 @@ def test_sighup_while_waiting_for_the_database_keeps_waiting_and_uses_the_new_co
         cluster.start()
     notify_socket.wait_for("READY=1", timeout=45)
     assert worker_row(db_url, "sensor-hup-early")["capabilities"]["runtimes"] == ["shell", "node"]
+
+
+def test_json_logs_carry_journal_priorities_under_systemd(db_url, workdir, daemons):
+    import json
+
+    path = write_config(workdir, {"database": {"url": db_url}, "log": {"format": "json"},
+                                  "sensor": {"worker_name": "sensor-jsonj", "heartbeat_interval": 0.3}})
+    daemon = daemons(path, env={"JOURNAL_STREAM": "8:1234"})
+    daemon.wait_for_line("heartbeat: worker")
+    first = daemon.lines[0]
+    assert first.startswith("<6>{")
+    assert json.loads(first[3:])["message"].startswith("Registering sensor worker sensor-jsonj")
