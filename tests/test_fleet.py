@@ -308,3 +308,12 @@ def test_a_role_without_privileges_stops_with_78_and_says_what_to_grant(cluster,
     assert daemon.wait() == 78
     assert "permission denied" in daemon.output and "GRANT attune_sensor_daemon TO" in daemon.output
     assert "Traceback" not in daemon.output and "bare-pw" not in daemon.output
+
+
+def test_many_daemons_starting_at_once_make_one_row_each(db_url, workdir, daemons):
+    started = [daemons(config_for(workdir, db_url, f"sensor-many-{n}")) for n in range(8)]
+    for daemon in started:
+        daemon.wait_for_line("Registered sensor worker")
+    rows = query(db_url, "SELECT name, count(*) FROM worker GROUP BY name ORDER BY name")
+    assert rows == [(f"sensor-many-{n}", 1) for n in range(8)]
+    assert all(d.proc.poll() is None for d in started)
