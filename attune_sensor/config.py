@@ -24,7 +24,7 @@ ENV_PREFIX = "ATTUNE__"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-WORKER_TYPES = ("local", "remote", "container")
+WORKER_TYPES = ("auto", "local", "remote", "container")  # auto: container when inside one, else local
 
 # Worker names land in SQL parameters (never in SQL text), the journal and dashboards: keep them
 # to characters that need no quoting anywhere. 128 is well past any hostname-based name.
@@ -51,7 +51,7 @@ class LogConfig:
 class SensorConfig:
     worker_name: str
     host: str
-    worker_type: str = ""  # "" means detect (local, or container when inside one)
+    worker_type: str = "auto"
     heartbeat_interval: float = 30
     poll_interval: float = 30
     sensor_timeout: float = 30
@@ -349,7 +349,7 @@ def describe(config):
         "sensor": {
             "worker_name": sensor.worker_name,
             "host": sensor.host,
-            "worker_type": sensor.worker_type or "auto",
+            "worker_type": sensor.worker_type,
             "heartbeat_interval": sensor.heartbeat_interval,
             "poll_interval": sensor.poll_interval,
             "sensor_timeout": sensor.sensor_timeout,

@@ -90,7 +90,9 @@ class SensorWorkerRegistration:
         self.db = db
         self.worker_name = sensor.worker_name
         self.host = sensor.host
-        self.worker_type = sensor.worker_type or ("container" if in_container() else "local")
+        self.worker_type = sensor.worker_type
+        if self.worker_type == "auto":
+            self.worker_type = "container" if in_container() else "local"
         self.stale_multiplier = sensor.stale_multiplier
         self.instance_id = str(uuid.uuid4())
         self.worker_id = None
