@@ -1,4 +1,4 @@
-# The README's commands. Each target installs what it needs first (packaging/install-deps.sh).
+# Shortcuts for the scripts in packaging/ and bench/; each installs what it needs first.
 SHELL := /bin/bash
 PYTEST_ARGS ?=
 
@@ -7,16 +7,16 @@ PYTEST_ARGS ?=
 deps:
 	bash packaging/install-deps.sh
 
-demo: deps
+demo:
 	bash packaging/demo.sh
 
 # The full suite, the systemd end-to-end package test included (needs root).
-test: deps
-	.venv/bin/pytest $(PYTEST_ARGS)
+test:
+	bash packaging/test.sh $(PYTEST_ARGS)
 
 # Everything but the slow package test.
-test-fast: deps
-	.venv/bin/pytest -m "not systemd" $(PYTEST_ARGS)
+test-fast:
+	bash packaging/test.sh -m "not systemd" $(PYTEST_ARGS)
 
 deb: deps
 	bash packaging/build-deb.sh

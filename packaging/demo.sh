@@ -4,6 +4,7 @@
 # deregisters), then the database, and removes everything it created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash packaging/install-deps.sh
 BIN=.venv/bin
 state=$(mktemp -d /tmp/attune-demo-XXXXXX)
 chmod 755 "$state"  # the postgres user must reach its data directory

@@ -16,7 +16,7 @@ APT_PACKAGES=(
   systemd-container debootstrap
   # PgBouncer for the transaction-pooling test
   pgbouncer
-  python3-venv iproute2 procps
+  python3-venv iproute2 procps git make
 )
 
 missing=()
