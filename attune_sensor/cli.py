@@ -147,14 +147,15 @@ def _age(seconds):
 def cmd_workers(args):
     from . import fleet
 
-    workers = _fleet_query(_load(args), runtime=args.runtime.strip().lower() if args.runtime else None,
+    config = _load(args)
+    workers = _fleet_query(config, runtime=args.runtime.strip().lower() if args.runtime else None,
                               stale_only=args.stale)
     stats = fleet.summary(workers)
     if args.json:
         json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=None if args.watch else 2, default=str)
         print(flush=True)
         if args.watch:
-            _watch(args)
+            _watch(args, config)
         return 0
     header = ("NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT")
     rows = [(w["name"], w["host"] or "", w["status"] + (" (stale)" if w["stale"] else ""),
@@ -168,14 +169,12 @@ def cmd_workers(args):
           f"capacity: {stats['capacity']} sensors   max heartbeat lag: {'-' if lag is None else f'{lag:.1f}s'}")
     print("runtimes: " + (", ".join(f"{k} {v}" for k, v in stats["runtimes"].items()) or "-"))
     if args.watch:
-        _watch(args)
+        _watch(args, config)
     return 0
 
 
-def _watch(args):
+def _watch(args, config):
     from . import fleet
-
-    config = _load(args)
 
     def show(event):
         if args.json:

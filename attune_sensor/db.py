@@ -120,11 +120,11 @@ class Database:
             self.close()
             raise self._unavailable("database call failed", exc) from None
         except psycopg2.Error as exc:
+            detail = scrub(exc.pgerror or exc, self.url)
             if exc.pgcode in (errorcodes.UNDEFINED_TABLE, errorcodes.UNDEFINED_OBJECT,
                               errorcodes.UNDEFINED_COLUMN, errorcodes.UNDEFINED_FUNCTION):
                 raise SchemaMissing(
-                    "the database has no attune-sensor schema (" + scrub(exc.pgerror or exc, self.url)
-                    + "); run 'attune-sensor migrate run'"
+                    "the database has no attune-sensor schema (" + detail + "); run 'attune-sensor migrate run'"
                 ) from None
             if exc.pgcode and (exc.pgcode.startswith(("08", "57", "53"))
                                or exc.pgcode == errorcodes.READ_ONLY_SQL_TRANSACTION):
@@ -135,9 +135,9 @@ class Database:
                 raise self._unavailable("database call failed", exc) from None
             if exc.pgcode == errorcodes.INSUFFICIENT_PRIVILEGE:
                 raise DatabasePermissionDenied(
-                    scrub(exc.pgerror or exc, self.url) + "; give the login role the group role "
+                    detail + "; give the login role the group role "
                     "attune_sensor_daemon (GRANT attune_sensor_daemon TO <role>)") from None
-            raise DatabaseError("database refused the statement: " + scrub(exc.pgerror or exc, self.url)) from None
+            raise DatabaseError("database refused the statement: " + detail) from None
 
     def close(self):
         if self._conn is not None:
