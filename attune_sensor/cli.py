@@ -40,8 +40,16 @@ def _parser():
                                   description="Manage the worker schema. Needs a role that may run DDL.")
     migrate_commands = migrate.add_subparsers(dest="migrate_command", metavar="ACTION")
     migrate_commands.required = True
-    migrate_commands.add_parser("run", help="apply pending migrations (safe to run from several hosts at once)")
-    migrate_commands.add_parser("info", help="list applied and pending migrations")
+    migrate_run = migrate_commands.add_parser(
+        "run", help="apply pending migrations and grant the daemon role (safe to run from several hosts at once)",
+        description="On an empty database or the spec's schema: apply pending migrations. On the Attune "
+                    "platform's schema: change none of its objects, only grant attune_sensor_daemon what the "
+                    "daemon needs there. Both: create that role when allowed.")
+    migrate_run.add_argument("--tune-heartbeats", action="store_true",
+                             help="on the platform's schema, opt in to HOT heartbeats: drop the index on "
+                                  "last_heartbeat and lower the fillfactor (see 'migrate info')")
+    migrate_commands.add_parser("info", help="the worker table found (flavour, schema), applied and pending "
+                                             "migrations, the daemon role, and heartbeat tuning")
 
     workers = commands.add_parser("workers", help="list sensor workers of the fleet with a summary",
                                   description="List sensor (and hybrid) workers: name, host, status, runtimes, "
@@ -113,22 +121,29 @@ def cmd_migrate(args):
     from . import migrations
 
     if args.migrate_command == "info":
-        for filename, state in migrations.info(config.database.url, config.database.connect_timeout):
-            print(f"{filename}  {state}")
+        for what, state in migrations.info(config.database.url, config.database.connect_timeout,
+                                           config.database.schema):
+            print(f"{what}  {state}")
         return 0
-    applied = migrations.run(config.database.url, config.database.connect_timeout)
+
+    def warn(line):
+        print(f"attune-sensor: {line}", file=sys.stderr)
+
+    applied = migrations.run(config.database.url, config.database.connect_timeout, warn=warn,
+                             configured_schema=config.database.schema, tune_heartbeats=args.tune_heartbeats)
     if not applied:
         print("database schema is up to date")
     return 0
 
 
 def _fleet_query(config, **filters):
-    from . import fleet
+    from . import fleet, schema
     from .db import Database
 
     db = Database.from_config(config, application_name="attune-sensor cli")
     try:
-        return fleet.list_workers(db, config.sensor.stale_multiplier, **filters)
+        table = schema.attach(db, config.database.schema)
+        return fleet.list_workers(db, config.sensor.stale_multiplier, table=table, **filters)
     finally:
         db.close()
 
@@ -158,7 +173,8 @@ def cmd_workers(args):
             _watch(args, config)
         return 0
     header = ("NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT")
-    rows = [(w["name"], w["host"] or "", w["status"] + (" (stale)" if w["stale"] else ""),
+    rows = [(w["name"], w["host"] or "",
+             w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else ""),
              ",".join(w["runtimes"]), str(w["capacity"]), _age(w["heartbeat_age"])) for w in workers]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:

@@ -32,6 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,255}$")
 # JSON-serialisable capability values, kept small: they are rewritten on every registration.
 MAX_CAPABILITIES_BYTES = 16 * 1024
+MIN_HEARTBEAT_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class DatabaseConfig:
     url: str
     connect_timeout: float = 5.0
     statement_timeout: float = 5.0
+    schema: str = None  # None: the connection's search_path, then the platform's schema "attune"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class SensorConfig:
     worker_name: str
     host: str
     worker_type: str = "auto"
-    heartbeat_interval: float = 30
+    heartbeat_interval: float = None  # None ("auto"): 30 s, or 10 s on the Attune platform's schema
     poll_interval: float = 30
     sensor_timeout: float = 30
     max_concurrent_sensors: int = 10
@@ -89,6 +91,24 @@ def _positive_number(value):
     if value > 86400:
         raise ValueError(f"must be at most 86400 seconds, got {_describe(value)}")
     return value
+
+
+def _heartbeat_interval(value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    value = _positive_number(value)
+    # Below this a daemon turns into a load generator (one heartbeat is one write).
+    if value < MIN_HEARTBEAT_INTERVAL:
+        raise ValueError(f"must be at least {MIN_HEARTBEAT_INTERVAL:g} seconds (or auto), got {_describe(value)}")
+    return value
+
+
+def _schema_name(value):
+    from .schema import check_schema_name
+
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # find it: the connection's search_path, then schema "attune"
+    return check_schema_name(value)
 
 
 def _positive_int(value):
@@ -191,13 +211,14 @@ SCHEMA = {
         "url": _database_url,
         "connect_timeout": _positive_number,
         "statement_timeout": _positive_number,
+        "schema": _schema_name,
     },
     "log": {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)},
     "sensor": {
         "worker_name": _matching(NAME_RE, "1-128 letters, digits or . _ @ : - (starting with a letter or digit)"),
         "host": _matching(HOST_RE, "a hostname or IP address"),
         "worker_type": _choice(WORKER_TYPES),
-        "heartbeat_interval": _positive_number,
+        "heartbeat_interval": _heartbeat_interval,
         "poll_interval": _positive_number,
         "sensor_timeout": _positive_number,
         "max_concurrent_sensors": _positive_int,
@@ -344,13 +365,14 @@ def describe(config):
             "url": redact_dsn(config.database.url),
             "connect_timeout": config.database.connect_timeout,
             "statement_timeout": config.database.statement_timeout,
+            "schema": config.database.schema or "auto",
         },
         "log": {"level": config.log.level, "format": config.log.format},
         "sensor": {
             "worker_name": sensor.worker_name,
             "host": sensor.host,
             "worker_type": sensor.worker_type,
-            "heartbeat_interval": sensor.heartbeat_interval,
+            "heartbeat_interval": "auto" if sensor.heartbeat_interval is None else sensor.heartbeat_interval,
             "poll_interval": sensor.poll_interval,
             "sensor_timeout": sensor.sensor_timeout,
             "max_concurrent_sensors": sensor.max_concurrent_sensors,

@@ -83,6 +83,8 @@ class Database:
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
         self.application_name = application_name
+        # Set by schema.attach() when the worker table is not on the connection's search_path.
+        self.search_path = None
         self._conn = None
 
     @classmethod
@@ -105,12 +107,19 @@ class Database:
             self.close()
             raise self._unavailable("cannot connect to the database", exc) from None
 
-    def execute(self, sql, params=None):
+    def execute(self, sql, params=None, plain=False):
+        """Runs one statement. Unless `plain`, a search_path set by schema.attach() goes with it
+        in the same implicit transaction (a multi-statement query is one transaction), so no
+        session state is needed and PgBouncer's transaction pooling is fine."""
         if not self.connected:
             self.connect()
         deadline = time.monotonic() + self.statement_timeout
         try:
             cursor = self._conn.cursor()
+            if self.search_path and not plain:
+                sql = (cursor.mogrify("SELECT set_config('search_path', %s, true);", (self.search_path,))
+                       + cursor.mogrify(sql, params))
+                params = None
             cursor.execute(sql, params)
             _wait(self._conn, deadline)
             rows = cursor.fetchall() if cursor.description else []
@@ -135,8 +144,9 @@ class Database:
                 raise self._unavailable("database call failed", exc) from None
             if exc.pgcode == errorcodes.INSUFFICIENT_PRIVILEGE:
                 raise DatabasePermissionDenied(
-                    detail + "; give the login role the group role "
-                    "attune_sensor_daemon (GRANT attune_sensor_daemon TO <role>)") from None
+                    detail + "; 'attune-sensor migrate run' (as the schema owner) grants the group role "
+                    "attune_sensor_daemon what the daemon needs on this database, and the login role must be "
+                    "in it (GRANT attune_sensor_daemon TO <role>)") from None
             raise DatabaseError("database refused the statement: " + detail) from None
 
     def close(self):

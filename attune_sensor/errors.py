@@ -70,5 +70,28 @@ class WorkerTakenOver(WorkerNameConflict):
         ))
 
 
+class WorkerNameHeldByOtherRole(WorkerNameConflict):
+    """The name belongs to a worker of another role (an action worker): never ours to take."""
+
+    def __init__(self, name, role, owner_host):
+        super().__init__(name, owner_host, (
+            f"worker name {name!r} belongs to a worker of role {role!r} on host {owner_host!r}; "
+            "attune-sensor only registers sensor rows and never changes a row's role: "
+            "set sensor.worker_name to another name"
+        ))
+
+
+class ForeignWriter(WorkerNameConflict):
+    """Another program rewrote our row while we ran: two writers must not share one row."""
+
+    def __init__(self, name, worker_id, fields, owner_host):
+        self.fields = tuple(fields)
+        super().__init__(name, owner_host, (
+            f"worker {name!r} (id {worker_id}) was rewritten by another program ({', '.join(fields)} "
+            f"changed; the row now says host {owner_host!r}); this daemon stops heartbeating it so the two "
+            "do not share one row: stop the other writer or give this host its own sensor.worker_name"
+        ))
+
+
 class MigrationError(AttuneSensorError):
     """A migration could not be applied or an applied migration changed on disk."""

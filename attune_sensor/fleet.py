@@ -1,8 +1,10 @@
 """Read-side queries over all workers, the stale reaper, and fleet metrics.
 
-Staleness is per worker (DESIGN.md decision 8): a row is stale when its last heartbeat is older
-than `multiplier` times its own recorded heartbeat_interval. The same expression serves the
-reaper, `workers --stale`, `check` and `metrics`, so they always agree.
+Staleness is per worker (docs/design.md, "Staleness"): a row is stale when its last heartbeat is
+older than `multiplier` times its own recorded heartbeat_interval. The same expression
+(schema.stale_condition) serves registration, the reaper, `workers --stale`, `check` and
+`metrics`, so they always agree. Roles are compared as text: the platform's enum has no
+'hybrid', and a literal it lacks would fail the whole statement.
 """
 
 import json
@@ -13,12 +15,16 @@ import psycopg2
 
 from .db import connect_blocking, scrub
 from .errors import DatabaseUnavailable
+from .schema import attach, heartbeat_interval_of, stale_condition
 
 EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
 
-STALE_EXPR = ("w.last_heartbeat < now() - make_interval(secs => %(multiplier)s * "
-              "worker_heartbeat_interval(w.capabilities))")
+STALE_EXPR = stale_condition("w", "%(multiplier)s")
+LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
+# The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
+# platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
+REAPED_ROLES = "(w.worker_role::text = 'sensor' OR (w.worker_role::text = 'hybrid' AND w.meta ? 'instance_id'))"
 
 # Election and work in one statement: the CTE is evaluated once, and only the session that
 # got the transaction-scoped advisory lock updates anything. The lock ends with the statement.
@@ -33,34 +39,35 @@ reaped AS (
                'reaped_last_heartbeat', w.last_heartbeat)
       FROM elected
      WHERE elected.ok
-       AND w.worker_role IN ('sensor', 'hybrid')
+       AND {REAPED_ROLES}
        AND w.status = 'active'
        AND {STALE_EXPR}
     RETURNING w.id, w.name, w.host
 )
 SELECT id, name, host, NULL::bigint FROM reaped
 UNION ALL
-SELECT NULL, NULL, NULL, count(*) FROM worker WHERE worker_role IN ('sensor', 'hybrid') AND status = 'active'
+SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.status = 'active'
 """
 
-WORKERS_SQL = f"""
+WORKERS_SQL = """
 SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
        coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),
        coalesce((w.capabilities ->> 'max_concurrent_sensors')::int, 0),
        extract(epoch FROM now() - w.last_heartbeat)::float8,
-       (w.status = 'active' AND {STALE_EXPR}) AS stale,
-       worker_heartbeat_interval(w.capabilities),
-       coalesce(w.meta ? 'reaped_at', false) AS reaped
+       (w.status = 'active' AND {stale}) AS stale,
+       {interval},
+       coalesce(w.meta ? 'reaped_at', false) AS reaped,
+       {cordoned}
   FROM worker AS w
- WHERE w.worker_role IN ('sensor', 'hybrid')
+ WHERE {roles}
    AND (%(runtime)s::text IS NULL OR w.capabilities -> 'runtimes' ? %(runtime)s::text)
    AND (%(name)s::text IS NULL OR w.name = %(name)s::text)
-   AND (NOT %(stale_only)s OR (w.status = 'active' AND {STALE_EXPR}))
+   AND (NOT %(stale_only)s OR (w.status = 'active' AND {stale}))
  ORDER BY w.name
 """
 
 COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity",
-           "heartbeat_age", "stale", "heartbeat_interval", "reaped")
+           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned")
 
 
 def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
@@ -81,8 +88,19 @@ def reap_stale(db, reaper_name, multiplier):
     return reaped, active
 
 
-def list_workers(db, multiplier, runtime=None, stale_only=False, name=None):
-    rows = db.execute(WORKERS_SQL, {"runtime": runtime, "stale_only": stale_only,
+def workers_sql(table):
+    """The listing for this worker table: cordons show where the table has them."""
+    cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
+    return WORKERS_SQL.format(stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
+                              cordoned=cordoned)
+
+
+def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, table=None):
+    """Sensor (and hybrid) workers as dicts (COLUMNS). `table` from schema.attach(), found
+    when not given."""
+    if table is None:
+        table = attach(db)
+    rows = db.execute(workers_sql(table), {"runtime": runtime, "stale_only": stale_only,
                                     "multiplier": multiplier, "name": name})
     return [dict(zip(COLUMNS, row)) for row in rows]
 

@@ -1,10 +1,22 @@
 """SensorWorkerRegistration: this worker's own row, in SQL. No sleeping, no signals.
 
-Each call is one statement, timestamps come from the database clock (DESIGN.md decision 1), and
-every write after registration is fenced by id AND instance_id (decision 3): a process whose
-row was taken over can no longer touch it.
+Each call is one statement and timestamps come from the database clock (docs/design.md,
+"Clocks"). Every write after registration is fenced by the row's id and its `xmin`, the id of
+the transaction that last wrote it (docs/design.md, "Fencing"): any other writer, whoever it is,
+changes `xmin`, so a heartbeat that matches no row means someone else touched ours. Only then
+is the row read and the change classified:
+
+* gone: register again;
+* another instance's (meta.instance_id): WorkerTakenOver;
+* host, role, capabilities or meta rewritten: ForeignWriter (exit 78), since two programs
+  heartbeating one row would hide each other's death;
+* only last_heartbeat, status, cordon columns or the reaper's marks changed: adopt the change
+  and go on (an operator's status is logged and set back to active; a cordon is left alone).
+  A heartbeat whose reply was lost looks exactly like another program's heartbeat, so a
+  heartbeat alone is never called foreign: another program's registration is what gives it away.
 """
 
+import json
 import os
 import socket
 import time
@@ -12,47 +24,67 @@ import uuid
 
 from . import __version__
 from .db import json_param
-from .errors import WorkerNameConflict, WorkerTakenOver
+from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
+from .schema import DEFAULT_RECORDED_INTERVAL, stale_condition
 
-# One atomic statement (decision 2). Takeover of an existing row is allowed when it is not
-# active, is stale by its own interval, or belongs to this machine (a restart after a crash);
-# otherwise nothing is returned and the caller reports the owner.
-REGISTER_SQL = """
+# What each full write returns, to know our row as the database stored it.
+TRACKED = "xmin::text, host, worker_role::text, capabilities, meta, last_heartbeat"
+TRACKED_FIELDS = ("xmin", "host", "role", "capabilities", "meta", "last_heartbeat")
+# Keys the reaper adds to meta (fleet.py); they are not a foreign writer's.
+REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
+
+# One atomic statement (docs/design.md, "Registration"). Only sensor (and hybrid) rows are ever
+# taken over, and only when not active, stale by their own interval, or from this machine (a
+# restart after a crash); otherwise nothing is returned and the caller reports the owner. The
+# role is compared as text so a database whose enum lacks 'hybrid' is never sent that value.
+REGISTER_SQL = f"""
 INSERT INTO worker AS w (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat)
 VALUES (%(name)s, %(worker_type)s, 'sensor', %(host)s, 'active', %(capabilities)s, %(meta)s, now())
 ON CONFLICT (name) DO UPDATE SET
     worker_type = EXCLUDED.worker_type,
-    worker_role = CASE WHEN w.worker_role = 'hybrid' THEN w.worker_role ELSE EXCLUDED.worker_role END,
     host = EXCLUDED.host,
     status = 'active',
     capabilities = EXCLUDED.capabilities,
     meta = EXCLUDED.meta,
     last_heartbeat = now()
-WHERE w.status IS DISTINCT FROM 'active'
-   OR w.last_heartbeat IS NULL
-   OR w.last_heartbeat < now() - make_interval(secs => %(stale_multiplier)s * worker_heartbeat_interval(w.capabilities))
-   OR w.meta ->> 'machine_id' = EXCLUDED.meta ->> 'machine_id'
-RETURNING w.id, (xmax = 0) AS inserted
+WHERE w.worker_role::text IN ('sensor', 'hybrid')
+  AND (w.status::text <> 'active'
+       OR w.last_heartbeat IS NULL
+       OR {stale_condition("w", "%(stale_multiplier)s")}
+       OR w.meta ->> 'machine_id' = EXCLUDED.meta ->> 'machine_id')
+RETURNING w.id, {TRACKED}
 """
 
-OWNER_SQL = "SELECT coalesce(meta ->> 'hostname', host, '?'), meta ->> 'instance_id' FROM worker WHERE {} = %s"
+OWNER_SQL = ("SELECT coalesce(meta ->> 'hostname', host, '?'), meta ->> 'instance_id', worker_role::text "
+             "FROM worker WHERE name = %s")
 
+READ_SQL = f"SELECT {TRACKED}, status::text FROM worker WHERE id = %s"
+
+# The heartbeat: one HOT update of last_heartbeat (status is rewritten with the same value).
 HEARTBEAT_SQL = """
 UPDATE worker SET last_heartbeat = now(), status = 'active'
-WHERE id = %s AND meta ->> 'instance_id' = %s
-RETURNING id
+WHERE id = %(id)s AND xmin = %(xmin)s::xid
+RETURNING xmin::text, last_heartbeat
+"""
+
+# After the reaper marked us inactive while we were alive: active again, its marks removed.
+RESUME_SQL = f"""
+UPDATE worker SET last_heartbeat = now(), status = 'active',
+       meta = meta - 'reaped_at' - 'reaped_by' - 'reaped_last_heartbeat'
+WHERE id = %(id)s AND xmin = %(xmin)s::xid
+RETURNING {TRACKED}
 """
 
 DEREGISTER_SQL = """
 UPDATE worker SET status = 'inactive'
-WHERE id = %s AND meta ->> 'instance_id' = %s
-RETURNING id
+WHERE id = %(id)s AND xmin = %(xmin)s::xid
+RETURNING xmin::text
 """
 
-CAPABILITIES_SQL = """
-UPDATE worker SET capabilities = %s
-WHERE id = %s AND meta ->> 'instance_id' = %s
-RETURNING id
+CAPABILITIES_SQL = f"""
+UPDATE worker SET capabilities = %(capabilities)s
+WHERE id = %(id)s AND xmin = %(xmin)s::xid
+RETURNING {TRACKED}
 """
 
 
@@ -96,6 +128,9 @@ class SensorWorkerRegistration:
         self.stale_multiplier = sensor.stale_multiplier
         self.instance_id = str(uuid.uuid4())
         self.worker_id = None
+        self._row = {}  # our row as the database last returned it (TRACKED_FIELDS + status)
+        self._sent_capabilities = None  # the last capabilities update sent, in case its reply is lost
+        self.outside_change = None  # set when someone else changed our status; the service logs it
         self._capabilities = {}
         self.set_capabilities(config, runtimes)
         self.meta = {
@@ -113,15 +148,17 @@ class SensorWorkerRegistration:
     def capabilities(self):
         return dict(self._capabilities)
 
-    def set_capabilities(self, config, runtimes):
+    def set_capabilities(self, config, runtimes, heartbeat_interval=None):
         """Capabilities from a (re)loaded config; call update_capabilities() to store them."""
         sensor = config.sensor
+        if heartbeat_interval is None:
+            heartbeat_interval = sensor.heartbeat_interval or DEFAULT_RECORDED_INTERVAL
         capabilities = dict(sensor.capabilities)
         capabilities.update(
             runtimes=list(runtimes),
             max_concurrent_sensors=sensor.max_concurrent_sensors,
             sensor_version=__version__,
-            heartbeat_interval=sensor.heartbeat_interval,
+            heartbeat_interval=heartbeat_interval,
         )
         self._capabilities = capabilities
         self.stale_multiplier = sensor.stale_multiplier
@@ -131,7 +168,8 @@ class SensorWorkerRegistration:
 
     def register(self):
         """Inserts or takes over the row; returns its id. Raises WorkerNameConflict when a live
-        worker on another machine holds the name."""
+        worker on another machine holds the name, WorkerNameHeldByOtherRole when a worker of
+        another role (an action worker) does."""
         rows = self.db.execute(REGISTER_SQL, {
             "name": self.worker_name,
             "worker_type": self.worker_type,
@@ -141,38 +179,107 @@ class SensorWorkerRegistration:
             "stale_multiplier": self.stale_multiplier,
         })
         if not rows:
-            owner = self.db.execute(OWNER_SQL.format("name"), (self.worker_name,))
-            raise WorkerNameConflict(self.worker_name, owner[0][0] if owner else "?")
+            owner = self.db.execute(OWNER_SQL, (self.worker_name,))
+            host, _, role = owner[0] if owner else ("?", None, "sensor")
+            if role not in ("sensor", "hybrid"):
+                raise WorkerNameHeldByOtherRole(self.worker_name, role, host)
+            raise WorkerNameConflict(self.worker_name, host)
         self.worker_id = rows[0][0]
+        self._remember(rows[0][1:])
         return self.worker_id
 
     def heartbeat(self):
         """Returns True when the row was updated. A deleted row is registered again (returns
-        False); a row that another process took over raises WorkerTakenOver."""
+        False); a row that another process took over or rewrote raises WorkerNameConflict."""
         if self.worker_id is None:
             self.register()
             return False
-        if self.db.execute(HEARTBEAT_SQL, (self.worker_id, self.instance_id)):
+        rows = self.db.execute(HEARTBEAT_SQL, self._fence())
+        if rows:
+            self._row["xmin"], self._row["last_heartbeat"] = rows[0]
             return True
-        self._after_fence_miss()
-        return False
+        if not self._after_fence_miss():
+            return False
+        resume = self._row.get("status") != "active" or any(k in (self._row["meta"] or {}) for k in REAPER_META_KEYS)
+        rows = self.db.execute(RESUME_SQL if resume else HEARTBEAT_SQL, self._fence())
+        if not rows:  # written again in between: the next beat looks once more
+            return False
+        if resume:
+            self._remember(rows[0])
+        else:
+            self._row["xmin"], self._row["last_heartbeat"] = rows[0]
+        return True
 
     def update_capabilities(self):
         if self.worker_id is None:
             return
-        if not self.db.execute(CAPABILITIES_SQL, (json_param(self._capabilities), self.worker_id, self.instance_id)):
-            self._after_fence_miss()
+        self._sent_capabilities = json.loads(json_param(self._capabilities))
+        for _ in range(2):
+            params = dict(self._fence(), capabilities=json_param(self._capabilities))
+            rows = self.db.execute(CAPABILITIES_SQL, params)
+            if rows:
+                self._remember(rows[0])
+                return
+            if not self._after_fence_miss():
+                return  # registered again, with the new capabilities
 
     def deregister(self):
-        """Marks the row inactive; True when it was still ours."""
+        """Marks the row inactive; True when it was still ours. A row that another program took
+        over or rewrote is left as it is (False)."""
         if self.worker_id is None:
             return False
-        return bool(self.db.execute(DEREGISTER_SQL, (self.worker_id, self.instance_id)))
+        for _ in range(2):
+            if self.db.execute(DEREGISTER_SQL, self._fence()):
+                return True
+            row = self.db.execute(READ_SQL, (self.worker_id,))
+            if not row:
+                return False
+            try:
+                self._classify(dict(zip(TRACKED_FIELDS + ("status",), row[0])))
+            except WorkerNameConflict:
+                return False  # taken over or rewritten: not ours to mark
+        return False
+
+    # --- fencing ------------------------------------------------------------------------
+
+    def _fence(self):
+        return {"id": self.worker_id, "xmin": self._row["xmin"]}
+
+    def _remember(self, tracked):
+        self._row = dict(zip(TRACKED_FIELDS, tracked), status="active")
 
     def _after_fence_miss(self):
-        owner = self.db.execute(OWNER_SQL.format("id"), (self.worker_id,))
-        if owner and owner[0][1] != self.instance_id:
-            raise WorkerTakenOver(self.worker_name, owner[0][0])
-        # The row is gone (deleted by an operator): register again, keeping our instance id.
-        self.worker_id = None
-        self.register()
+        """Someone else wrote our row. True when the change is one we adopt (the caller
+        retries); False when the row was gone and we registered again; raises otherwise."""
+        rows = self.db.execute(READ_SQL, (self.worker_id,))
+        if not rows:
+            # The row is gone (deleted by an operator): register again, keeping our instance id.
+            self.worker_id = None
+            self.register()
+            return False
+        self._classify(dict(zip(TRACKED_FIELDS + ("status",), rows[0])))
+        return True
+
+    def _classify(self, current):
+        mine = self._row
+        meta = dict(current["meta"] or {})
+        owner_host = meta.get("hostname") or current["host"] or "?"
+        if meta.get("instance_id") != self.instance_id:
+            raise WorkerTakenOver(self.worker_name, owner_host)
+        changed = [field for field in ("host", "role", "capabilities") if current[field] != mine[field]]
+        if "capabilities" in changed and current["capabilities"] == self._sent_capabilities:
+            changed.remove("capabilities")  # our own update whose reply was lost
+        if _without_reaper_marks(meta) != _without_reaper_marks(mine["meta"]):
+            changed.append("meta")
+        if changed:
+            raise ForeignWriter(self.worker_name, self.worker_id, changed, current["host"] or owner_host)
+        if current["status"] != mine.get("status"):
+            if current["status"] != "active":
+                self.outside_change = ("reaped by " + str(meta.get("reaped_by"))) if "reaped_at" in meta \
+                    else f"status set to {current['status']} by someone else"
+        mine.update(xmin=current["xmin"], meta=current["meta"], status=current["status"],
+                    capabilities=current["capabilities"], last_heartbeat=current["last_heartbeat"])
+
+
+def _without_reaper_marks(meta):
+    return {k: v for k, v in (meta or {}).items() if k not in REAPER_META_KEYS}

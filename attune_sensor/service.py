@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 
 from . import config as config_module
-from . import fleet, logs, runtimes
+from . import fleet, logs, runtimes, schema
 from .db import Backoff, Database
-from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
+from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing, WorkerNameConflict
 from .notify import Notifier, watchdog_usec
 from .registration import SensorWorkerRegistration
 
@@ -61,6 +61,10 @@ class SensorService:
         self.clock = clock
         detected, source = runtimes.resolve(config.sensor.runtimes, self.environ)
         self.runtime_source = source
+        self.runtimes = detected
+        # Until the worker table is found, the spec's default; then schema.choose_interval().
+        self.interval = config.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
+        self.table = None
         self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ)
         self._stop_requested = False
         self._reload_requested = False
@@ -75,7 +79,8 @@ class SensorService:
 
     def start(self):
         sensor = self.config.sensor
-        check_watchdog_fits(sensor.heartbeat_interval, self.environ)
+        if sensor.heartbeat_interval is not None:
+            check_watchdog_fits(sensor.heartbeat_interval, self.environ)
         previous = self._install_signal_handlers()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
@@ -109,6 +114,8 @@ class SensorService:
                 self._reload_requested = False
                 self._apply_reload()
             try:
+                if self.table is None:
+                    self._find_worker_table()
                 worker_id = self.registration.register()
             except DatabaseUnavailable as exc:
                 delay = backoff.next_delay()
@@ -124,10 +131,21 @@ class SensorService:
             return True
         return False
 
+    def _find_worker_table(self):
+        """Where the worker table is and what it is decides the interval and capabilities."""
+        table = schema.attach(self.db, self.config.database.schema)
+        schema.check_worker_type(table, self.registration.worker_type)
+        interval = schema.choose_interval(self.config.sensor.heartbeat_interval, table,
+                                          self.config.database.statement_timeout)
+        check_watchdog_fits(interval, self.environ)
+        self.table, self.interval = table, interval
+        self.registration.set_capabilities(self.config, self.runtimes, interval)
+        log.info("Using the %s; interval %gs", table.describe(), interval)
+
     # --- the loop -----------------------------------------------------------------------
 
     def _loop(self):
-        next_beat = self.clock() + self.config.sensor.heartbeat_interval
+        next_beat = self.clock() + self.interval
         while not self._stop_requested:
             self._sleep(max(0.0, next_beat - self.clock()))
             if self._stop_requested:
@@ -139,7 +157,7 @@ class SensorService:
             if now < next_beat:
                 continue
             self._heartbeat()
-            interval = self.config.sensor.heartbeat_interval
+            interval = self.interval
             # Keep the rhythm: the next beat is one interval after the scheduled one, unless
             # the loop fell a whole interval behind (a long outage), then start afresh.
             next_beat += interval
@@ -154,6 +172,11 @@ class SensorService:
             else:
                 log.warning("heartbeat: worker %s was missing from the database and was registered again as id %s",
                             registration.worker_name, registration.worker_id)
+            if registration.outside_change:
+                log.warning("worker %s: %s; it is active again since this daemon is alive (to keep a live "
+                            "worker out of scheduling, cordon it)", registration.worker_name,
+                            registration.outside_change)
+                registration.outside_change = None
             if self._database_down:
                 self._database_down = False
                 log.info("Database reachable again")
@@ -164,7 +187,7 @@ class SensorService:
         except DATABASE_TROUBLE as exc:
             self._database_down = True
             log.warning("heartbeat failed for worker %s, next try in %gs: %s",
-                        registration.worker_name, self.config.sensor.heartbeat_interval, exc)
+                        registration.worker_name, self.interval, exc)
             self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
         # After every attempt that ended within its bound, database up or down (decision 5).
         self.notifier.watchdog()
@@ -178,10 +201,10 @@ class SensorService:
         try:
             reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
         except DATABASE_TROUBLE as exc:
-            self._next_reap = self.clock() + fleet.reaper_delay(sensor.heartbeat_interval, 1)
+            self._next_reap = self.clock() + fleet.reaper_delay(self.interval, 1)
             log.warning("stale worker reaper skipped: %s", exc)
             return
-        self._next_reap = self.clock() + fleet.reaper_delay(sensor.heartbeat_interval, active)
+        self._next_reap = self.clock() + fleet.reaper_delay(self.interval, active)
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
 
@@ -203,7 +226,12 @@ class SensorService:
         try:
             new = config_module.load(self.config_path, self.environ)
             detected, source = runtimes.resolve(new.sensor.runtimes, self.environ)
-            check_watchdog_fits(new.sensor.heartbeat_interval, self.environ)
+            if self.table is not None:
+                interval = schema.choose_interval(new.sensor.heartbeat_interval, self.table,
+                                                  self.config.database.statement_timeout)
+            else:
+                interval = new.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
+            check_watchdog_fits(interval, self.environ)
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             return
@@ -217,7 +245,9 @@ class SensorService:
         kept = new.with_sensor(**{key: getattr(old.sensor, key) for key in RESTART_ONLY_KEYS})
         self.config = replace(kept, database=old.database)
         logs.set_level(new.log.level)
-        self.registration.set_capabilities(self.config, detected)
+        self.interval = interval
+        self.runtimes = detected
+        self.registration.set_capabilities(self.config, detected, interval)
         self.runtime_source = source
         if self.registration.worker_id is None:
             log.info("Reloaded configuration: runtimes %s from %s, used at registration", ",".join(detected), source)
@@ -226,7 +256,7 @@ class SensorService:
             self.registration.update_capabilities()
             self._capabilities_pending = False
             log.info("Reloaded configuration: runtimes %s from %s, heartbeat every %gs",
-                     ",".join(detected), source, new.sensor.heartbeat_interval)
+                     ",".join(detected), source, interval)
         except DATABASE_TROUBLE as exc:
             self._capabilities_pending = True
             log.warning("Reloaded configuration; capabilities will be stored once the database answers: %s", exc)
@@ -249,6 +279,8 @@ class SensorService:
             except DATABASE_TROUBLE as exc:
                 log.warning("Could not deregister worker %s (%s); peers will mark it inactive once it is stale",
                             registration.worker_name, exc)
+            except WorkerNameConflict as exc:
+                log.warning("Did not deregister worker %s: %s", registration.worker_name, exc)
         self.db.close()
 
     # --- signals and sleeping -----------------------------------------------------------
@@ -256,7 +288,7 @@ class SensorService:
     def _status_line(self):
         sensor = self.config.sensor
         return (f"Worker {sensor.worker_name} (id {self.registration.worker_id}) active, "
-                f"heartbeat every {sensor.heartbeat_interval:g}s")
+                f"heartbeat every {self.interval:g}s")
 
     def _wake(self):
         try:

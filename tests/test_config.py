@@ -24,7 +24,8 @@ def test_defaults_follow_the_spec(workdir):
 
     assert cfg.sensor.worker_name == f"sensor-{socket.gethostname()}"
     assert cfg.sensor.host == socket.gethostname()
-    assert (cfg.sensor.heartbeat_interval, cfg.sensor.poll_interval, cfg.sensor.sensor_timeout) == (30, 30, 30)
+    # heartbeat_interval None is "auto": 30 s on the spec's schema, 10 s on the platform's (test_attune.py)
+    assert (cfg.sensor.heartbeat_interval, cfg.sensor.poll_interval, cfg.sensor.sensor_timeout) == (None, 30, 30)
     assert cfg.sensor.max_concurrent_sensors == 10
     assert cfg.sensor.runtimes == ()
     assert (cfg.log.level, cfg.log.format) == ("info", "text")

@@ -55,7 +55,7 @@ def test_config_command_masks_the_password(workdir):
         assert result.returncode == 0, result.stderr
         assert "s3cret-pw" not in result.stdout and "***" in result.stdout
         shown = yaml.safe_load(result.stdout)
-        assert shown["sensor"]["heartbeat_interval"] == 30
+        assert shown["sensor"]["heartbeat_interval"] == "auto"
 
 
 HOSTILE_SENSOR_VALUES = [

@@ -252,12 +252,24 @@ def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, 
 
     path = f"{workdir}/deaf.sock"
     deaf = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
-    deaf.bind(path)  # bound, never read: its queue fills after a few hundred datagrams
+    deaf.bind(path)  # bound, never read
+    filler = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    filler.setblocking(False)
+    sent = 0
     try:
-        daemon = daemons(config_for(workdir, db_url, "sensor-deaf", heartbeat_interval=0.002, reaper=False),
+        while sent < 100_000:  # fill its queue before the daemon starts: every notify finds it full
+            filler.sendto(b"X=1", path)
+            sent += 1
+    except BlockingIOError:
+        pass
+    assert sent < 100_000, "the receiver's queue never filled"
+    try:
+        daemon = daemons(config_for(workdir, db_url, "sensor-deaf", heartbeat_interval=0.1, reaper=False),
                          env={"NOTIFY_SOCKET": path})
-        daemon.wait_for_line("heartbeat: worker", count=2000, timeout=60)
+        daemon.wait_for_line("heartbeat: worker", count=20, timeout=30)
+        assert daemon.proc.poll() is None
     finally:
+        filler.close()
         deaf.close()
 
 

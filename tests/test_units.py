@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attune_sensor import config
+from attune_sensor import config, schema
 
 UNITS = sorted((Path(__file__).resolve().parent.parent / "systemd").glob("*.service"))
 
@@ -36,5 +36,6 @@ def test_the_watchdog_fits_the_default_heartbeat(unit):
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["RestartPreventExitStatus"] == "78" and service["Restart"] == "on-failure"
     watchdog = float(service["WatchdogSec"].rstrip("s"))
-    default_interval = config.SensorConfig.__dataclass_fields__["heartbeat_interval"].default
-    assert default_interval <= watchdog / 2  # the daemon's own start-up check (service.check_watchdog_fits)
+    # unset ("auto") means 30 s on the spec's schema and 10 s on the platform's
+    assert config.SensorConfig.__dataclass_fields__["heartbeat_interval"].default is None
+    assert max(schema.DEFAULT_RECORDED_INTERVAL, schema.PLATFORM_DEFAULT_INTERVAL) <= watchdog / 2  # the daemon's own start-up check (service.check_watchdog_fits)

@@ -1,0 +1,182 @@
+"""Finding the worker table and learning what it holds: its schema, its flavour, its enums.
+
+Two kinds of database carry a `worker` table (docs/design.md, "Two flavours"):
+
+* the spec's schema, which attune-sensor's own migrations create and tune;
+* the Attune platform's schema (schema `attune`, cordon columns, no `hybrid` role, a history
+  trigger), which belongs to the platform: attune-sensor adapts to it and never imposes.
+
+The table is looked for in this order: the schema named by `database.schema`; the connection's
+search_path; the schema `attune`. When the table is not on the connection's search_path, every
+statement carries `set_config('search_path', ..., true)` in its own transaction (db.py), so
+unqualified names (ours, and those inside the platform's trigger functions) resolve without any
+per-session state: PgBouncer's transaction pooling keeps working.
+"""
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError, SchemaMissing
+
+PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
+SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
+
+# The platform's marker: its worker table has cordon columns; the spec's never had them.
+PLATFORM_MARKER_COLUMN = "cordoned"
+
+# The platform's health contract, from its migrations and services: the view healthy_workers
+# keeps workers whose heartbeat is under 30 s old; its executor and API call a worker stale
+# after 90 s. Its own sensor service heartbeats every 10 s, the default we take there.
+PLATFORM_HEALTHY_AGE = 30.0
+PLATFORM_DEFAULT_INTERVAL = 10.0
+MIN_PLATFORM_MARGIN = 1.0
+
+# One statement: where the table is, whether the search_path finds it, its columns and, for
+# enum columns, the enum's labels in order.
+DISCOVER_SQL = """
+WITH found AS (
+    SELECT CASE WHEN %(schema)s::text IS NOT NULL
+                THEN to_regclass(format('%%I.worker', %(schema)s::text))
+                ELSE coalesce(to_regclass('worker'), to_regclass(%(fallback)s)) END AS rel
+)
+SELECT n.nspname,
+       found.rel = to_regclass('worker') AS on_path,
+       (SELECT json_object_agg(a.attname,
+                               (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+                                  FROM pg_enum e WHERE e.enumtypid = a.atttypid))
+          FROM pg_attribute a
+         WHERE a.attrelid = found.rel AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       EXISTS (SELECT 1 FROM pg_class h
+                WHERE h.relnamespace = n.oid AND h.relname = 'worker_history') AS has_history
+  FROM found
+  JOIN pg_class c ON c.oid = found.rel
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+"""
+
+CURRENT_SCHEMA_SQL = "SELECT current_schema()"
+
+# Staleness is per worker (docs/design.md, "Staleness"): a row is stale when its heartbeat is
+# older than a multiple of its own recorded heartbeat_interval (30 s when it recorded none, or
+# junk). Inline SQL rather than a database function, so it works on a schema we do not own.
+DEFAULT_RECORDED_INTERVAL = 30
+
+
+def heartbeat_interval_of(alias):
+    """SQL for the heartbeat interval a worker row recorded in its capabilities."""
+    value = f"{alias}.capabilities -> 'heartbeat_interval'"
+    # CASE, not AND: only a CASE guarantees the cast never sees a string.
+    return (f"coalesce(nullif(greatest(CASE WHEN jsonb_typeof({value}) = 'number' "
+            f"THEN ({alias}.capabilities ->> 'heartbeat_interval')::float8 END, 0), 0), "
+            f"{DEFAULT_RECORDED_INTERVAL})")
+
+
+def stale_condition(alias, multiplier):
+    """SQL: the row `alias` is stale; `multiplier` is a SQL expression (usually a parameter)."""
+    return (f"{alias}.last_heartbeat < now() - make_interval(secs => {multiplier} * "
+            f"{heartbeat_interval_of(alias)})")
+
+
+def check_schema_name(value):
+    """The database.schema setting: a plain lower-case identifier, as the platform uses."""
+    if not isinstance(value, str) or not SCHEMA_NAME_RE.match(value):
+        raise ValueError("must be a schema name: lower-case letters, digits and _, starting with a letter or _, "
+                         "at most 63 characters")
+    return value
+
+
+def quote_ident(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class WorkerTable:
+    schema: str
+    on_search_path: bool
+    columns: tuple          # column names
+    enums: dict             # column -> tuple of labels, for enum columns
+    has_history: bool = False
+
+    @property
+    def flavour(self):
+        return "attune" if PLATFORM_MARKER_COLUMN in self.columns else "spec"
+
+    @property
+    def is_platform(self):
+        return self.flavour == "attune"
+
+    @property
+    def search_path(self):
+        """The search_path each statement must set, or None when the connection's finds us."""
+        return None if self.on_search_path else f"{quote_ident(self.schema)}, public"
+
+    def allows(self, column, value):
+        labels = self.enums.get(column)
+        return labels is None or value in labels
+
+    @property
+    def sensor_roles(self):
+        """Role labels that attune-sensor lists and reaps: sensor, and hybrid where it exists."""
+        return tuple(r for r in ("sensor", "hybrid") if self.allows("worker_role", r))
+
+    def describe(self):
+        where = self.schema + ("" if self.on_search_path else " (not on the connection's search_path)")
+        kind = "the Attune platform's schema" if self.is_platform else "attune-sensor's schema (the spec's)"
+        return f"worker table {self.schema}.worker: {kind}, schema {where}"
+
+
+def discover(db, configured_schema=None):
+    """Finds the worker table through `db` (a db.Database). Raises SchemaMissing when there is
+    none, or when it cannot hold a sensor worker."""
+    rows = db.execute(DISCOVER_SQL, {"schema": configured_schema, "fallback": f"{PLATFORM_SCHEMA}.worker"},
+                      plain=True)
+    if not rows:
+        where = f"schema {configured_schema!r} (database.schema)" if configured_schema else \
+            f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
+        raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
+                            + ("" if configured_schema else " or set database.schema"))
+    schema, on_path, columns, has_history = rows[0]
+    columns = columns or {}
+    table = WorkerTable(schema=schema, on_search_path=bool(on_path), columns=tuple(columns),
+                        enums={k: tuple(v) for k, v in columns.items() if v is not None},
+                        has_history=bool(has_history))
+    missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
+               if c not in table.columns]
+    if missing:
+        raise SchemaMissing(f"{schema}.worker lacks the column(s) {', '.join(missing)}; "
+                            "run 'attune-sensor migrate run'")
+    if not table.allows("worker_role", "sensor"):
+        raise SchemaMissing(f"{schema}.worker's worker_role type has no 'sensor' value "
+                            f"(it holds {', '.join(table.enums['worker_role'])})")
+    return table
+
+
+def check_worker_type(table, worker_type):
+    """ConfigError when the database's worker_type enum lacks the configured value."""
+    if not table.allows("worker_type", worker_type):
+        raise ConfigError(f"sensor.worker_type: {worker_type!r} is not a worker type of this database "
+                          f"(it has {', '.join(table.enums['worker_type'])})")
+
+
+def choose_interval(configured, table, statement_timeout):
+    """The heartbeat interval to run with on this table. On the platform's schema, the worst gap
+    between two heartbeats (the interval plus one bounded statement) must stay inside
+    healthy_workers' 30 s window; an interval that cannot is refused rather than flapping."""
+    if not table.is_platform:
+        return DEFAULT_RECORDED_INTERVAL if configured is None else configured
+    if configured is None:
+        return PLATFORM_DEFAULT_INTERVAL
+    if configured + statement_timeout >= PLATFORM_HEALTHY_AGE:
+        raise ConfigError(
+            f"sensor.heartbeat_interval: {configured:g}s plus database.statement_timeout "
+            f"{statement_timeout:g}s does not fit the Attune platform's healthy_workers window "
+            f"({PLATFORM_HEALTHY_AGE:g}s): the worker would drop out between heartbeats; use at most "
+            f"{max(MIN_PLATFORM_MARGIN, PLATFORM_HEALTHY_AGE - statement_timeout - MIN_PLATFORM_MARGIN):g}s "
+            "or leave it unset (auto: 10s here)")
+    return configured
+
+
+def attach(db, configured_schema=None):
+    """Discovers the table and makes every later statement on `db` find it."""
+    table = discover(db, configured_schema)
+    db.search_path = table.search_path
+    return table
