@@ -62,6 +62,8 @@ class SensorConfig:
     capabilities: dict = field(default_factory=dict)  # custom keys, without runtimes
     stale_multiplier: float = 3.0
     reaper: bool = True
+    labels: dict = field(default_factory=dict)  # the platform's placement labels (placement.py)
+    taints: tuple = ()  # of {key, value?, effect}
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ def _capabilities(value):
     for key in value:
         if not isinstance(key, str) or not NAME_RE.match(key):
             raise ValueError(f"has an invalid key {_describe(key)}")
+        if key in RESERVED_CAPABILITIES:
+            raise ValueError(f"may not set {key!r}: it comes from {RESERVED_CAPABILITIES[key]}")
     try:
         encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -192,6 +196,25 @@ def _capabilities(value):
     if len(encoded) > MAX_CAPABILITIES_BYTES:
         raise ValueError(f"is {len(encoded)} bytes as JSON; at most {MAX_CAPABILITIES_BYTES}")
     return value
+
+
+# Capabilities attune-sensor writes itself from other settings or from detection.
+RESERVED_CAPABILITIES = {"labels": "sensor.labels", "taints": "sensor.taints",
+                         "runtime_versions": "detection", "detected_interpreters": "detection"}
+
+
+def _labels(value):
+    from . import placement
+
+    return placement.labels(value)
+
+
+def _taints(value):
+    from . import placement
+
+    if isinstance(value, str):  # ATTUNE__SENSOR__TAINTS="gpu:no_schedule,zone=eu"
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    return tuple(placement.taints(value))
 
 
 def _runtime_list(value):
@@ -225,6 +248,8 @@ SCHEMA = {
         "capabilities": _capabilities,
         "stale_multiplier": _multiplier,
         "reaper": _boolean,
+        "labels": _labels,
+        "taints": _taints,
     },
 }
 
@@ -378,6 +403,8 @@ def describe(config):
             "max_concurrent_sensors": sensor.max_concurrent_sensors,
             "stale_multiplier": sensor.stale_multiplier,
             "reaper": sensor.reaper,
+            "labels": dict(sensor.labels),
+            "taints": [dict(t) for t in sensor.taints],
             "capabilities": capabilities,
         },
     }

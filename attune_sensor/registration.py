@@ -25,6 +25,7 @@ import uuid
 from . import __version__
 from .db import json_param
 from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
+from .runtimes import runtime_versions
 from .schema import DEFAULT_RECORDED_INTERVAL, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
@@ -116,7 +117,7 @@ class SensorWorkerRegistration:
     >>> registration.deregister()
     """
 
-    def __init__(self, db, config, runtimes, environ=None):
+    def __init__(self, db, config, runtimes, environ=None, interpreters=()):
         environ = os.environ if environ is None else environ
         sensor = config.sensor
         self.db = db
@@ -132,7 +133,7 @@ class SensorWorkerRegistration:
         self._sent_capabilities = None  # the last capabilities update sent, in case its reply is lost
         self.outside_change = None  # set when someone else changed our status; the service logs it
         self._capabilities = {}
-        self.set_capabilities(config, runtimes)
+        self.set_capabilities(config, runtimes, interpreters=interpreters)
         self.meta = {
             "pid": os.getpid(),
             "instance_id": self.instance_id,
@@ -148,8 +149,9 @@ class SensorWorkerRegistration:
     def capabilities(self):
         return dict(self._capabilities)
 
-    def set_capabilities(self, config, runtimes, heartbeat_interval=None):
-        """Capabilities from a (re)loaded config; call update_capabilities() to store them."""
+    def set_capabilities(self, config, runtimes, heartbeat_interval=None, interpreters=()):
+        """Capabilities from a (re)loaded config, in the platform's shape (runtimes with their
+        versions and interpreters, labels, taints); call update_capabilities() to store them."""
         sensor = config.sensor
         if heartbeat_interval is None:
             heartbeat_interval = sensor.heartbeat_interval or DEFAULT_RECORDED_INTERVAL
@@ -159,7 +161,13 @@ class SensorWorkerRegistration:
             max_concurrent_sensors=sensor.max_concurrent_sensors,
             sensor_version=__version__,
             heartbeat_interval=heartbeat_interval,
+            runtime_versions=runtime_versions(interpreters),
+            detected_interpreters=[dict(i) for i in interpreters],
         )
+        if sensor.labels:
+            capabilities["labels"] = dict(sensor.labels)
+        if sensor.taints:
+            capabilities["taints"] = [dict(t) for t in sensor.taints]
         self._capabilities = capabilities
         self.stale_multiplier = sensor.stale_multiplier
 

@@ -59,13 +59,15 @@ class SensorService:
         self.notifier = notifier or Notifier()
         self.db = db or Database.from_config(config)
         self.clock = clock
-        detected, source = runtimes.resolve(config.sensor.runtimes, self.environ)
+        detected, source, interpreters = runtimes.resolve(config.sensor.runtimes, self.environ)
         self.runtime_source = source
         self.runtimes = detected
+        self.interpreters = interpreters
         # Until the worker table is found, the spec's default; then schema.choose_interval().
         self.interval = config.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
         self.table = None
-        self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ)
+        self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ,
+                                                     interpreters=interpreters)
         self._stop_requested = False
         self._reload_requested = False
         self._wake_r, self._wake_w = os.pipe()
@@ -139,7 +141,7 @@ class SensorService:
                                           self.config.database.statement_timeout)
         check_watchdog_fits(interval, self.environ)
         self.table, self.interval = table, interval
-        self.registration.set_capabilities(self.config, self.runtimes, interval)
+        self.registration.set_capabilities(self.config, self.runtimes, interval, self.interpreters)
         log.info("Using the %s; interval %gs", table.describe(), interval)
 
     # --- the loop -----------------------------------------------------------------------
@@ -225,7 +227,7 @@ class SensorService:
     def _reload_configuration(self):
         try:
             new = config_module.load(self.config_path, self.environ)
-            detected, source = runtimes.resolve(new.sensor.runtimes, self.environ)
+            detected, source, interpreters = runtimes.resolve(new.sensor.runtimes, self.environ)
             if self.table is not None:
                 interval = schema.choose_interval(new.sensor.heartbeat_interval, self.table,
                                                   self.config.database.statement_timeout)
@@ -246,8 +248,8 @@ class SensorService:
         self.config = replace(kept, database=old.database)
         logs.set_level(new.log.level)
         self.interval = interval
-        self.runtimes = detected
-        self.registration.set_capabilities(self.config, detected, interval)
+        self.runtimes, self.interpreters = detected, interpreters
+        self.registration.set_capabilities(self.config, detected, interval, interpreters)
         self.runtime_source = source
         if self.registration.worker_id is None:
             log.info("Reloaded configuration: runtimes %s from %s, used at registration", ",".join(detected), source)

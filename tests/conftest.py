@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+import platform_db  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
 ATTUNE_SENSOR = str(Path(sys.executable).with_name("attune-sensor"))
@@ -50,9 +51,71 @@ def template_db(cluster):
     return "attune_template"
 
 
+@pytest.fixture(scope="session")
+def attune_templates(cluster):
+    """Attune-flavour template databases by source (platform_db.py), built on first use: as the
+    platform's own migrations left them, nothing of attune-sensor's yet."""
+    built = {}
+
+    def get(source):
+        if source not in built:
+            if source == "platform":
+                reason = platform_db.platform_missing_reason()
+                if reason:
+                    if platform_db.REQUIRE_PLATFORM:
+                        pytest.fail(reason + "; ATTUNE_SENSOR_REQUIRE_PLATFORM_SCHEMA=1 requires them")
+                    pytest.skip(reason)
+            name = f"attune_{source}_template"
+            cluster.psql(f"CREATE DATABASE {name}")
+            platform_db.build(cluster.url(name), source)
+            built[source] = name
+        return built[source]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def attune_template(attune_templates):
+    return attune_templates("fixture")
+
+
+def attune_database(cluster, attune_template, search_path=True, migrate=True):
+    """A fresh Attune-flavour database. `search_path`: the platform's own set-up, ALTER DATABASE
+    ... SET search_path (not copied from a template); without it only schema attune finds the
+    tables. `migrate`: after 'attune-sensor migrate run' (the daemon role's grants)."""
+    name = f"a{os.getpid()}_{next(_counter)}"
+    cluster.psql(f"CREATE DATABASE {name} TEMPLATE {attune_template}")
+    if search_path:
+        cluster.psql(f"ALTER DATABASE {name} SET search_path TO attune, public")
+    url = cluster.url(name)
+    if migrate:
+        result = run_cli("migrate", "run", env={"DATABASE_URL": url})
+        assert result.returncode == 0, result.stderr
+    return url
+
+
+@pytest.fixture(params=["spec", "attune"])
+def db_url(request, cluster, template_db):
+    """A fresh, migrated database of its own for each test, in each flavour: the spec's schema
+    (attune-sensor's migrations) and the Attune platform's (with its search_path setting)."""
+    if request.param == "attune":
+        return attune_database(cluster, request.getfixturevalue("attune_template"))
+    return spec_database(cluster, template_db)
+
+
 @pytest.fixture
-def db_url(cluster, template_db):
-    """A fresh, migrated database of its own for each test."""
+def spec_db_url(cluster, template_db):
+    """The spec's schema only: for what attune-sensor's own migrations build."""
+    return spec_database(cluster, template_db)
+
+
+@pytest.fixture
+def attune_url(cluster, attune_template):
+    """The Attune flavour without the search_path setting: only schema attune finds the tables."""
+    return attune_database(cluster, attune_template, search_path=False)
+
+
+def spec_database(cluster, template_db):
     name = f"t{os.getpid()}_{next(_counter)}"
     cluster.psql(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     return cluster.url(name)

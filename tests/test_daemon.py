@@ -158,6 +158,8 @@ def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemo
     daemon = daemons(config_for(workdir, db_url, "sensor-outage"), notify=notify_socket)
     notify_socket.wait_for("READY=1")
     worker_id = worker_row(db_url, "sensor-outage")["id"]
+    # The test cluster commits asynchronously: make the registration durable before a crash.
+    cluster.psql("CHECKPOINT")
     cluster.stop(mode)
     try:
         daemon.wait_for_line("heartbeat failed", count=3)
@@ -170,15 +172,15 @@ def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemo
     daemon.wait_for_line("heartbeat: worker", count=beats + 1)
     row = worker_row(db_url, "sensor-outage")
     assert row["id"] == worker_id and row["status"] == "active"
-    assert query(db_url, "SELECT count(*) FROM worker")[0][0] == 1
+    assert query(db_url, "SELECT count(*) FROM worker")[0][0] == 1, query(db_url, "SELECT name, worker_role, host, status FROM worker")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
 
-def test_waits_for_database_at_start_then_registers(cluster, db_url, workdir, notify_socket, daemons):
+def test_waits_for_database_at_start_then_registers(cluster, spec_db_url, workdir, notify_socket, daemons):
     cluster.stop("fast")
     try:
-        daemon = daemons(config_for(workdir, db_url, "sensor-late"), notify=notify_socket)
+        daemon = daemons(config_for(workdir, spec_db_url, "sensor-late"), notify=notify_socket)
         notify_socket.wait_for("EXTEND_TIMEOUT_USEC=", count=2)
         time.sleep(20)  # the scenario: reachable 20 s later
         assert notify_socket.count("READY=1") == 0 and daemon.proc.poll() is None
@@ -188,7 +190,7 @@ def test_waits_for_database_at_start_then_registers(cluster, db_url, workdir, no
     finally:
         cluster.start()
     notify_socket.wait_for("READY=1", timeout=45)
-    assert worker_row(db_url, "sensor-late")["status"] == "active"
+    assert worker_row(spec_db_url, "sensor-late")["status"] == "active"
 
 
 def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, workdir, notify_socket, daemons):

@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
-def test_json_logs_and_lifecycle_on_bookworm_libraries(db_url, workdir):
+def test_json_logs_and_lifecycle_on_bookworm_libraries(spec_db_url, workdir):
     versions = subprocess.run([DEBIAN_PYTHON, "-c", "import psycopg2, pythonjsonlogger, yaml, sdnotify;"
                                "print(psycopg2.__file__, pythonjsonlogger.__file__)"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert versions.returncode == 0, f"Debian's python3 libraries missing (packaging/install-deps.sh): {versions.stdout}"
     assert versions.stdout.startswith("/usr/lib/python3/dist-packages/")
-    path = write_config(workdir, {"database": {"url": db_url}, "log": {"format": "json"},
+    path = write_config(workdir, {"database": {"url": spec_db_url}, "log": {"format": "json"},
                                   "sensor": {"worker_name": "sensor-bookworm", "heartbeat_interval": 0.3}})
     proc = subprocess.Popen([DEBIAN_PYTHON, "-m", "attune_sensor.cli", "--config", path, "run"], cwd=ROOT,
                             env=base_env({"PYTHONPATH": str(ROOT)}), stdout=subprocess.PIPE,
@@ -30,7 +30,7 @@ def test_json_logs_and_lifecycle_on_bookworm_libraries(db_url, workdir):
             lines.append(line)
             if sum("heartbeat: worker" in x for x in lines) >= 2:
                 break
-        assert worker_row(db_url, "sensor-bookworm")["status"] == "active"
+        assert worker_row(spec_db_url, "sensor-bookworm")["status"] == "active"
         proc.send_signal(signal.SIGTERM)
         lines += proc.stdout.readlines()
         assert proc.wait(20) == 0
@@ -40,4 +40,4 @@ def test_json_logs_and_lifecycle_on_bookworm_libraries(db_url, workdir):
     records = [json.loads(line) for line in lines]
     assert records[0]["message"].startswith("Registering sensor worker sensor-bookworm")
     assert records[-1]["message"].startswith("Deregistered sensor worker sensor-bookworm")
-    assert worker_row(db_url, "sensor-bookworm")["status"] == "inactive"
+    assert worker_row(spec_db_url, "sensor-bookworm")["status"] == "inactive"

@@ -82,10 +82,10 @@ def test_duplicate_names_stop_the_migration_and_change_nothing(empty_db_url):
     assert migrate(empty_db_url).returncode == 0
 
 
-def test_changed_migration_file_is_refused(db_url):
-    query(db_url, "UPDATE attune_sensor_migrations SET checksum = 'tampered' WHERE version = 20260131000001")
+def test_changed_migration_file_is_refused(spec_db_url):
+    query(spec_db_url, "UPDATE attune_sensor_migrations SET checksum = 'tampered' WHERE version = 20260131000001")
     for action in ("run", "info"):
-        result = migrate(db_url, action)
+        result = migrate(spec_db_url, action)
         assert result.returncode == 1
         assert "20260131000001_add_worker_role.sql was changed" in result.stderr
 
@@ -121,22 +121,22 @@ SPEC_QUERIES = [
 
 
 @pytest.mark.parametrize("sql,name_column,expected", SPEC_QUERIES)
-def test_spec_queries_run_unchanged(db_url, sql, name_column, expected):
-    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, last_heartbeat) VALUES "
+def test_spec_queries_run_unchanged(spec_db_url, sql, name_column, expected):
+    query(spec_db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, last_heartbeat) VALUES "
                   "('s1', 'local', 'sensor', 'active', '{\"runtimes\": [\"python\"]}', now() - interval '10 minutes'),"
                   "('s2', 'local', 'sensor', 'active', '{\"runtimes\": [\"node\"]}', now()),"
                   "('a1', 'local', 'action', 'active', '{\"runtimes\": [\"python\"]}', now() - interval '1 hour')")
-    rows = query(db_url, sql, ("python",) if "%s" in sql else None)
+    rows = query(spec_db_url, sql, ("python",) if "%s" in sql else None)
     assert {row[name_column] for row in rows} == expected
 
 
-def test_updated_is_maintained_and_heartbeats_are_hot(db_url):
-    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, last_heartbeat, updated) "
+def test_updated_is_maintained_and_heartbeats_are_hot(spec_db_url):
+    query(spec_db_url, "INSERT INTO worker (name, worker_type, worker_role, status, last_heartbeat, updated) "
                   "VALUES ('hot', 'local', 'sensor', 'active', now(), now() - interval '1 hour')")
-    query(db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
-    assert query(db_url, "SELECT now() - updated < interval '1 minute' FROM worker WHERE name = 'hot'")[0][0]
+    query(spec_db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
+    assert query(spec_db_url, "SELECT now() - updated < interval '1 minute' FROM worker WHERE name = 'hot'")[0][0]
     for _ in range(20):
-        query(db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
-    query(db_url, "SELECT pg_stat_force_next_flush()")
-    updates, hot = query(db_url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
+        query(spec_db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
+    query(spec_db_url, "SELECT pg_stat_force_next_flush()")
+    updates, hot = query(spec_db_url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
     assert updates >= 21 and hot == updates

@@ -8,10 +8,11 @@ import pytest
 from attune_sensor import runtimes
 
 
-def fake_bin(directory, name, exit_code=0):
+def fake_bin(directory, name, exit_code=0, prints=""):
     path = os.path.join(directory, name)
     with open(path, "w") as handle:
-        handle.write(f"#!/bin/sh\n[ \"$1\" = --version ] || exit 9\n[ -z \"$NOTIFY_SOCKET\" ] || exit 7\nexit {exit_code}\n")
+        handle.write(f"#!/bin/sh\n[ \"$1\" = --version ] || exit 9\n[ -z \"$NOTIFY_SOCKET\" ] || exit 7\n"
+                     f"printf '%s' '{prints}'\nexit {exit_code}\n")
     os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
 
 
@@ -19,7 +20,7 @@ def test_detection_runs_the_binaries(workdir):
     fake_bin(workdir, "python3")
     fake_bin(workdir, "node", exit_code=1)  # present but broken: not a runtime
     env = {"PATH": workdir}
-    assert runtimes.resolve((), env) == (["python", "shell", "native"], "detected")
+    assert runtimes.resolve((), env)[:2] == (["python", "shell", "native"], "detected")
 
 
 def test_detection_falls_back_to_python_and_finds_node(workdir):
@@ -30,21 +31,21 @@ def test_detection_falls_back_to_python_and_finds_node(workdir):
 
 def test_probes_do_not_inherit_the_notify_socket(workdir):
     fake_bin(workdir, "python3")  # exits 7 when it sees NOTIFY_SOCKET
-    found, _ = runtimes.resolve((), {"PATH": workdir, "NOTIFY_SOCKET": "/run/systemd/notify"})
+    found, _, _ = runtimes.resolve((), {"PATH": workdir, "NOTIFY_SOCKET": "/run/systemd/notify"})
     assert "python" in found
 
 
 def test_empty_path_still_has_shell_and_native(workdir):
-    assert runtimes.resolve((), {"PATH": workdir}) == (["shell", "native"], "detected")
+    assert runtimes.resolve((), {"PATH": workdir}) == (["shell", "native"], "detected", [])
 
 
 def test_config_beats_detection_and_environment_beats_config(workdir):
     fake_bin(workdir, "python3")
-    assert runtimes.resolve(("node",), {"PATH": workdir}) == (["node"], "config")
+    assert runtimes.resolve(("node",), {"PATH": workdir}) == (["node"], "config", [])
     env = {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " Python, shell,,python ,NODE "}
-    assert runtimes.resolve(("node",), env) == (["python", "shell", "node"], "environment")
+    assert runtimes.resolve(("node",), env) == (["python", "shell", "node"], "environment", [])
     # set but empty counts as unset
-    assert runtimes.resolve(("node",), {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " , "}) == (["node"], "config")
+    assert runtimes.resolve(("node",), {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " , "}) == (["node"], "config", [])
 
 
 @pytest.mark.parametrize("value", ["py thon", "x" * 40, "a;b", "ü"])
@@ -60,8 +61,32 @@ def test_a_hanging_binary_is_not_a_runtime_and_is_not_left_running(workdir, monk
         handle.write(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 30\n")
     os.chmod(path, 0o755)
     monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
-    found, _ = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
+    found, _, _ = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
     assert "node" not in found and found[-2:] == ["shell", "native"]
     with open(pidfile) as handle:
         pid = int(handle.read())
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
+
+
+def test_versions_and_interpreters_come_from_the_same_probes(workdir):
+    fake_bin(workdir, "python3", prints="Python 3.11.2")
+    fake_bin(workdir, "python", prints="Python 2.7.18")
+    fake_bin(workdir, "node", prints="v18.19.0")
+    names, source, interpreters = runtimes.resolve((), {"PATH": workdir})
+    assert names == ["python", "node", "shell", "native"] and source == "detected"
+    assert interpreters == [
+        {"name": "python", "path": os.path.join(workdir, "python3"), "version": "3.11.2"},
+        {"name": "python", "path": os.path.join(workdir, "python"), "version": "2.7.18"},
+        {"name": "node", "path": os.path.join(workdir, "node"), "version": "18.19.0"},
+    ]
+    assert runtimes.runtime_versions(interpreters) == {"node": ["18.19.0"], "python": ["2.7.18", "3.11.2"]}
+
+
+def test_a_binary_printing_without_end_is_read_only_in_part(workdir, monkeypatch):
+    path = os.path.join(workdir, "node")
+    with open(path, "w") as handle:
+        handle.write("#!/bin/sh\necho v20.1.0\nexec yes\n")  # never exits by itself
+    os.chmod(path, 0o755)
+    monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
+    names, _, interpreters = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
+    assert "node" not in names and not any(i["name"] == "node" for i in interpreters)

@@ -1,0 +1,128 @@
+-- An "Attune flavour" database for the tests: the worker table as the Attune platform's current
+-- schema has it, written for this project from the facts the platform's migrations establish
+-- (docs/design.md, "Two flavours"). Only what touches a sensor worker is here. The suite in
+-- test_platform_schema.py runs against the platform's real migrations as well.
+--
+-- What it reproduces, because attune-sensor must live with each of these:
+--   * everything in schema "attune"; nothing added to public
+--   * worker_role_enum without 'hybrid'
+--   * worker.name UNIQUE, status NOT NULL DEFAULT 'active', the cordon columns
+--   * an index on last_heartbeat (heartbeats are not HOT until the operator opts in)
+--   * a BEFORE UPDATE trigger maintaining "updated"
+--   * worker_history and an AFTER trigger that writes it as the role making the change, for
+--     every insert, delete, and update that changes more than last_heartbeat
+--   * the view healthy_workers: active, heartbeat under 30 s old, health absent or tolerable
+
+CREATE SCHEMA attune;
+SET search_path TO attune, public;
+
+CREATE TYPE worker_type_enum AS ENUM ('local', 'remote', 'container');
+CREATE TYPE worker_role_enum AS ENUM ('action', 'sensor');
+CREATE TYPE worker_status_enum AS ENUM ('active', 'inactive', 'busy', 'error');
+
+CREATE TABLE identity (
+    id BIGSERIAL PRIMARY KEY,
+    login TEXT NOT NULL UNIQUE
+);
+
+CREATE TABLE runtime (
+    id BIGSERIAL PRIMARY KEY,
+    ref TEXT NOT NULL UNIQUE
+);
+
+CREATE FUNCTION touch_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated := now();
+    RETURN NEW;
+END
+$$;
+
+CREATE TABLE worker (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    worker_type worker_type_enum NOT NULL,
+    worker_role worker_role_enum NOT NULL,
+    runtime BIGINT REFERENCES runtime (id) ON DELETE SET NULL,
+    host TEXT,
+    port INTEGER,
+    status worker_status_enum NOT NULL DEFAULT 'active',
+    capabilities JSONB,
+    meta JSONB,
+    last_heartbeat TIMESTAMPTZ,
+    cordoned BOOLEAN NOT NULL DEFAULT false,
+    cordon_reason TEXT,
+    cordoned_by BIGINT REFERENCES identity (id) ON DELETE SET NULL,
+    cordoned_at TIMESTAMPTZ,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX worker_by_name ON worker (name);
+CREATE INDEX worker_by_type ON worker (worker_type);
+CREATE INDEX worker_by_role ON worker (worker_role);
+CREATE INDEX worker_by_runtime ON worker (runtime);
+CREATE INDEX worker_by_status ON worker (status);
+CREATE INDEX worker_by_last_heartbeat ON worker (last_heartbeat DESC) WHERE last_heartbeat IS NOT NULL;
+CREATE INDEX worker_by_created ON worker (created DESC);
+CREATE INDEX worker_by_status_role ON worker (status, worker_role);
+CREATE INDEX worker_capabilities ON worker USING gin (capabilities);
+CREATE INDEX worker_meta ON worker USING gin (meta);
+CREATE INDEX worker_health ON worker USING gin ((capabilities -> 'health' -> 'status'));
+CREATE INDEX worker_cordoned_only ON worker (cordoned) WHERE cordoned;
+CREATE INDEX worker_by_role_cordon_status ON worker (worker_role, cordoned, status);
+
+CREATE TRIGGER worker_touch BEFORE UPDATE ON worker
+    FOR EACH ROW EXECUTE FUNCTION touch_updated();
+
+CREATE TABLE worker_history (
+    time TIMESTAMPTZ NOT NULL DEFAULT now(),
+    operation TEXT NOT NULL,
+    entity_id BIGINT NOT NULL,
+    entity_ref TEXT,
+    changed_fields TEXT[] NOT NULL DEFAULT '{}',
+    old_values JSONB,
+    new_values JSONB
+);
+
+-- Not SECURITY DEFINER, and its table name is unqualified: it runs as the writer, with the
+-- writer's search_path, exactly as the platform's does.
+CREATE FUNCTION keep_worker_history() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    before JSONB;
+    after JSONB;
+    changed TEXT[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO worker_history (operation, entity_id, entity_ref, new_values)
+        VALUES ('INSERT', NEW.id, NEW.name, to_jsonb(NEW) - 'last_heartbeat' - 'created' - 'updated');
+        RETURN NEW;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO worker_history (operation, entity_id, entity_ref, old_values)
+        VALUES ('DELETE', OLD.id, OLD.name, to_jsonb(OLD));
+        RETURN OLD;
+    END IF;
+    before := to_jsonb(OLD) - 'last_heartbeat' - 'updated';
+    after := to_jsonb(NEW) - 'last_heartbeat' - 'updated';
+    SELECT coalesce(array_agg(key ORDER BY key), '{}') INTO changed
+      FROM jsonb_each(after) AS n (key, value)
+     WHERE before -> key IS DISTINCT FROM value;
+    IF cardinality(changed) > 0 THEN
+        INSERT INTO worker_history (operation, entity_id, entity_ref, changed_fields, old_values, new_values)
+        VALUES ('UPDATE', NEW.id, NEW.name, changed,
+                (SELECT jsonb_object_agg(k, before -> k) FROM unnest(changed) AS k),
+                (SELECT jsonb_object_agg(k, after -> k) FROM unnest(changed) AS k));
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER worker_history_writer AFTER INSERT OR UPDATE OR DELETE ON worker
+    FOR EACH ROW EXECUTE FUNCTION keep_worker_history();
+
+CREATE VIEW healthy_workers AS
+SELECT w.id, w.name, w.worker_type, w.worker_role, w.status, w.capabilities, w.last_heartbeat
+  FROM worker AS w
+ WHERE w.status = 'active'
+   AND w.last_heartbeat > now() - interval '30 seconds'
+   AND (w.capabilities -> 'health' IS NULL
+        OR w.capabilities -> 'health' ->> 'status' IN ('healthy', 'degraded'));
