@@ -190,7 +190,17 @@ def cmd_workers(args):
 
 
 def _watch(args, config):
-    from . import fleet
+    from . import fleet, schema
+    from .db import Database
+
+    db = Database.from_config(config, application_name="attune-sensor cli")
+    try:
+        if schema.attach(db, config.database.schema).is_platform:
+            raise AttuneSensorError(
+                "--watch needs attune-sensor's worker-event trigger, which it does not add to the Attune "
+                "platform's schema; use 'attune-sensor workers' (or the platform's worker_history table)")
+    finally:
+        db.close()
 
     def show(event):
         if args.json:
@@ -219,7 +229,8 @@ def cmd_check(args):
     if worker["stale"]:
         print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
         return CHECK_CRITICAL
-    print(f"OK: worker {name} (id {worker['id']}) active, last heartbeat {age}")
+    cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
+    print(f"OK: worker {name} (id {worker['id']}) active{cordoned}, last heartbeat {age}")
     return CHECK_OK
 
 

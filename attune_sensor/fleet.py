@@ -79,9 +79,12 @@ def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
     return base * max(1, active_workers) * (0.5 + rng())
 
 
-def reap_stale(db, reaper_name, multiplier):
+def reap_stale(db, reaper_name, multiplier, table=None):
     """Marks stale active sensor workers inactive if this session wins the election.
-    Returns ([(id, name, host)] reaped by us, number of active workers before the reap)."""
+    Returns ([(id, name, host)] reaped by us, number of active workers before the reap).
+    `table` from schema.attach(), found when not given."""
+    if table is None:
+        attach(db)
     rows = db.execute(REAP_SQL, {"lock": REAPER_LOCK_KEY, "reaper": reaper_name, "multiplier": multiplier})
     reaped = [tuple(row[:3]) for row in rows if row[3] is None]
     active = next(row[3] for row in rows if row[3] is not None)

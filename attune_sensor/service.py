@@ -201,7 +201,7 @@ class SensorService:
                 or self.clock() < self._next_reap):
             return
         try:
-            reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier)
+            reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier, self.table)
         except DATABASE_TROUBLE as exc:
             self._next_reap = self.clock() + fleet.reaper_delay(self.interval, 1)
             log.warning("stale worker reaper skipped: %s", exc)
