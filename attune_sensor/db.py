@@ -2,7 +2,7 @@
 
 The daemon's connection runs in psycopg2's asynchronous mode and waits with select() against a
 deadline. A server-side statement_timeout cannot bound a connection whose packets go nowhere
-(a hung proxy, a half-open TCP session), and the watchdog contract (DESIGN.md decision 5) needs
+(a hung proxy, a half-open TCP session), and the watchdog contract (docs/design.md, "Watchdog") needs
 every heartbeat attempt to end in time whatever the network does. When the deadline passes the
 connection is dropped and the next call connects again.
 """

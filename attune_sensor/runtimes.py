@@ -40,7 +40,7 @@ def normalise(names):
 
 
 def _child_environment(environ):
-    # A child must never talk to systemd on our behalf (DESIGN.md decision 6).
+    # A child must never talk to systemd on our behalf (docs/design.md, "Readiness").
     return {k: v for k, v in environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 

@@ -26,7 +26,7 @@ from .registration import SensorWorkerRegistration
 log = logs.get("service")
 
 # At stop the database gets one short try: systemd should not wait on an absent server,
-# and the reaper marks the row if this fails (DESIGN.md decision 7).
+# and the reaper marks the row if this fails (docs/design.md, "Shutdown").
 STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
 RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
@@ -191,7 +191,7 @@ class SensorService:
             log.warning("heartbeat failed for worker %s, next try in %gs: %s",
                         registration.worker_name, self.interval, exc)
             self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
-        # After every attempt that ended within its bound, database up or down (decision 5).
+        # After every attempt that ended within its bound, database up or down (docs/design.md, "Watchdog").
         self.notifier.watchdog()
         self._maybe_reap()
 

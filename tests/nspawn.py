@@ -1,6 +1,6 @@
 """A booted Debian bookworm with systemd as PID 1, in systemd-nspawn, for the package test.
 
-The recipe is the one verified on these machines (DESIGN.md, "A real systemd"): debootstrap a
+The recipe is the one verified on these machines (docs/development.md, "The package test"): debootstrap a
 minbase rootfs once (cached), copy it per run, boot it with --keep-unit --register=no in the
 background, and run commands inside with nsenter. The container shares the host's network, so
 a PostgreSQL on 127.0.0.1 is reachable from inside.

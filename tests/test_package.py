@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import query, wait_for, worker_row
+from conftest import attune_database, query, wait_for, worker_row
 from nspawn import Container, missing_tools
 from pgcluster import ADMIN_PASSWORD
 
@@ -186,6 +186,23 @@ def test_template_instances_register_their_own_workers(box, pkg_db):
         assert worker_row(pkg_db, f"sensor-box-{instance}")["status"] == "active"
     box.run("systemctl", "stop", f"{UNIT}@a", f"{UNIT}@b")
     assert worker_row(pkg_db, "sensor-box-a")["status"] == "inactive"
+
+
+def test_on_an_attune_platform_database_the_package_migrates_and_runs(box, cluster, attune_template):
+    # the harder of the platform's set-ups: no search_path setting, only schema attune finds it
+    url = attune_database(cluster, attune_template, search_path=False, migrate=False)
+    migrated = box.run("env", f"DATABASE_URL={url}", "attune-sensor", "migrate", "run")
+    assert "Attune platform's schema" in migrated.stdout
+    dbname = url.rsplit("/", 1)[1]
+    cluster.psql(f"CREATE ROLE box_{dbname} LOGIN PASSWORD 'box-pw' IN ROLE attune_sensor_daemon")
+    daemon_url = f"postgresql://box_{dbname}:box-pw@127.0.0.1:{cluster.port}/{dbname}"
+    box.write("/etc/attune/sensor-attune.yaml", f"database:\n  url: '{daemon_url}'\nsensor:\n  worker_name: sensor-box-attune\n")
+    box.run("systemctl", "start", f"{UNIT}@attune")
+    found = query(url, "SELECT status::text, capabilities FROM attune.worker WHERE name = 'sensor-box-attune'")
+    assert found[0][0] == "active" and found[0][1]["heartbeat_interval"] == 10  # the platform's health rule
+    box.run("systemctl", "stop", f"{UNIT}@attune")
+    assert query(url, "SELECT status::text FROM attune.worker WHERE name = 'sensor-box-attune'") == [("inactive",)]
+    assert "box-pw" not in journal(box, f"{UNIT}@attune")
 
 
 def upgrade_to(box, version):
