@@ -147,7 +147,7 @@ def _matching(regex, what):
     def check(value):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # a bare number in YAML, e.g. worker_name: 42
-        if not isinstance(value, str) or not regex.match(value):
+        if not isinstance(value, str) or not regex.fullmatch(value):
             raise ValueError(f"must be {what}, got {_describe(value)}")
         return value
 
@@ -159,6 +159,8 @@ def _database_url(value):
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a PostgreSQL URL (postgresql://user@host/db) or key=value DSN")
     value = value.strip()
+    if len(value) > 4096:
+        raise ValueError("is longer than 4096 characters")
     if any(ord(c) < 32 for c in value):
         raise ValueError("contains control characters")
     if "://" in value:
@@ -175,7 +177,8 @@ def _database_url(value):
         raise ValueError(f"is malformed ({exc})") from None
     for port in filter(None, parts.get("port", "").split(",")):
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"has an invalid port {_describe(port)}")
+            # never echoed: an unencoded / in a password makes libpq read part of it as the port
+            raise ValueError("has an invalid port (a password with / @ : must be percent-encoded)")
     return value
 
 
@@ -185,7 +188,7 @@ def _capabilities(value):
     import json
 
     for key in value:
-        if not isinstance(key, str) or not NAME_RE.match(key):
+        if not isinstance(key, str) or not NAME_RE.fullmatch(key):
             raise ValueError(f"has an invalid key {_describe(key)}")
         if key in RESERVED_CAPABILITIES:
             raise ValueError(f"may not set {key!r}: it comes from {RESERVED_CAPABILITIES[key]}")
@@ -260,11 +263,12 @@ def default_config_path(environ=None):
 
 
 def _read_file(path, required):
-    import yaml
+    from . import boundedyaml
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = boundedyaml.read_regular_file(path)
+    except boundedyaml.BoundError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path}: not found") from None
@@ -273,17 +277,12 @@ def _read_file(path, required):
         raise ConfigError(f"config file {path}: permission denied (it should be readable by this user)") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path}: is a directory") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+        data = boundedyaml.loads(text, limit=boundedyaml.MAX_FILE_BYTES)
+    except boundedyaml.BoundError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -293,7 +292,7 @@ def _read_file(path, required):
 
 def _env_overrides(environ):
     """ATTUNE__SECTION__KEY=value -> {(section, key): (value, variable name)}."""
-    import yaml
+    from . import boundedyaml
 
     found = {}
     for name, raw in environ.items():
@@ -303,12 +302,14 @@ def _env_overrides(environ):
         if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
             raise ConfigError(f"{name}: unknown setting (expected ATTUNE__<SECTION>__<KEY>, e.g. ATTUNE__SENSOR__HEARTBEAT_INTERVAL)")
         if parts == ["database", "url"]:
+            if len(raw) > boundedyaml.MAX_VALUE_BYTES:
+                raise ConfigError(f"{name}: is longer than {boundedyaml.MAX_VALUE_BYTES} bytes")
             value = raw  # a URL is a string; YAML could mangle it
         else:
             try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                raise ConfigError(f"{name}: cannot parse {_describe(raw)}") from None
+                value = boundedyaml.loads(raw) if raw.strip() else ""
+            except boundedyaml.BoundError as exc:
+                raise ConfigError(f"{name}: cannot be read: {exc}") from None
         found[tuple(parts)] = (value, name)
     return found
 
@@ -365,7 +366,7 @@ def _build(clean, path):
             raise ConfigError(f"sensor.capabilities.runtimes (in {path}): {exc}") from None
     if "worker_name" not in sensor:
         default_name = f"sensor-{hostname}"
-        if not NAME_RE.match(default_name):
+        if not NAME_RE.fullmatch(default_name):
             raise ConfigError(f"sensor.worker_name: the default {default_name!r} is not a valid name; set it explicitly")
         sensor["worker_name"] = default_name
     sensor.setdefault("host", hostname)

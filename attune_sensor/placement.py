@@ -32,7 +32,7 @@ def _scalar(value, what):
 
 def label_key(value):
     value = _scalar(value, "a key")
-    if not KEY_RE.match(value):
+    if not KEY_RE.fullmatch(value):
         raise ValueError(f"has an invalid key {_show(value)} (letters, digits, . _ / -, at most 63, "
                          "starting and ending with a letter or digit)")
     return value
@@ -40,7 +40,7 @@ def label_key(value):
 
 def label_value(value, key):
     value = _scalar(value, f"the value of {key!r}")
-    if not VALUE_RE.match(value):
+    if not VALUE_RE.fullmatch(value):
         raise ValueError(f"has an invalid value {_show(value)} for {key!r} (1-253 visible characters, "
                          "no control characters, no surrounding blanks)")
     return value

@@ -31,7 +31,7 @@ def normalise(names):
         name = raw.strip().lower()
         if not name:
             continue
-        if not RUNTIME_RE.match(name):
+        if not RUNTIME_RE.fullmatch(name):
             shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
             raise ValueError(f"invalid runtime name {shown} (letters, digits, _ . + -, at most 32)")
         if name not in result:

@@ -78,7 +78,7 @@ def stale_condition(alias, multiplier):
 
 def check_schema_name(value):
     """The database.schema setting: a plain lower-case identifier, as the platform uses."""
-    if not isinstance(value, str) or not SCHEMA_NAME_RE.match(value):
+    if not isinstance(value, str) or not SCHEMA_NAME_RE.fullmatch(value):
         raise ValueError("must be a schema name: lower-case letters, digits and _, starting with a letter or _, "
                          "at most 63 characters")
     return value

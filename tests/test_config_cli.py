@@ -1,11 +1,12 @@
 """Configuration errors as an operator meets them: the real command, one line, exit 78."""
 
 import os
+import subprocess
 
 import pytest
 import yaml
 
-from conftest import run_cli, write_config
+from conftest import ATTUNE_SENSOR, base_env, run_cli, write_config
 from test_config import BAD, URL
 
 
@@ -97,3 +98,68 @@ def test_capabilities_that_are_not_json_are_refused(workdir):
                                  "sensor:\n  capabilities:\n    when: 2026-01-31 10:00:00\n")
     result = run_cli("--config", path, "config")
     assert result.returncode == 78 and "sensor.capabilities" in result.stderr and "JSON" in result.stderr
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+DEEP = "database: {url: 'postgresql://a@b/c'}\nsensor:\n  capabilities:\n    deep: " + "[" * 1000 + "]" * 1000 + "\n"
+HOSTILE_FILES = {
+    "alias bomb": (ALIAS_BOMB, "aliases"),
+    "nested a thousand deep": (DEEP, "nested deeper than"),
+    "duplicate key": ("database: {url: 'postgresql://a@b/c'}\nsensor:\n  worker_name: one\n  worker_name: two\n",
+                      "appears twice"),
+    "duplicate section": ("database: {url: 'postgresql://a@b/c'}\nsensor: {worker_name: one}\nsensor: {worker_name: two}\n",
+                          "appears twice"),
+    "name ending in a newline": ("database: {url: 'postgresql://a@b/c'}\nsensor: {worker_name: \"good\\n\"}\n",
+                                 "sensor.worker_name"),
+    "host ending in a newline": ("database: {url: 'postgresql://a@b/c'}\nsensor: {host: \"h1\\n\"}\n", "sensor.host"),
+    "interval of a microsecond": ("database: {url: 'postgresql://a@b/c'}\nsensor: {heartbeat_interval: 0.000001}\n",
+                                  "at least 0.1"),
+    "integer of 100000 digits": ("database: {url: 'postgresql://a@b/c'}\nsensor: {max_concurrent_sensors: "
+                                 + "9" * 100000 + "}\n", "cannot be read"),
+}
+
+
+def run_bounded(args, env=None):
+    """The real CLI with 512 MB of address space and 20 s: a parser that explodes fails here."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (512 * 1024 * 1024, 512 * 1024 * 1024))
+
+    return subprocess.run([ATTUNE_SENSOR, *args], env=base_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=20, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
+def test_hostile_config_files_are_refused_in_bounded_time_and_memory(workdir, case):
+    text, expected = HOSTILE_FILES[case]
+    path = write_config(workdir, text)
+    for command in (["config"], ["run"]):
+        result = run_bounded(["--config", path, *command])
+        assert result.returncode == 78, (case, result.stderr[-300:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, lines
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_config_path_that_is_no_regular_file_is_refused_at_once(workdir, special):
+    path = special
+    if special == "fifo":
+        path = f"{workdir}/config.fifo"
+        os.mkfifo(path)  # nobody ever writes: reading it would block forever
+    result = run_bounded(["--config", path, "config"])
+    assert result.returncode == 78 and "is not a regular file" in result.stderr
+
+
+def test_an_environment_value_is_bounded_like_the_file():
+    result = run_bounded(["config"], env={"DATABASE_URL": "postgresql://a@b/c",
+                                         "ATTUNE__SENSOR__CAPABILITIES": ALIAS_BOMB.replace("\n", ", ").join("{}")})
+    assert result.returncode == 78 and "ATTUNE__SENSOR__CAPABILITIES" in result.stderr
+
+
+def test_a_slash_in_an_unencoded_password_is_never_echoed():
+    result = run_bounded(["config"], env={"DATABASE_URL": "postgresql://user:p@ss:w/rd@db.example:5432/attune"})
+    assert result.returncode == 78 and "invalid port" in result.stderr
+    for fragment in ("p@ss", "ss:w", "rd@db", "w/rd"):
+        assert fragment not in result.stderr
