@@ -140,7 +140,10 @@ def query(url, sql, params=None):
 
 
 def worker_row(url, name):
-    rows = query(url, "SELECT id, status::text, worker_role::text, capabilities, meta, last_heartbeat, host, "
+    # public first (the spec's flavour), then attune: the platform's schema, with or without its
+    # database-level search_path setting
+    rows = query(url, "SET search_path TO public, attune; "
+                      "SELECT id, status::text, worker_role::text, capabilities, meta, last_heartbeat, host, "
                       "worker_type::text FROM worker WHERE name = %s", (name,))
     assert len(rows) <= 1
     if not rows:

@@ -240,6 +240,15 @@ def pgbouncer(cluster, workdir):
 
 
 def test_everything_works_through_pgbouncer_in_transaction_mode(db_url, pgbouncer, workdir, daemons):
+    pooled_lifecycle(db_url, pgbouncer, workdir, daemons)
+
+
+def test_pgbouncer_and_the_platforms_schema_without_its_search_path(attune_url, pgbouncer, workdir, daemons):
+    # every statement carries its own transaction-local search_path: no session state to lose
+    pooled_lifecycle(attune_url, pgbouncer, workdir, daemons)
+
+
+def pooled_lifecycle(db_url, pgbouncer, workdir, daemons):
     url = db_url.rsplit(":", 1)[0] + f":{pgbouncer}/" + db_url.rsplit("/", 1)[1]
     path = config_for(workdir, url, "sensor-pooled")
     daemon = daemons(path)
