@@ -76,8 +76,22 @@ def _parser():
     return parser
 
 
+# Signals that arrive before the daemon's own handlers are installed (see cmd_run).
+_early_signals = []
+
+
+def _remember_signal(signum, frame):
+    _early_signals.append(signum)
+
+
 def main(argv=None):
+    # systemctl reload may come before the daemon is up: SIGHUP's default action would kill it.
+    import signal
+
+    previous_hup = signal.signal(signal.SIGHUP, _remember_signal)
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        signal.signal(signal.SIGHUP, previous_hup)
     handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
                "metrics": cmd_metrics, "config": cmd_config}[args.command]
     try:
@@ -112,6 +126,8 @@ def cmd_run(args):
         service = SensorService(config, config_path=args.config)
     except ValueError as exc:  # ATTUNE_SENSOR_RUNTIMES holds a bad name
         raise ConfigError(str(exc)) from None
+    if _early_signals:
+        service.reload()  # the file may have changed after we read it
     service.start()
     return 0
 

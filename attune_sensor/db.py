@@ -86,6 +86,7 @@ class Database:
         # Set by schema.attach() when the worker table is not on the connection's search_path.
         self.search_path = None
         self._conn = None
+        self._abandoned = None  # (backend pid, statement text) of a call we gave up waiting for
 
     @classmethod
     def from_config(cls, config, application_name=APPLICATION_NAME):
@@ -106,6 +107,24 @@ class Database:
         except Exception as exc:
             self.close()
             raise self._unavailable("cannot connect to the database", exc) from None
+        if self._abandoned:
+            self._cancel_abandoned(deadline)
+
+    def _cancel_abandoned(self, deadline):
+        """A statement we stopped waiting for may still run (or wait on a lock) on the server,
+        holding a backend. Cancel it from the new connection, once: only if that backend still
+        runs exactly what we sent (behind PgBouncer the pid is not a server's and nothing
+        matches). Best effort: a failure here is the next call's problem."""
+        pid, sent = self._abandoned
+        self._abandoned = None
+        try:
+            cursor = self._conn.cursor()
+            cursor.execute(CANCEL_ABANDONED_SQL, (pid, sent))
+            _wait(self._conn, max(deadline, time.monotonic() + self.statement_timeout))
+            cursor.close()
+        except Exception:
+            self.close()
+            raise DatabaseUnavailable("database call failed: no answer within the time limit") from None
 
     def execute(self, sql, params=None, plain=False):
         """Runs one statement. Unless `plain`, a search_path set by schema.attach() goes with it
@@ -116,16 +135,21 @@ class Database:
         deadline = time.monotonic() + self.statement_timeout
         try:
             cursor = self._conn.cursor()
+            sent = None
             if self.search_path and not plain:
                 sql = (cursor.mogrify("SELECT set_config('search_path', %s, true);", (self.search_path,))
                        + cursor.mogrify(sql, params))
                 params = None
-            cursor.execute(sql, params)
+            sent = cursor.mogrify(sql, params) if params is not None else sql
+            cursor.execute(sent)
             _wait(self._conn, deadline)
             rows = cursor.fetchall() if cursor.description else []
             cursor.close()
             return rows
         except (psycopg2.OperationalError, psycopg2.InterfaceError, _Timeout, OSError) as exc:
+            if isinstance(exc, _Timeout):
+                text = sent.decode("utf-8", "replace") if isinstance(sent, bytes) else sent
+                self._abandoned = (self._conn.info.backend_pid, text)
             self.close()
             raise self._unavailable("database call failed", exc) from None
         except psycopg2.Error as exc:
@@ -160,6 +184,15 @@ class Database:
     def _unavailable(self, what, exc):
         reason = "no answer within the time limit" if isinstance(exc, _Timeout) else scrub(exc, self.url)
         return DatabaseUnavailable(f"{what}: {reason or type(exc).__name__}")
+
+
+# pg_stat_activity keeps the first track_activity_query_size bytes of a statement: what we sent
+# starts with what it shows. Same login role: no extra privilege needed to see or cancel it.
+CANCEL_ABANDONED_SQL = """
+SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+ WHERE pid = %s AND pid <> pg_backend_pid() AND state = 'active'
+   AND length(query) > 16 AND starts_with(%s, query)
+"""
 
 
 class _Timeout(Exception):

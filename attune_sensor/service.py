@@ -126,7 +126,7 @@ class SensorService:
                 # Ask systemd for more start time than the next attempt can take.
                 self.notifier.extend_timeout(delay + bound + 5, f"Waiting for the database: {exc}")
                 self.notifier.watchdog()
-                self._sleep(delay)
+                self._wait_until(self.clock() + delay)
                 continue
             log.info("Registered sensor worker %s as id %s (instance %s)",
                      self.registration.worker_name, worker_id, self.registration.instance_id)
@@ -143,6 +143,18 @@ class SensorService:
         self.table, self.interval = table, interval
         self.registration.set_capabilities(self.config, self.runtimes, interval, self.interpreters)
         log.info("Using the %s; interval %gs", table.describe(), interval)
+
+    def _wait_until(self, deadline):
+        """Sleeps until `deadline`, applying reloads on the way: signals never shorten a backoff,
+        so a burst of SIGHUPs cannot turn into a burst of connection attempts."""
+        while not self._stop_requested:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return
+            self._sleep(remaining)
+            if self._reload_requested:
+                self._reload_requested = False
+                self._apply_reload()
 
     # --- the loop -----------------------------------------------------------------------
 

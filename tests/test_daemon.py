@@ -308,3 +308,26 @@ def test_json_logs_carry_journal_priorities_under_systemd(db_url, workdir, daemo
     first = daemon.lines[0]
     assert first.startswith("<6>{")
     assert json.loads(first[3:])["message"].startswith("Registering sensor worker sensor-jsonj")
+
+
+def test_sighup_right_after_start_reloads_instead_of_killing(db_url, workdir, daemons):
+    daemon = daemons(config_for(workdir, db_url, "sensor-early-hup"))
+    time.sleep(0.2)  # inside start-up: runtime probes, connecting, before the service's handlers
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_line("heartbeat: worker", count=2)
+    assert daemon.proc.poll() is None and worker_row(db_url, "sensor-early-hup")["status"] == "active"
+
+
+def test_a_burst_of_sighups_while_waiting_does_not_bypass_the_backoff(workdir, daemons):
+    from pgcluster import free_port
+
+    # nothing listens there: every attempt is refused at once
+    daemon = daemons(config_for(workdir, f"postgresql://nobody@127.0.0.1:{free_port()}/none", "sensor-burst"))
+    daemon.wait_for_line("Database not reachable")
+    for _ in range(100):
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.02)
+    attempts = sum("Database not reachable" in line for line in daemon.lines)
+    # 2 s of SIGHUPs inside a backoff of 1 s, then 2 s (x 0.8-1.2): a handful of attempts, not 100
+    assert attempts <= 3, attempts
+    assert daemon.proc.poll() is None

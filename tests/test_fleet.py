@@ -332,3 +332,30 @@ def test_many_daemons_starting_at_once_make_one_row_each(db_url, workdir, daemon
     rows = query(db_url, "SELECT name, count(*) FROM worker GROUP BY name ORDER BY name")
     assert rows == [(f"sensor-many-{n}", 1) for n in range(8)]
     assert all(d.proc.poll() is None for d in started)
+
+
+def test_a_heartbeat_that_times_out_is_cancelled_on_the_server(cluster, db_url, workdir, daemons):
+    import psycopg2
+
+    path = write_config(workdir, {"database": {"url": db_url, "statement_timeout": 0.5},
+                                  "sensor": {"worker_name": "sensor-locked", "heartbeat_interval": 0.3}})
+    daemon = daemons(path)
+    daemon.wait_for_line("heartbeat: worker")
+    locker = psycopg2.connect(db_url)
+    cursor = locker.cursor()
+    cursor.execute("SET search_path TO public, attune; "
+                   "SELECT id FROM worker WHERE name = 'sensor-locked' FOR UPDATE")  # held until rollback
+    backends = []
+    try:
+        daemon.wait_for_line("no answer within the time limit", count=3)
+        for _ in range(30):
+            backends.append(query(db_url, "SELECT count(*) FROM pg_stat_activity "
+                                          "WHERE application_name = 'attune-sensor'")[0][0])
+            time.sleep(0.1)
+    finally:
+        locker.rollback()
+        locker.close()
+    # the one in use, and at most one whose cancel is on its way; without cancelling they pile up
+    assert max(backends) <= 2, backends
+    beats = sum("heartbeat: worker" in line for line in daemon.lines)
+    daemon.wait_for_line("heartbeat: worker", count=beats + 1)
