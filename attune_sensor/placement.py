@@ -46,12 +46,16 @@ def label_value(value, key):
     return value
 
 
+def _collection(value, kind, what, expected):
+    if not isinstance(value, kind):
+        raise ValueError(f"must be {expected}, got {_show(value)}")
+    if len(value) > MAX_ENTRIES:
+        raise ValueError(f"has {len(value)} {what}; at most {MAX_ENTRIES}")
+
+
 def labels(value):
     """A mapping of label keys to string values."""
-    if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping of label names to values, got {_show(value)}")
-    if len(value) > MAX_ENTRIES:
-        raise ValueError(f"has {len(value)} labels; at most {MAX_ENTRIES}")
+    _collection(value, dict, "labels", "a mapping of label names to values")
     clean = {}
     for key, item in value.items():
         key = label_key(key)
@@ -93,10 +97,7 @@ def taint(value):
 
 def taints(value):
     """A list of taints, each a mapping or the short form."""
-    if not isinstance(value, list):
-        raise ValueError(f"must be a list of taints (key[=value][:effect]), got {_show(value)}")
-    if len(value) > MAX_ENTRIES:
-        raise ValueError(f"has {len(value)} taints; at most {MAX_ENTRIES}")
+    _collection(value, list, "taints", "a list of taints (key[=value][:effect])")
     clean = [taint(item) for item in value]
     keys = [(t["key"], t["effect"]) for t in clean]
     if len(set(keys)) != len(keys):

@@ -181,7 +181,13 @@ class SensorService:
     def _heartbeat(self):
         registration = self.registration
         try:
-            if registration.heartbeat():
+            beat = registration.heartbeat()
+            if self._database_down:
+                # Said before the beat's own line: the beat is what proved it.
+                self._database_down = False
+                log.info("Database reachable again")
+                self.notifier.status(self._status_line())
+            if beat:
                 log.info("heartbeat: worker %s (id %s) active", registration.worker_name, registration.worker_id)
             else:
                 log.warning("heartbeat: worker %s was missing from the database and was registered again as id %s",
@@ -191,10 +197,6 @@ class SensorService:
                             "worker out of scheduling, cordon it)", registration.worker_name,
                             registration.outside_change)
                 registration.outside_change = None
-            if self._database_down:
-                self._database_down = False
-                log.info("Database reachable again")
-                self.notifier.status(self._status_line())
             if self._capabilities_pending:
                 registration.update_capabilities()
                 self._capabilities_pending = False

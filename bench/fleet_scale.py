@@ -26,9 +26,13 @@ def simulate(url, first, last, rate, seconds):
     cfg = config_module.load(None, environ={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
     db = Database.from_config(cfg)
     workers = []
+    rows = {row[0]: row[1:] for row in db.execute(
+        "SELECT id, xmin::text, host, worker_role::text, capabilities, meta, last_heartbeat FROM worker "
+        "WHERE id BETWEEN %s AND %s", (first, last))}
     for n in range(first, last + 1):
         registration = SensorWorkerRegistration(db, cfg.with_sensor(worker_name=f"w{n}"), ["shell"])
         registration.worker_id, registration.instance_id = n, f"bench-{n}"  # rows made by insert_workers
+        registration._remember(rows[n])  # the fence: as if this process had written the row last
         workers.append(registration)
     latencies = []
     started = time.perf_counter()
@@ -65,7 +69,7 @@ def run_clients(url, fleet, rate_total, seconds):
 def pgbench_rate(cluster, url, rows, seconds):
     out = pgbench(cluster, url, f"\\set id random(1, {rows})\n"
                   "UPDATE worker SET last_heartbeat = now(), status = 'active' "
-                  "WHERE id = :id AND meta ->> 'instance_id' = 'bench-' || :id;\n",
+                  "WHERE id = :id AND xmin = xmin RETURNING xmin::text, last_heartbeat;\n",
                   "-c", str(PROCESSES), "-j", str(PROCESSES), "-T", str(int(seconds)))
     return float(next(line for line in out.splitlines() if line.startswith("tps")).split()[2])
 

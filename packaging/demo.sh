@@ -4,12 +4,17 @@
 # deregisters), then the database, and removes everything it created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash packaging/install-deps.sh
+echo "--- installing what the demo needs (PostgreSQL 15, a virtualenv; a minute on the first run)"
+bash packaging/install-deps.sh --demo
 BIN=.venv/bin
 state=$(mktemp -d /tmp/attune-demo-XXXXXX)
 chmod 755 "$state"  # the postgres user must reach its data directory
 cleanup() {
-  [ -n "${daemon_pid:-}" ] && kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
+  # Whatever happened to our output (Ctrl-C on "demo.sh | tee log" closes the pipe first), every
+  # step below must still run: no exit on error, and a dead pipe is ignored, not fatal.
+  set +e
+  trap '' PIPE
+  [ -n "${daemon_pid:-}" ] && kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
   if [ -n "${DATABASE_URL:-}" ]; then
     echo "--- the worker table after stop:"
     "$BIN/attune-sensor" --config "$state/config.yaml" workers || true

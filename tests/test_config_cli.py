@@ -163,3 +163,57 @@ def test_a_slash_in_an_unencoded_password_is_never_echoed():
     assert result.returncode == 78 and "invalid port" in result.stderr
     for fragment in ("p@ss", "ss:w", "rd@db", "w/rd"):
         assert fragment not in result.stderr
+
+
+def hostile_documents():
+    """YAML texts shaped to hurt a parser: deep nesting, aliases, repeated keys, huge numbers,
+    control characters, long strings, in any section and key, known or not."""
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.integers(min_value=-10**30, max_value=10**30).map(str), st.text(max_size=30).map(repr),
+                       st.sampled_from(["9" * 5000, "1e999", "-.inf", ".nan", "~", "'\\n'", '"\\x1b"', "*a", "&a x"]))
+    nested = st.integers(min_value=1, max_value=400).map(lambda n: "[" * n + "]" * n)
+    value = st.one_of(scalar, nested)
+    section = st.sampled_from(["database", "sensor", "log", "other"])
+    key = st.sampled_from(["url", "worker_name", "host", "heartbeat_interval", "capabilities", "labels", "taints",
+                           "level", "schema", "x"])
+    line = st.tuples(key, value).map(lambda kv: f"  {kv[0]}: {kv[1]}")
+    block = st.tuples(section, st.lists(line, min_size=1, max_size=4)).map(lambda s: f"{s[0]}:\n" + "\n".join(s[1]))
+    return st.lists(block, min_size=1, max_size=4).map(lambda blocks: "\n".join(blocks) + "\n")
+
+
+def test_property_any_hostile_file_loads_or_is_refused_in_one_line_within_bounds(tmp_path_factory):
+    from hypothesis import given, settings
+
+    @settings(max_examples=40, deadline=None)
+    @given(text=hostile_documents())
+    def check(text):
+        path = write_config(str(tmp_path_factory.mktemp("hostile")), text)
+        result = run_bounded(["--config", path, "config"], env={"DATABASE_URL": "postgresql://a@b/c"})
+        assert result.returncode in (0, 78), result.stderr[-300:]
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        if result.returncode == 78:
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    check()
+
+
+def test_property_any_hostile_environment_value_is_refused_in_one_line_within_bounds():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=30, deadline=None)
+    @given(raw=st.one_of(st.text(st.characters(blacklist_characters="\x00"), max_size=60),
+                         st.integers(min_value=1, max_value=300).map(lambda n: "{a: " * n + "1" + "}" * n),
+                         st.just("[&a x, *a, *a]"), st.just("9" * 100000)),
+           key=st.sampled_from(["SENSOR__CAPABILITIES", "SENSOR__LABELS", "SENSOR__TAINTS", "SENSOR__WORKER_NAME",
+                                "DATABASE__SCHEMA", "SENSOR__HEARTBEAT_INTERVAL"]))
+    def check(raw, key):
+        result = run_bounded(["config"], env={"DATABASE_URL": "postgresql://a@b/c", f"ATTUNE__{key}": raw})
+        assert result.returncode in (0, 78), result.stderr[-300:]
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        if result.returncode == 78:
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"ATTUNE__{key}" in lines[0], lines
+
+    check()

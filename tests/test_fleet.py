@@ -83,19 +83,26 @@ def test_watch_prints_register_deregister_and_reap_events(spec_db_url, workdir, 
 
 
 def test_heartbeats_send_no_events(spec_db_url):
-    query(spec_db_url, "INSERT INTO worker (name, worker_type, worker_role, status, meta) "
-                  "VALUES ('quiet', 'local', 'sensor', 'active', '{\"instance_id\": \"i\"}')")
+    from attune_sensor import config
+    from attune_sensor.db import Database
+    from attune_sensor.registration import SensorWorkerRegistration
     import psycopg2
 
+    cfg = config.load(None, {"DATABASE_URL": spec_db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="quiet")
+    db = Database.from_config(cfg)
+    registration = SensorWorkerRegistration(db, cfg, ["shell"])
     listener = psycopg2.connect(spec_db_url)
     listener.autocommit = True
     listener.cursor().execute("LISTEN attune_worker_events")
-    for _ in range(5):
-        query(spec_db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'quiet'")
+    registration.register()
+    assert all(registration.heartbeat() for _ in range(5))  # the statement the package ships
+    registration.deregister()
+    db.close()
     time.sleep(0.2)
     listener.poll()
-    assert listener.notifies == []
+    events = [json.loads(n.payload)["event"] for n in listener.notifies]
     listener.close()
+    assert events == ["registered", "deregistered"]  # and nothing for the five heartbeats
 
 
 def test_least_privilege_role_runs_everything_but_migrations(cluster, db_url, workdir, daemons):

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from attune_sensor import migrations
-from conftest import ATTUNE_SENSOR, base_env, query, run_cli
+from conftest import attune_database, ATTUNE_SENSOR, base_env, query, run_cli
 
 LEGACY_SCHEMA = """
 CREATE TYPE worker_type_enum AS ENUM ('local', 'remote', 'container');
@@ -130,13 +130,51 @@ def test_spec_queries_run_unchanged(spec_db_url, sql, name_column, expected):
     assert {row[name_column] for row in rows} == expected
 
 
-def test_updated_is_maintained_and_heartbeats_are_hot(spec_db_url):
-    query(spec_db_url, "INSERT INTO worker (name, worker_type, worker_role, status, last_heartbeat, updated) "
-                  "VALUES ('hot', 'local', 'sensor', 'active', now(), now() - interval '1 hour')")
-    query(spec_db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
-    assert query(spec_db_url, "SELECT now() - updated < interval '1 minute' FROM worker WHERE name = 'hot'")[0][0]
-    for _ in range(20):
-        query(spec_db_url, "UPDATE worker SET last_heartbeat = now(), status = 'active' WHERE name = 'hot'")
-    query(spec_db_url, "SELECT pg_stat_force_next_flush()")
-    updates, hot = query(spec_db_url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
-    assert updates >= 21 and hot == updates
+def shipped_heartbeats(url, name, count):
+    """`count` heartbeats through SensorWorkerRegistration: the statement the package ships."""
+    from attune_sensor import config
+    from attune_sensor.db import Database
+    from attune_sensor.registration import SensorWorkerRegistration
+
+    cfg = config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name=name)
+    db = Database.from_config(cfg)
+    registration = SensorWorkerRegistration(db, cfg, ["shell"])
+    registration.register()
+    query(url, "SELECT pg_stat_force_next_flush()")
+    before = query(url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
+    beats = [registration.heartbeat() for _ in range(count)]
+    db.close()
+    query(url, "SELECT pg_stat_force_next_flush()")
+    after = query(url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
+    return beats, after[0] - before[0], after[1] - before[1]
+
+
+def test_updated_is_maintained_and_shipped_heartbeats_are_hot(spec_db_url):
+    beats, updates, hot = shipped_heartbeats(spec_db_url, "hot", 20)
+    assert all(beats) and updates == 20 and hot == 20
+    assert query(spec_db_url, "SELECT updated > created FROM worker WHERE name = 'hot'") == [(True,)]
+
+
+def test_on_the_platforms_schema_heartbeats_are_hot_only_after_the_opt_in(cluster, attune_template):
+    url = attune_database(cluster, attune_template)
+    _, updates, hot = shipped_heartbeats(url, "not-yet-hot", 10)
+    assert updates == 10 and hot == 0  # its index on last_heartbeat
+    assert run_cli("migrate", "run", "--tune-heartbeats", env={"DATABASE_URL": url}).returncode == 0
+    _, updates, hot = shipped_heartbeats(url, "hot-now", 10)
+    assert updates == 10 and hot == 10
+
+
+def test_the_shipped_heartbeat_is_fenced(db_url):
+    from attune_sensor import config
+    from attune_sensor.db import Database
+    from attune_sensor.registration import HEARTBEAT_SQL, SensorWorkerRegistration
+
+    cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="fenced")
+    db = Database.from_config(cfg)
+    registration = SensorWorkerRegistration(db, cfg, ["shell"])
+    registration.register()
+    stale_fence = {"id": registration.worker_id, "xmin": registration._row["xmin"]}
+    assert registration.heartbeat()
+    # the statement with the fence of a write that is no longer the last: touches nothing
+    assert db.execute(HEARTBEAT_SQL, stale_fence) == []
+    db.close()

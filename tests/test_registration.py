@@ -160,3 +160,36 @@ def test_reaper_delay_spreads_one_attempt_per_period_over_the_fleet():
     assert fleet.reaper_delay(60, 1, rng=lambda: 0.5) == 60
     assert fleet.reaper_delay(30, 1000, rng=lambda: 0.5) == 30_000  # 1000 workers: fleet-wide once per 30 s
     assert fleet.reaper_delay(30, 0, rng=lambda: 0.0) == 15  # jitter 0.5 to 1.5
+
+
+def test_a_reaped_worker_that_comes_back_is_no_longer_counted_as_reaped(db_url, workdir):
+    registration, db = make(db_url, "api-back", heartbeat_interval=1)
+    registration.register()
+    query(db_url, "UPDATE worker SET last_heartbeat = now() - interval '1 hour' WHERE name = 'api-back'")
+    reaped, _ = fleet.reap_stale(db, "the-reaper", 3.0)
+    assert [r[1] for r in reaped] == ["api-back"]
+    assert registration.heartbeat() is True  # alive after all: active again
+    assert registration.outside_change == "reaped by the-reaper"
+    row = worker_row(db_url, "api-back")
+    assert row["status"] == "active" and not {"reaped_at", "reaped_by"} & set(row["meta"])
+    registration.deregister()  # a clean stop later must not count as reaped either
+    db.close()
+    path = f"{workdir}/c.yaml"
+    with open(path, "w") as handle:
+        handle.write(f"database: {{url: '{db_url}'}}\n")
+    metrics = subprocess.run([sys.executable, "-m", "attune_sensor.cli", "--config", path, "metrics"],
+                             env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "attune_sensor_workers_reaped 0" in metrics.stdout, metrics.stderr
+
+
+def test_another_writer_is_reported_and_its_row_left_alone(db_url):
+    from attune_sensor.errors import ForeignWriter
+
+    registration, db = make(db_url, "api-foreign")
+    registration.register()
+    query(db_url, "UPDATE worker SET host = 'elsewhere' WHERE name = 'api-foreign'")
+    with pytest.raises(ForeignWriter, match="host changed"):
+        registration.heartbeat()
+    assert registration.deregister() is False
+    assert worker_row(db_url, "api-foreign")["status"] == "active"
+    db.close()

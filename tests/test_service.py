@@ -1,0 +1,150 @@
+"""SensorService's loop in-process: a controlled clock and sleep, a recording notifier, and a real
+database. Timing, reload and shutdown rules run in milliseconds here; what only a real process
+can show (signals, systemd's socket, exit codes) stays in test_daemon.py."""
+
+import pytest
+
+from attune_sensor import config
+from attune_sensor.service import SensorService
+from conftest import worker_row, write_config
+from pgcluster import free_port
+
+
+class Clock:
+    """Monotonic time that moves only when the service sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Notifier:
+    def __init__(self):
+        self.sent = []
+
+    def ready(self, status):
+        self.sent.append("READY=1")
+
+    def watchdog(self):
+        self.sent.append("WATCHDOG=1")
+
+    def status(self, text):
+        self.sent.append("STATUS")
+
+    def extend_timeout(self, seconds, status):
+        self.sent.append("EXTEND_TIMEOUT_USEC")
+
+    def reloading(self):
+        self.sent.append("RELOADING=1")
+
+    def stopping(self):
+        self.sent.append("STOPPING=1")
+
+
+def service_for(path, on_sleep):
+    """A service whose sleeps advance the clock at once; on_sleep(service, slept) may act."""
+    environ = {"ATTUNE_SENSOR_RUNTIMES": "shell"}
+    cfg = config.load(path, environ)
+    clock = Clock()
+    service = SensorService(cfg, config_path=path, environ=environ, notifier=Notifier(), clock=clock)
+    service.slept = []
+
+    def sleep(seconds):
+        if service._stop_requested or service._reload_requested:
+            return
+        clock.now += seconds
+        service.slept.append(round(seconds, 6))
+        on_sleep(service, seconds)
+
+    service._sleep = sleep
+    return service
+
+
+def write(workdir, url, name, **sensor):
+    sensor.setdefault("heartbeat_interval", 10)
+    sensor.setdefault("reaper", False)
+    return write_config(workdir, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
+
+
+def stop_after(beats):
+    def on_sleep(service, _):
+        if service.notifier.sent.count("WATCHDOG=1") >= beats:
+            service.stop()
+    return on_sleep
+
+
+def test_beats_keep_the_interval_and_stop_deregisters_last(db_url, workdir):
+    service = service_for(write(workdir, db_url, "svc-rhythm"), stop_after(5))
+    service.start()
+    assert service.notifier.sent == ["READY=1"] + ["WATCHDOG=1"] * 5 + ["STOPPING=1"]
+    assert service.slept[:6] == [10.0] * 6  # one interval between beats, none skipped, none doubled
+    assert worker_row(db_url, "svc-rhythm")["status"] == "inactive"
+
+
+def test_after_a_long_stall_the_rhythm_starts_afresh_without_a_burst(db_url, workdir):
+    def on_sleep(service, slept):
+        beats = service.notifier.sent.count("WATCHDOG=1")
+        if beats == 2 and not getattr(service, "stalled", False):
+            service.stalled = True
+            service.clock.now += 95  # the process was frozen for 95 s
+        elif beats >= 5:
+            service.stop()
+
+    service = service_for(write(workdir, db_url, "svc-stall"), on_sleep)
+    service.start()
+    # after the stall: one beat at once (overdue), then whole intervals again, not nine catch-ups
+    assert service.slept[-3:] == [10.0, 10.0, 10.0]
+    assert service.notifier.sent.count("WATCHDOG=1") == 5
+
+
+def test_an_outage_keeps_the_watchdog_and_recovery_is_logged_before_the_beat(db_url, workdir, caplog):
+    good = db_url
+    dead = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+
+    def on_sleep(service, _):
+        beats = service.notifier.sent.count("WATCHDOG=1")
+        if beats == 1:
+            service.db.close()
+            service.db.url = dead  # the database goes away
+        elif beats == 4:
+            service.db.url = good  # and comes back
+        elif beats >= 6:
+            service.stop()
+
+    service = service_for(write(workdir, db_url, "svc-outage"), on_sleep)
+    with caplog.at_level("INFO", logger="attune_sensor"):
+        service.start()
+    assert service.notifier.sent.count("WATCHDOG=1") == 6  # one per attempt, failed or not
+    messages = [r.getMessage() for r in caplog.records]
+    failures = [m for m in messages if m.startswith("heartbeat failed")]
+    assert len(failures) == 3
+    back = messages.index("Database reachable again")
+    # said as soon as it is true: right after the last failure, before the beat that proved it
+    assert messages[back - 1].startswith("heartbeat failed") and messages[back + 1].startswith("heartbeat: worker")
+    assert worker_row(db_url, "svc-outage")["status"] == "inactive"
+
+
+@pytest.mark.parametrize("new_text, applied", [
+    ("sensor: {worker_name: svc-reload, heartbeat_interval: 10, reaper: false, max_concurrent_sensors: 4}", True),
+    ("sensor: {worker_name: svc-reload, heartbeat_interval: -1}", False),
+])
+def test_reload_takes_a_good_config_and_keeps_the_running_one_for_a_bad_one(db_url, workdir, new_text, applied):
+    path = write(workdir, db_url, "svc-reload")
+
+    def on_sleep(service, _):
+        beats = service.notifier.sent.count("WATCHDOG=1")
+        if beats == 1 and "RELOADING=1" not in service.notifier.sent:
+            with open(path, "w") as handle:
+                handle.write(f"database: {{url: '{db_url}'}}\n{new_text}\n")
+            service.reload()
+        elif beats >= 3:
+            service.stop()
+
+    service = service_for(path, on_sleep)
+    service.start()
+    sent = service.notifier.sent
+    assert sent[sent.index("RELOADING=1") + 1] == "READY=1"
+    capacity = worker_row(db_url, "svc-reload")["capabilities"]["max_concurrent_sensors"]
+    assert capacity == (4 if applied else 10)
