@@ -251,34 +251,40 @@ def cmd_check(args):
 
 
 def cmd_metrics(args):
-    from . import fleet
+    from . import fleet, schema
+    from .db import Database
 
-    workers = _fleet_query(_load(args))
-    stats = fleet.summary(workers)
+    config = _load(args)
+    db = Database.from_config(config, application_name="attune-sensor cli")
+    try:
+        stats = fleet.metrics(db, config.sensor.stale_multiplier, schema.attach(db, config.database.schema))
+    finally:
+        db.close()
     lines = []
 
     def gauge(name, help_text, samples):
         lines.append(f"# HELP attune_sensor_{name} {help_text}")
         lines.append(f"# TYPE attune_sensor_{name} gauge")
         for labels, value in samples:
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            # label values from other writers' rows may hold anything: escaped as the format wants
+            label_text = ",".join(f'{k}="{_prometheus_escape(v)}"' for k, v in labels.items())
             lines.append(f"attune_sensor_{name}{{{label_text}}} {value}" if label_text else f"attune_sensor_{name} {value}")
 
-    by_role = {}
-    for worker in workers:
-        if worker["status"] == "active":
-            by_role[worker["role"]] = by_role.get(worker["role"], 0) + 1
-    gauge("workers_active", "Active workers by role.", [({"role": r}, by_role.get(r, 0)) for r in ("sensor", "hybrid")])
+    gauge("workers_active", "Active workers by role.", [({"role": r}, n) for r, n in stats["active"].items()])
     gauge("workers_stale", "Active workers whose heartbeat is overdue.", [({}, stats["stale"])])
     gauge("workers_reaped", "Workers marked inactive by the stale reaper and not back since.",
-          [({}, sum(1 for w in workers if w["status"] == "inactive" and w["reaped"]))])
+          [({}, stats["reaped"])])
     gauge("runtime_workers", "Active workers offering each runtime.",
           [({"runtime": k}, v) for k, v in stats["runtimes"].items()])
     gauge("heartbeat_lag_seconds", "Seconds since the oldest active worker's heartbeat.",
-          [({}, f"{stats['max_heartbeat_lag'] or 0:.3f}")])
+          [({}, f"{stats['max_heartbeat_lag']:.3f}")])
     gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, stats["capacity"])])
     print("\n".join(lines))
     return 0
+
+
+def _prometheus_escape(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def cmd_config(args):

@@ -108,6 +108,39 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
     return [dict(zip(COLUMNS, row)) for row in rows]
 
 
+# The fleet's gauges in one aggregate statement: no row leaves the server, so `metrics` costs
+# one scan whatever the fleet's size (bench/queries.py). Numbers read from capabilities are
+# guarded: a junk value counts as 0, it does not fail the scrape.
+METRICS_SQL = """
+SELECT count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'sensor'),
+       count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid'),
+       count(*) FILTER (WHERE w.status = 'active' AND {stale}),
+       count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
+       coalesce(extract(epoch FROM now() - min(w.last_heartbeat) FILTER (WHERE w.status = 'active'))::float8, 0),
+       coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
+                         THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
+                FILTER (WHERE w.status = 'active'), 0),
+       (SELECT coalesce(json_object_agg(runtime, n ORDER BY runtime), '{{}}')
+          FROM (SELECT r AS runtime, count(*) AS n
+                  FROM worker AS w,
+                       jsonb_array_elements_text(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array'
+                                                      THEN w.capabilities -> 'runtimes' END) AS r
+                 WHERE {roles} AND w.status = 'active'
+                 GROUP BY r) AS distribution)
+  FROM worker AS w
+ WHERE {roles}
+"""
+
+
+def metrics(db, multiplier, table=None):
+    """The fleet's gauges: {active: {role: n}, stale, reaped, max_heartbeat_lag, capacity, runtimes}."""
+    if table is None:
+        table = attach(db)
+    row = db.execute(METRICS_SQL.format(stale=STALE_EXPR, roles=LISTED_ROLES), {"multiplier": multiplier})[0]
+    return {"active": {"sensor": row[0], "hybrid": row[1]}, "stale": row[2], "reaped": row[3],
+            "max_heartbeat_lag": row[4], "capacity": int(row[5]), "runtimes": row[6] or {}}
+
+
 def summary(workers):
     """The spec's "Metrics to Track" over a list from list_workers()."""
     active = [w for w in workers if w["status"] == "active"]
