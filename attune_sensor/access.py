@@ -47,6 +47,27 @@ def role_state(cursor):
     return f"{ROLE} present, {members} member role(s)"
 
 
+GATE_SQL = """
+CREATE SCHEMA IF NOT EXISTS attune_sensor;
+CREATE TABLE IF NOT EXISTS attune_sensor.reaper_gate (
+    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+    last_scan TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    scanned_by TEXT
+);
+INSERT INTO attune_sensor.reaper_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
+"""
+
+
+def ensure_reaper_gate(cursor):
+    """attune-sensor's own schema, on both flavours: the one-row gate that lets at most one
+    stale scan per period through, fleet-wide (fleet.GATED_REAP_CTES). Never in the platform's
+    schema. Only when missing: even IF NOT EXISTS needs CREATE on the database, which a daemon
+    role running `migrate run` lacks."""
+    cursor.execute("SELECT to_regclass('attune_sensor.reaper_gate')")
+    if cursor.fetchone()[0] is None:
+        cursor.execute(GATE_SQL)
+
+
 def grant_daemon_role(cursor, table):
     """Creates the role when allowed and grants it what the daemon needs on `table`: schema
     USAGE, SELECT/INSERT/UPDATE on worker and its id sequence, INSERT on the platform's
@@ -69,6 +90,10 @@ def grant_daemon_role(cursor, table):
         cursor.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO {ROLE}")
     if table.has_history:
         cursor.execute(f"GRANT INSERT ON {quote_ident(table.schema)}.worker_history TO {ROLE}")
+    cursor.execute("SELECT to_regclass('attune_sensor.reaper_gate')")
+    if cursor.fetchone()[0]:
+        cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")
+        cursor.execute(f"GRANT SELECT, UPDATE ON attune_sensor.reaper_gate TO {ROLE}")
     cursor.execute("SELECT to_regclass(%s)", (f"{quote_ident(table.schema)}.attune_sensor_migrations",))
     if cursor.fetchone()[0]:
         cursor.execute(f"GRANT SELECT ON {quote_ident(table.schema)}.attune_sensor_migrations TO {ROLE}")

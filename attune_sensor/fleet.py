@@ -49,6 +49,36 @@ UNION ALL
 SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.status = 'active'
 """
 
+# The reaper on the heartbeat path (docs/design.md, "Reaper"): every heartbeat carries these
+# CTEs, so a dead worker is found as soon as some live one beats, with no statement of its own.
+# The gate row (attune_sensor.reaper_gate, made by 'migrate run') lets at most one scan through
+# per REAP_PERIOD fleet-wide: a heartbeat that finds the period not over reads one row and
+# nothing else (the scan's one-time filter stays false). The advisory lock keeps two heartbeats
+# of the same instant from both opening it, without waiting.
+REAP_PERIOD = 10.0
+GATE_SCHEMA = "attune_sensor"
+GATE_TABLE = f"{GATE_SCHEMA}.reaper_gate"
+GATED_REAP_CTES = f"""
+gate AS MATERIALIZED (
+    UPDATE {GATE_TABLE} SET last_scan = now(), scanned_by = %(name)s
+     WHERE CASE WHEN last_scan < now() - make_interval(secs => {REAP_PERIOD})
+                THEN pg_try_advisory_xact_lock({REAPER_LOCK_KEY}) ELSE false END
+    RETURNING 1
+),
+reaped AS (
+    UPDATE worker AS w
+       SET status = 'inactive',
+           meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
+               'reaped_at', now(), 'reaped_by', %(name)s::text,
+               'reaped_last_heartbeat', w.last_heartbeat)
+     WHERE EXISTS (SELECT 1 FROM gate)
+       AND w.id <> %(id)s
+       AND {REAPED_ROLES}
+       AND w.status = 'active'
+       AND {STALE_EXPR}
+    RETURNING w.id, w.name, w.host
+)"""
+
 WORKERS_SQL = """
 SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
        coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),

@@ -26,6 +26,7 @@ from . import __version__
 from .db import json_param
 from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
 from .runtimes import runtime_versions
+from .fleet import GATED_REAP_CTES
 from .schema import DEFAULT_RECORDED_INTERVAL, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
@@ -66,6 +67,16 @@ HEARTBEAT_SQL = """
 UPDATE worker SET last_heartbeat = now(), status = 'active'
 WHERE id = %(id)s AND xmin = %(xmin)s::xid
 RETURNING xmin::text, last_heartbeat
+"""
+
+# The same heartbeat, carrying the fleet's reaper (fleet.GATED_REAP_CTES): still one statement.
+# The workers it marked inactive come back with it, for the journal.
+REAPING_HEARTBEAT_SQL = f"""
+WITH {GATED_REAP_CTES}
+UPDATE worker SET last_heartbeat = now(), status = 'active'
+WHERE id = %(id)s AND xmin = %(xmin)s::xid
+RETURNING xmin::text, last_heartbeat,
+          (SELECT coalesce(json_agg(json_build_array(id, name, host)), '[]') FROM reaped)
 """
 
 # After the reaper marked us inactive while we were alive: active again, its marks removed.
@@ -132,6 +143,10 @@ class SensorWorkerRegistration:
         self._row = {}  # our row as the database last returned it (TRACKED_FIELDS + status)
         self._sent_capabilities = None  # the last capabilities update sent, in case its reply is lost
         self.outside_change = None  # set when someone else changed our status; the service logs it
+        # Set (to the stale multiplier) to carry the fleet's reaper in each heartbeat; the
+        # workers the last heartbeat marked inactive are then in `reaped`: [(id, name, host)].
+        self.reap_multiplier = None
+        self.reaped = []
         self._capabilities = {}
         self.set_capabilities(config, runtimes, interpreters=interpreters)
         self.meta = {
@@ -202,10 +217,18 @@ class SensorWorkerRegistration:
         if self.worker_id is None:
             self.register()
             return False
-        rows = self.db.execute(HEARTBEAT_SQL, self._fence())
-        if rows:
-            self._row["xmin"], self._row["last_heartbeat"] = rows[0]
-            return True
+        if self.reap_multiplier is not None:
+            rows = self.db.execute(REAPING_HEARTBEAT_SQL, dict(
+                self._fence(), name=self.worker_name, multiplier=self.reap_multiplier))
+            if rows:
+                self._row["xmin"], self._row["last_heartbeat"], reaped = rows[0]
+                self.reaped = [tuple(r) for r in reaped]
+                return True
+        else:
+            rows = self.db.execute(HEARTBEAT_SQL, self._fence())
+            if rows:
+                self._row["xmin"], self._row["last_heartbeat"] = rows[0]
+                return True
         if not self._after_fence_miss():
             return False
         resume = self._row.get("status") != "active" or any(k in (self._row["meta"] or {}) for k in REAPER_META_KEYS)

@@ -142,6 +142,10 @@ class SensorService:
         check_watchdog_fits(interval, self.environ)
         self.table, self.interval = table, interval
         self.registration.set_capabilities(self.config, self.runtimes, interval, self.interpreters)
+        # With the gate, the reaper rides on every heartbeat; without it (a database not migrated
+        # by this version), the periodic reaper of _maybe_reap.
+        if self.config.sensor.reaper and table.reaper_gate:
+            self.registration.reap_multiplier = self.config.sensor.stale_multiplier
         log.info("Using the %s; interval %gs", table.describe(), interval)
 
     def _wait_until(self, deadline):
@@ -211,6 +215,10 @@ class SensorService:
 
     def _maybe_reap(self):
         sensor = self.config.sensor
+        if self.registration.reap_multiplier is not None:
+            self._log_reaped(self.registration.reaped)
+            self.registration.reaped = []
+            return
         if (not sensor.reaper or self._database_down or self._stop_requested
                 or self.clock() < self._next_reap):
             return
@@ -221,6 +229,9 @@ class SensorService:
             log.warning("stale worker reaper skipped: %s", exc)
             return
         self._next_reap = self.clock() + fleet.reaper_delay(self.interval, active)
+        self._log_reaped(reaped)
+
+    def _log_reaped(self, reaped):
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
 
@@ -263,6 +274,9 @@ class SensorService:
         logs.set_level(new.log.level)
         self.interval = interval
         self.runtimes, self.interpreters = detected, interpreters
+        gate = self.table is not None and self.table.reaper_gate
+        self.registration.reap_multiplier = self.config.sensor.stale_multiplier if (
+            self.config.sensor.reaper and gate) else None
         self.registration.set_capabilities(self.config, detected, interval, interpreters)
         self.runtime_source = source
         if self.registration.worker_id is None:

@@ -108,17 +108,19 @@ def test_default_interval_keeps_the_worker_healthy_and_a_long_one_is_refused(att
 
 PLATFORM_OBJECTS = """
 SELECT 'index ' || schemaname || '.' || indexname || ': ' || indexdef FROM pg_indexes
- WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+ WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'attune_sensor')
 UNION ALL
 SELECT 'table ' || n.nspname || '.' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(c.reloptions::text, '')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND c.relkind IN ('r', 'v', 'S')
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'attune_sensor')
+   AND c.relkind IN ('r', 'v', 'S')
 UNION ALL
 SELECT 'trigger ' || tgrelid::regclass || ' ' || pg_get_triggerdef(t.oid) FROM pg_trigger t WHERE NOT tgisinternal
+   AND tgrelid::regclass::text NOT LIKE 'attune_sensor.%%'
 UNION ALL
 SELECT 'function ' || p.oid::regprocedure || ' ' || md5(p.prosrc)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
- WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'attune_sensor')
 UNION ALL
 SELECT 'type ' || t.typname || ' ' || coalesce((SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder)
                                                   FROM pg_enum WHERE enumtypid = t.oid), '')
@@ -136,8 +138,11 @@ def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attu
     result = run_cli("migrate", "run", env=env)
     assert result.returncode == 0, result.stderr
     assert query(attune_bare, PLATFORM_OBJECTS) == before  # nothing added, dropped or altered
+    # attune-sensor's own objects live in its own schema: the reaper's one-row gate
+    assert query(attune_bare, "SELECT count(*) FROM attune_sensor.reaper_gate") == [(1,)]
     # what the daemon needs there is granted: schema usage and the history its trigger writes
-    grants = query(attune_bare, "SELECT has_schema_privilege('attune_sensor_daemon', 'attune', 'USAGE'), "
+    grants = query(attune_bare, "SELECT has_schema_privilege('attune_sensor_daemon', 'attune', 'USAGE') "
+                                "AND has_table_privilege('attune_sensor_daemon', 'attune_sensor.reaper_gate', 'UPDATE'), "
                                 "has_table_privilege('attune_sensor_daemon', 'attune.worker_history', 'INSERT'), "
                                 "has_table_privilege('attune_sensor_daemon', 'attune.worker', 'DELETE')")
     assert grants == [(True, True, False)]

@@ -366,3 +366,30 @@ def test_a_heartbeat_that_times_out_is_cancelled_on_the_server(cluster, db_url, 
     assert max(backends) <= 2, backends
     beats = sum("heartbeat: worker" in line for line in daemon.lines)
     daemon.wait_for_line("heartbeat: worker", count=beats + 1)
+
+
+def test_a_killed_worker_is_marked_inactive_in_bounded_time_with_one_scan_per_period(db_url, workdir, daemons):
+    # interval 1 s: stale after 3 s; the bound is stale threshold + max(interval, 10 s) = 13 s
+    alive = [daemons(config_for(workdir, db_url, f"sensor-live-{n}", heartbeat_interval=1)) for n in range(3)]
+    doomed = daemons(config_for(workdir, db_url, "sensor-doomed", heartbeat_interval=1))
+    for daemon in alive + [doomed]:
+        daemon.wait_for_line("heartbeat: worker")
+    gate_updates = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor'"
+    query(db_url, "SELECT pg_stat_force_next_flush()")
+    scans_before = query(db_url, gate_updates)[0][0]
+    doomed.proc.kill()
+    doomed.wait()
+    last_beat = worker_row(db_url, "sensor-doomed")["last_heartbeat"]
+    row = wait_for(lambda: (r := worker_row(db_url, "sensor-doomed"))["status"] == "inactive" and r, 20,
+                   what="the killed worker marked inactive")
+    detected = (row["meta"]["reaped_at"] if isinstance(row["meta"]["reaped_at"], str) else None)
+    latency = query(db_url, "SELECT extract(epoch FROM (meta ->> 'reaped_at')::timestamptz - last_heartbeat) "
+                            "FROM worker WHERE name = 'sensor-doomed'")[0][0]
+    assert detected and latency <= 3 + 10 + 1, latency  # one bounded statement of slack
+    assert row["meta"]["reaped_by"].startswith("sensor-live-") and row["last_heartbeat"] == last_beat
+    query(db_url, "SELECT pg_stat_force_next_flush()")
+    elapsed = query(db_url, "SELECT extract(epoch FROM now() - %s::timestamptz)", (last_beat,))[0][0]
+    scans = query(db_url, gate_updates)[0][0] - scans_before
+    # three live daemons heartbeat 3 times a second, yet the gate opened at most once per 10 s
+    assert 1 <= scans <= elapsed // 10 + 1, (scans, elapsed)
+    assert all(d.proc.poll() is None for d in alive)
