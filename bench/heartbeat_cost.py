@@ -1,6 +1,6 @@
 """Cost of one heartbeat: statements and round trips per heartbeat in the steady state (counted
 by pg_stat_statements), the reaper's statements, and the latency of the daemon's heartbeat
-against a raw psycopg2 UPDATE of the same row (the physical floor: one round trip)."""
+against the same statement sent raw with psycopg2 (the physical floor: one round trip)."""
 
 import os
 import subprocess
@@ -12,16 +12,21 @@ import psycopg2
 from common import ATTUNE_SENSOR, RUNS, database, median, percentile, table
 from attune_sensor import config as config_module
 from attune_sensor.db import Database
-from attune_sensor.registration import HEARTBEAT_SQL, SensorWorkerRegistration
+from attune_sensor.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
 ITERATIONS = int(os.environ.get("BENCH_HEARTBEATS", "3000"))
 
 
-def statements_per_heartbeat(url, workdir, heartbeats=500):
-    path = os.path.join(workdir, "count.yaml")
+def is_heartbeat(query):
+    """The heartbeat, with or without the reaper's CTEs in front (registration.py)."""
+    return "UPDATE worker SET last_heartbeat" in query
+
+
+def statements_per_heartbeat(url, workdir, heartbeats=100, reaper=False):
+    path = os.path.join(workdir, f"count-{reaper}.yaml")
     with open(path, "w") as handle:
-        handle.write(f"database: {{url: '{url}'}}\nsensor:\n  worker_name: counted\n  heartbeat_interval: 0.002\n"
-                     "  reaper: false\n  capabilities: {runtimes: [shell]}\n")
+        handle.write(f"database: {{url: '{url}'}}\nsensor:\n  worker_name: counted-{str(reaper).lower()}\n"
+                     f"  heartbeat_interval: 0.1\n  reaper: {str(reaper).lower()}\n  capabilities: {{runtimes: [shell]}}\n")
     admin = psycopg2.connect(url)
     admin.autocommit = True
     cursor = admin.cursor()
@@ -40,8 +45,8 @@ def statements_per_heartbeat(url, workdir, heartbeats=500):
                    "WHERE datname = current_database()) ORDER BY calls DESC")
     rows = cursor.fetchall()
     admin.close()
-    heartbeat_calls = sum(calls for query, calls in rows if query.lstrip().startswith("UPDATE worker SET last_heartbeat"))
-    other = [(" ".join(q.split())[:60], c) for q, c in rows if not q.lstrip().startswith("UPDATE worker SET last_heartbeat")]
+    heartbeat_calls = sum(calls for query, calls in rows if is_heartbeat(query))
+    other = [(" ".join(q.split())[:60], c) for q, c in rows if not is_heartbeat(q)]
     return heartbeats, heartbeat_calls, other
 
 
@@ -58,14 +63,21 @@ def reaper_statements(url, workdir, daemons=5, seconds=5):
                          "  capabilities: {runtimes: [shell]}\n")
         procs.append(subprocess.Popen([ATTUNE_SENSOR, "--config", path, "run"], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
+    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor'")
+    before = cursor.fetchone()[0]
     time.sleep(seconds)
     for proc in procs:
         proc.terminate()
         proc.wait()
-    cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%%pg_try_advisory_xact_lock%%'")
-    calls = cursor.fetchone()[0]
+    time.sleep(1.5)  # the daemons' statistics reach the shared counters
+    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor'")
+    scans = cursor.fetchone()[0] - before
+    cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat%%' "
+                   "AND query NOT LIKE '%%UPDATE worker SET last_heartbeat%%' "
+                   "AND query LIKE '%%pg_try_advisory_xact_lock%%'")
+    separate = cursor.fetchone()[0]
     admin.close()
-    return daemons, seconds, calls
+    return daemons, seconds, scans, separate
 
 
 def latency(url):
@@ -74,10 +86,13 @@ def latency(url):
     db = Database.from_config(cfg)
     registration = SensorWorkerRegistration(db, cfg, ["shell"])
     registration.register()
+    registration.reap_multiplier = 3.0  # as the daemon runs it: the reaper's gate in every heartbeat
     # the floor heartbeats a row of its own, so the two fences never cross
     floor_registration = SensorWorkerRegistration(db, cfg.with_sensor(worker_name="floor"), ["shell"])
     floor_registration.register()
-    fence = {"id": floor_registration.worker_id, "xmin": floor_registration._row["xmin"]}
+    # the same statement as the daemon's (with the reaper's CTEs), sent raw
+    fence = {"id": floor_registration.worker_id, "xmin": floor_registration._row["xmin"], "name": "floor",
+             "multiplier": 3.0}
     raw = psycopg2.connect(url)
     raw.autocommit = True
     cursor = raw.cursor()
@@ -89,7 +104,7 @@ def latency(url):
             ours.append(time.perf_counter() - started)
         for _ in range(ITERATIONS // 10):
             started = time.perf_counter()
-            cursor.execute(HEARTBEAT_SQL, fence)
+            cursor.execute(REAPING_HEARTBEAT_SQL, fence)
             fence["xmin"] = cursor.fetchall()[0][0]
             floor.append(time.perf_counter() - started)
     db.close()
@@ -99,15 +114,15 @@ def latency(url):
 
 def main():
     with database() as (cluster, url), tempfile.TemporaryDirectory() as workdir:
-        beats, calls, other = statements_per_heartbeat(url, workdir)
-        table("Statements per heartbeat (pg_stat_statements, one daemon)", ("statement", "calls"),
-              [(f"heartbeat UPDATE ({beats} heartbeats logged)", calls)] + other)
-        print(f"\nsteady state: {calls / beats:.3f} heartbeat statements per heartbeat, one round trip each "
-              f"(async protocol, no BEGIN/COMMIT); other statements: register + deregister only.")
-        daemons, seconds, reaps = reaper_statements(url, workdir)
-        print(f"reaper: {daemons} daemons for {seconds}s issued {reaps} reap statements: each daemon's first "
-              "attempt at start; after it, each of N active daemons waits about N x max(30 s, interval), "
-              "so the steady fleet-wide rate is about one attempt per 30 s (fleet.reaper_delay).")
+        for reaper in (False, True):
+            beats, calls, other = statements_per_heartbeat(url, workdir, reaper=reaper)
+            table(f"Statements per heartbeat (pg_stat_statements, one daemon, reaper {'on' if reaper else 'off'})",
+                  ("statement", "calls"), [(f"heartbeat ({beats} heartbeats logged)", calls)] + other)
+            print(f"\nsteady state: {calls / beats:.3f} heartbeat statements per heartbeat, one round trip each "
+                  f"(async protocol, no BEGIN/COMMIT); other statements: start-up and deregister only.")
+        daemons, seconds, scans, separate = reaper_statements(url, workdir)
+        print(f"reaper: {daemons} daemons at 1 s for {seconds}s: {scans} stale scan(s) through the gate "
+              f"(at most one per 10 s fleet-wide), {separate} reap statements besides the heartbeats.")
         medians, p99s = [], []
         for _ in range(RUNS):
             ours, floor = latency(url)

@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=../.venv/bin/python
 echo "# attune-sensor benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m), PostgreSQL $(ls /usr/lib/postgresql | sort -n | tail -1)"
-for bench in footprint heartbeat_cost fleet_scale table_health queries; do
+for bench in footprint heartbeat_cost fleet_scale table_health queries detection; do
   "$PY" -u "$bench.py"
 done
