@@ -35,6 +35,7 @@ class Notifier:
 
     def extend_timeout(self, seconds, status):
         self.sent.append("EXTEND_TIMEOUT_USEC")
+        self.extends = getattr(self, "extends", []) + [(seconds, status)]
 
     def reloading(self):
         self.sent.append("RELOADING=1")
@@ -148,3 +149,27 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_for_a_bad_one(db_u
     assert sent[sent.index("RELOADING=1") + 1] == "READY=1"
     capacity = worker_row(db_url, "svc-reload")["capabilities"]["max_concurrent_sensors"]
     assert capacity == (4 if applied else 10)
+
+
+def test_waiting_minutes_for_the_database_keeps_asking_systemd_for_bounded_time(db_url, workdir):
+    dead = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    good = db_url
+
+    def on_sleep(service, _):
+        if service.clock.now - 1000.0 > 300:  # five minutes without a database, then it appears
+            service.db.url = good
+        if "READY=1" in service.notifier.sent:
+            service.stop()
+
+    service = service_for(write(workdir, db_url, "svc-late"), on_sleep)
+    service.db.url = dead
+    service.start()
+    sent = service.notifier.sent
+    waited = sent.index("READY=1")
+    assert waited >= 10 and set(sent[:waited]) == {"EXTEND_TIMEOUT_USEC", "WATCHDOG=1"}
+    extends = service.notifier.extends
+    assert all(status.startswith("Waiting for the database") for _, status in extends)
+    # the backoff is capped: each request for more time stays bounded, however long the wait
+    assert max(seconds for seconds, _ in extends) <= 30 * 1.2 + 10 + 5
+    assert max(service.slept) <= 30 * 1.2
+    assert worker_row(db_url, "svc-late")["status"] == "inactive"  # registered, then stopped
