@@ -5,7 +5,8 @@ Precedence, highest first:
   2. ATTUNE__<SECTION>__<KEY> environment variables, parsed as YAML scalars ("60" -> 60)
   3. the YAML file (--config, else $ATTUNE_CONFIG, else /etc/attune/config.yaml)
   4. built-in defaults
-ATTUNE_SENSOR_RUNTIMES is read by runtimes.py, not here: it overrides runtime detection only.
+ATTUNE_SENSOR_RUNTIMES overrides runtime detection (runtimes.py); it is validated here too, so
+`attune-sensor config` and `run` give the same answer for the same environment.
 
 Every error is a ConfigError whose message names the key (or the variable) and the problem on
 one line. Values of database.url are never echoed: they may hold a password.
@@ -346,9 +347,22 @@ def load(path=None, environ=None):
         except ValueError as exc:
             raise ConfigError(f"{label}: {exc}") from None
 
+    _check_runtimes_variable(environ)
     if ("database", "url") not in clean:
         raise DatabaseUrlMissing(f"database.url is not set: put it in {path} or set DATABASE_URL")
     return _build(clean, path)
+
+
+def _check_runtimes_variable(environ):
+    from .runtimes import ENV_VAR, normalise
+
+    raw = environ.get(ENV_VAR, "")
+    if len(raw) > 4096:
+        raise ConfigError(f"{ENV_VAR}: is longer than 4096 characters")
+    try:
+        normalise(raw.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_VAR}: {exc}") from None
 
 
 def _build(clean, path):

@@ -217,3 +217,10 @@ def test_property_any_hostile_environment_value_is_refused_in_one_line_within_bo
             assert len(lines) == 1 and f"ATTUNE__{key}" in lines[0], lines
 
     check()
+
+
+def test_config_and_run_agree_on_a_bad_runtimes_variable(workdir):
+    path = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}})
+    for command in ("config", "run"):
+        result = run_bounded(["--config", path, command], env={"ATTUNE_SENSOR_RUNTIMES": "python,py thon"})
+        assert result.returncode == 78 and "ATTUNE_SENSOR_RUNTIMES" in result.stderr, (command, result.stderr)
