@@ -47,7 +47,10 @@ def role_state(cursor):
     return f"{ROLE} present, {members} member role(s)"
 
 
-GATE_SQL = """
+# attune-sensor's own schema: the same on both flavours, never the platform's. Each object is
+# created only when missing (even IF NOT EXISTS needs CREATE rights a daemon role lacks).
+OWN_OBJECTS = {
+    "attune_sensor.reaper_gate": """
 CREATE SCHEMA IF NOT EXISTS attune_sensor;
 CREATE TABLE IF NOT EXISTS attune_sensor.reaper_gate (
     only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -55,17 +58,35 @@ CREATE TABLE IF NOT EXISTS attune_sensor.reaper_gate (
     scanned_by TEXT
 );
 INSERT INTO attune_sensor.reaper_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
-"""
+""",
+    "attune_sensor.assignment": """
+CREATE SCHEMA IF NOT EXISTS attune_sensor;
+CREATE TABLE IF NOT EXISTS attune_sensor.assignment (
+    sensor_ref TEXT PRIMARY KEY CHECK (length(sensor_ref) BETWEEN 1 AND 255),
+    runtime TEXT NOT NULL,
+    selector JSONB NOT NULL DEFAULT '{}',
+    tolerations JSONB NOT NULL DEFAULT '[]',
+    worker_id BIGINT,
+    assigned_at TIMESTAMPTZ,
+    created TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS assignment_by_worker ON attune_sensor.assignment (worker_id) WHERE worker_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS assignment_pending ON attune_sensor.assignment (created) WHERE worker_id IS NULL;
+""",
+}
+OWN_GRANTS = {
+    "attune_sensor.reaper_gate": "SELECT, UPDATE",
+    "attune_sensor.assignment": "SELECT, INSERT, UPDATE, DELETE",
+}
 
 
-def ensure_reaper_gate(cursor):
-    """attune-sensor's own schema, on both flavours: the one-row gate that lets at most one
-    stale scan per period through, fleet-wide (fleet.GATED_REAP_CTES). Never in the platform's
-    schema. Only when missing: even IF NOT EXISTS needs CREATE on the database, which a daemon
-    role running `migrate run` lacks."""
-    cursor.execute("SELECT to_regclass('attune_sensor.reaper_gate')")
-    if cursor.fetchone()[0] is None:
-        cursor.execute(GATE_SQL)
+def ensure_own_objects(cursor):
+    """The reaper's one-row gate (fleet.GATED_REAP_CTES) and the sensors' assignments
+    (scheduler.py), in schema attune_sensor."""
+    for name, sql in OWN_OBJECTS.items():
+        cursor.execute("SELECT to_regclass(%s)", (name,))
+        if cursor.fetchone()[0] is None:
+            cursor.execute(sql)
 
 
 def grant_daemon_role(cursor, table):
@@ -90,10 +111,11 @@ def grant_daemon_role(cursor, table):
         cursor.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO {ROLE}")
     if table.has_history:
         cursor.execute(f"GRANT INSERT ON {quote_ident(table.schema)}.worker_history TO {ROLE}")
-    cursor.execute("SELECT to_regclass('attune_sensor.reaper_gate')")
-    if cursor.fetchone()[0]:
-        cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")
-        cursor.execute(f"GRANT SELECT, UPDATE ON attune_sensor.reaper_gate TO {ROLE}")
+    for name, privileges in OWN_GRANTS.items():
+        cursor.execute("SELECT to_regclass(%s)", (name,))
+        if cursor.fetchone()[0]:
+            cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")
+            cursor.execute(f"GRANT {privileges} ON {name} TO {ROLE}")
     cursor.execute("SELECT to_regclass(%s)", (f"{quote_ident(table.schema)}.attune_sensor_migrations",))
     if cursor.fetchone()[0]:
         cursor.execute(f"GRANT SELECT ON {quote_ident(table.schema)}.attune_sensor_migrations TO {ROLE}")

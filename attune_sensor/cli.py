@@ -67,6 +67,22 @@ def _parser():
     commands.add_parser("metrics", help="fleet gauges in the Prometheus text format",
                         description="Print fleet gauges in the Prometheus text exposition format, for "
                                     "node_exporter's textfile collector.")
+    place = commands.add_parser("place", help="place a sensor on one eligible worker (least loaded)",
+                                description="Place sensor SENSOR_REF on exactly one eligible sensor worker and print "
+                                            "its name. Exit 1, saying why, when none is eligible: the sensor stays "
+                                            "pending and is placed as soon as one is.")
+    place.add_argument("sensor_ref", metavar="SENSOR_REF")
+    place.add_argument("--runtime", required=True, metavar="R", help="the runtime the sensor needs")
+    place.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="a label the worker must have (repeatable)")
+    place.add_argument("--tolerate", action="append", default=[], metavar="TAINT",
+                       help="a taint the sensor tolerates, key[=value][:effect] (repeatable)")
+    unplace = commands.add_parser("unplace", help="forget a sensor's placement")
+    unplace.add_argument("sensor_ref", metavar="SENSOR_REF")
+    assignments = commands.add_parser("assignments", help="sensors and the workers they are placed on")
+    assignments.add_argument("--worker", metavar="NAME", help="only this worker's sensors")
+    assignments.add_argument("--pending", action="store_true", help="only sensors waiting for a worker")
+    assignments.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show = commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
                                description="Print the configuration after file, environment and defaults are merged. "
                                            "The database password is masked.")
@@ -93,7 +109,8 @@ def main(argv=None):
     if args.command != "run":
         signal.signal(signal.SIGHUP, previous_hup)
     handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
-               "metrics": cmd_metrics, "config": cmd_config}[args.command]
+               "metrics": cmd_metrics, "config": cmd_config, "place": cmd_place, "unplace": cmd_unplace,
+               "assignments": cmd_assignments}[args.command]
     try:
         return handler(args)
     except AttuneSensorError as exc:
@@ -280,6 +297,67 @@ def cmd_metrics(args):
           [({}, f"{stats['max_heartbeat_lag']:.3f}")])
     gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, stats["capacity"])])
     print("\n".join(lines))
+    return 0
+
+
+def _scheduler(config):
+    from . import schema
+    from .db import Database
+    from .scheduler import Scheduler
+
+    db = Database.from_config(config, application_name="attune-sensor cli")
+    table = schema.attach(db, config.database.schema)
+    if not table.assignments:
+        db.close()
+        raise AttuneSensorError("this database has no attune_sensor.assignment table (or this role may not "
+                                "use it): run 'attune-sensor migrate run' with this version")
+    return Scheduler(db, table, config.sensor.stale_multiplier), db
+
+
+def cmd_place(args):
+    config = _load(args)
+    selector = {}
+    for item in args.selector:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--selector {item!r}: expected KEY=VALUE")
+        selector[key] = value
+    scheduler, db = _scheduler(config)
+    try:
+        print(scheduler.place(args.sensor_ref, args.runtime.strip().lower(), selector, args.tolerate))
+    except ValueError as exc:
+        raise ConfigError(f"place: {exc}") from None
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_unplace(args):
+    scheduler, db = _scheduler(_load(args))
+    try:
+        if not scheduler.unplace(args.sensor_ref):
+            print(f"attune-sensor: sensor {args.sensor_ref!r} is not placed", file=sys.stderr)
+            return 1
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_assignments(args):
+    scheduler, db = _scheduler(_load(args))
+    try:
+        rows = scheduler.assignments(worker=args.worker, pending=args.pending)
+    finally:
+        db.close()
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    header = ("SENSOR", "RUNTIME", "WORKER")
+    table = [(r["sensor_ref"], r["runtime"], r["worker"] or "(pending)") for r in rows]
+    widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
+    for row in [header] + table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 

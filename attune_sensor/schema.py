@@ -50,7 +50,10 @@ SELECT n.nspname,
                 WHERE h.relnamespace = n.oid AND h.relname = 'worker_history') AS has_history,
        to_regclass('attune_sensor.reaper_gate') IS NOT NULL
          AND has_schema_privilege('attune_sensor', 'USAGE')
-         AND has_table_privilege('attune_sensor.reaper_gate', 'UPDATE') AS reaper_gate
+         AND has_table_privilege('attune_sensor.reaper_gate', 'UPDATE') AS reaper_gate,
+       to_regclass('attune_sensor.assignment') IS NOT NULL
+         AND has_schema_privilege('attune_sensor', 'USAGE')
+         AND has_table_privilege('attune_sensor.assignment', 'UPDATE') AS assignments
   FROM found
   JOIN pg_class c ON c.oid = found.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -99,6 +102,7 @@ class WorkerTable:
     enums: dict             # column -> tuple of labels, for enum columns
     has_history: bool = False
     reaper_gate: bool = False  # attune_sensor.reaper_gate exists and this role may use it
+    assignments: bool = False  # attune_sensor.assignment (scheduler.py) likewise
 
     @property
     def flavour(self):
@@ -138,11 +142,12 @@ def discover(db, configured_schema=None):
             f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
         raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
                             + ("" if configured_schema else " or set database.schema"))
-    schema, on_path, columns, has_history, reaper_gate = rows[0]
+    schema, on_path, columns, has_history, reaper_gate, assignments = rows[0]
     columns = columns or {}
     table = WorkerTable(schema=schema, on_search_path=bool(on_path), columns=tuple(columns),
                         enums={k: tuple(v) for k, v in columns.items() if v is not None},
-                        has_history=bool(has_history), reaper_gate=bool(reaper_gate))
+                        has_history=bool(has_history), reaper_gate=bool(reaper_gate),
+                        assignments=bool(assignments))
     missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
                if c not in table.columns]
     if missing:

@@ -30,6 +30,7 @@ log = logs.get("service")
 STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
 RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
+RECONCILE_LIMIT = 500  # sensors placed per pass: a few milliseconds each
 # What a running daemon logs and rides out; anything else is a bug and ends the process.
 DATABASE_TROUBLE = (DatabaseUnavailable, DatabaseError, SchemaMissing)
 
@@ -130,6 +131,7 @@ class SensorService:
                 continue
             log.info("Registered sensor worker %s as id %s (instance %s)",
                      self.registration.worker_name, worker_id, self.registration.instance_id)
+            self._reconcile("this worker registered")  # new capacity: place what is pending
             return True
         return False
 
@@ -216,8 +218,8 @@ class SensorService:
     def _maybe_reap(self):
         sensor = self.config.sensor
         if self.registration.reap_multiplier is not None:
-            self._log_reaped(self.registration.reaped)
-            self.registration.reaped = []
+            reaped, self.registration.reaped = self.registration.reaped, []
+            self._log_reaped(reaped)
             return
         if (not sensor.reaper or self._database_down or self._stop_requested
                 or self.clock() < self._next_reap):
@@ -234,6 +236,26 @@ class SensorService:
     def _log_reaped(self, reaped):
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
+        if reaped:
+            self._reconcile("reaping " + ", ".join(name for _, name, _ in reaped))
+
+    def _reconcile(self, why):
+        """Failover and pending sensors (scheduler.py), after the events that change capacity.
+        Bounded per pass so the loop keeps its rhythm; what is left waits for the next event."""
+        if self.table is None or not self.table.assignments:
+            return
+        from .scheduler import Scheduler
+
+        try:
+            released, placed = Scheduler(self.db, self.table, self.config.sensor.stale_multiplier).reconcile(
+                limit=RECONCILE_LIMIT)
+        except DATABASE_TROUBLE as exc:
+            log.warning("sensor placement after %s skipped: %s", why, exc)
+            return
+        if released or placed:
+            shown = ", ".join(f"{ref} on {worker}" for ref, worker in sorted(placed.items())[:20])
+            log.info("Sensors re-placed after %s: %d released, %d placed%s", why, len(released), len(placed),
+                     f" ({shown})" if shown else "")
 
     # --- reload -------------------------------------------------------------------------
 

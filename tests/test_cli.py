@@ -85,7 +85,8 @@ def test_version_and_usage_errors():
 
     help_text = run_cli("--help").stdout
     listed = re.findall(r"^    (\w+)\s", help_text, re.M)  # the commands' own lines, each with its help
-    assert listed == ["run", "migrate", "workers", "check", "metrics", "config"], help_text
+    assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "unplace", "assignments",
+                      "config"], help_text
 
 
 def test_is_configured_tells_a_fresh_install_from_a_configured_one(workdir):

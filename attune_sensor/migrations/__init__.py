@@ -170,13 +170,14 @@ def run(url, connect_timeout=5.0, log=print, warn=print, configured_schema=None,
                     table, _ = _find_table(cursor, configured_schema)
                 conn.autocommit = False
                 try:
-                    access.ensure_reaper_gate(cursor)
+                    access.ensure_own_objects(cursor)
                     for line in access.grant_daemon_role(cursor, table):
                         warn(line)
                     conn.commit()
                 except psycopg2.Error as exc:
                     conn.rollback()
-                    raise MigrationError("the reaper's gate or the daemon role's grants failed and were rolled back: "
+                    raise MigrationError("attune-sensor's own tables or the daemon role's grants failed and were "
+                                         "rolled back: "
                                          + scrub(exc.pgerror or exc, url)) from None
             finally:
                 conn.rollback()

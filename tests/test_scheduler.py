@@ -1,0 +1,110 @@
+"""Sensor placement on a real PostgreSQL, both flavours: eligibility, least-loaded balance,
+capacity under concurrent placers, pending sensors, and failover after a kill -9."""
+
+import json
+import signal
+import subprocess
+import sys
+
+from conftest import ATTUNE_SENSOR, base_env, query, run_cli, wait_for, write_config
+from test_daemon import config_for
+
+
+def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None, taints=None, **columns):
+    capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30}
+    if labels:
+        capabilities["labels"] = labels
+    if taints:
+        capabilities["taints"] = taints
+    query(url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+               "VALUES (%s, 'local', 'sensor', %s, %s, %s, '{}', now())",
+          (name, name, columns.get("status", "active"), json.dumps(capabilities)))
+
+
+def place(url, ref, *options):
+    return run_cli("place", ref, *options, env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
+
+
+def assignments(url, *options):
+    result = run_cli("assignments", "--json", *options, env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
+    assert result.returncode == 0, result.stderr
+    return {a["sensor_ref"]: a["worker"] for a in json.loads(result.stdout)}
+
+
+def test_placement_follows_runtime_labels_taints_and_load(db_url):
+    add_worker(db_url, "py-eu", labels={"zone": "eu-west"})
+    add_worker(db_url, "py-us", labels={"zone": "us-east"})
+    add_worker(db_url, "node-eu", runtimes=("node",), labels={"zone": "eu-west"})
+    add_worker(db_url, "gpu-eu", labels={"zone": "eu-west"}, taints=[{"key": "gpu", "effect": "no_schedule"}])
+    add_worker(db_url, "gone", status="inactive")
+    assert place(db_url, "s.node", "--runtime", "node").stdout.strip() == "node-eu"
+    assert place(db_url, "s.eu1", "--runtime", "python", "--selector", "zone=eu-west").stdout.strip() == "py-eu"
+    # least loaded next: py-eu has one, so the tainted gpu-eu only when tolerated
+    assert place(db_url, "s.eu2", "--runtime", "python", "--selector", "zone=eu-west").stdout.strip() == "py-eu"
+    assert place(db_url, "s.gpu", "--runtime", "python", "--tolerate", "gpu").stdout.strip() == "gpu-eu"
+    # placing again changes nothing
+    assert place(db_url, "s.eu1", "--runtime", "python").stdout.strip() == "py-eu"
+    refused = place(db_url, "s.ruby", "--runtime", "ruby")
+    assert refused.returncode == 1 and "no schedulable worker offers runtime 'ruby'" in refused.stderr
+    assert assignments(db_url, "--pending") == {"s.ruby": None}
+
+
+def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, workdir, daemons):
+    add_worker(db_url, "small", capacity=1)
+    assert place(db_url, "s.1", "--runtime", "python").returncode == 0
+    full = place(db_url, "s.2", "--runtime", "python")
+    assert full.returncode == 1 and "full" in full.stderr
+    # a new worker registers: the daemon places what is pending
+    daemon = daemons(config_for(workdir, db_url, "sensor-new", capabilities={"runtimes": ["python"]}))
+    daemon.wait_for_line("heartbeat: worker")
+    wait_for(lambda: assignments(db_url).get("s.2") == "sensor-new", 10, what="the pending sensor placed")
+
+
+def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_url):
+    for n in range(3):
+        add_worker(db_url, f"cap-{n}", capacity=20)
+    script = ("import sys\nfrom attune_sensor import config, schema\nfrom attune_sensor.db import Database\n"
+              "from attune_sensor.scheduler import Scheduler, NoEligibleWorker\n"
+              "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
+              "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db))\n"
+              "for i in range(50):\n"
+              "    ref = f's.{i % 40}.{int(sys.argv[2]) % 4}'\n"  # placers overlap on the same refs
+              "    try: s.place(ref, 'python')\n"
+              "    except NoEligibleWorker: pass\n")
+    placers = [subprocess.Popen([sys.executable, "-c", script, db_url, str(p)], env=base_env()) for p in range(8)]
+    assert all(p.wait(120) == 0 for p in placers)
+    loads = dict(query(db_url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
+                               "ON a.worker_id = w.id GROUP BY w.name"))
+    assert all(load <= 20 for load in loads.values()) and sum(loads.values()) == 60, loads
+    refs = query(db_url, "SELECT count(*), count(DISTINCT sensor_ref) FROM attune_sensor.assignment")[0]
+    assert refs == (160, 160)  # 40 x 4 distinct refs: 60 placed, 100 pending, none twice
+
+
+def test_a_killed_workers_sensors_move_to_the_living(db_url, workdir, daemons):
+    survivor = daemons(config_for(workdir, db_url, "sensor-survivor", heartbeat_interval=1,
+                                  capabilities={"runtimes": ["python"]}, max_concurrent_sensors=10))
+    doomed = daemons(config_for(workdir, db_url, "sensor-doomed2", heartbeat_interval=1,
+                                capabilities={"runtimes": ["python"]}, max_concurrent_sensors=10))
+    for daemon in (survivor, doomed):
+        daemon.wait_for_line("heartbeat: worker")
+    for n in range(6):
+        assert place(db_url, f"s.{n}", "--runtime", "python").returncode == 0
+    before = assignments(db_url)
+    assert set(before.values()) == {"sensor-survivor", "sensor-doomed2"}
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.wait()
+    wait_for(lambda: set(assignments(db_url).values()) == {"sensor-survivor"}, 25,
+             what="the killed worker's sensors re-placed")
+    after = assignments(db_url)
+    assert sorted(after) == sorted(before)  # none lost, none twice
+    survivor.wait_for_line("re-placed")
+
+
+def test_unplace_forgets_and_says_when_there_was_nothing(db_url):
+    add_worker(db_url, "w1")
+    assert place(db_url, "s.x", "--runtime", "python").returncode == 0
+    env = {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}
+    assert run_cli("unplace", "s.x", env=env).returncode == 0
+    again = run_cli("unplace", "s.x", env=env)
+    assert again.returncode == 1 and "not placed" in again.stderr
+    assert assignments(db_url) == {}
