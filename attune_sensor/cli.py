@@ -81,6 +81,8 @@ def _parser():
     unplace.add_argument("sensor_ref", metavar="SENSOR_REF")
     assignments = commands.add_parser("assignments", help="sensors and the workers they are placed on")
     assignments.add_argument("--worker", metavar="NAME", help="only this worker's sensors")
+    assignments.add_argument("--mine", action="store_true", help="only the sensors of this host's worker "
+                                                                 "(sensor.worker_name)")
     assignments.add_argument("--pending", action="store_true", help="only sensors waiting for a worker")
     assignments.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show = commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
@@ -205,10 +207,11 @@ def cmd_workers(args):
         if args.watch:
             _watch(args, config)
         return 0
-    header = ("NAME", "HOST", "STATUS", "RUNTIMES", "CAPACITY", "HEARTBEAT")
+    header = ("NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT")
     rows = [(w["name"], w["host"] or "",
              w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else ""),
-             ",".join(w["runtimes"]), str(w["capacity"]), _age(w["heartbeat_age"])) for w in workers]
+             ",".join(w["runtimes"]), f"{'-' if w['sensors'] is None else w['sensors']}/{w['capacity']}",
+             _age(w["heartbeat_age"])) for w in workers]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -263,7 +266,8 @@ def cmd_check(args):
         print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
         return CHECK_CRITICAL
     cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
-    print(f"OK: worker {name} (id {worker['id']}) active{cordoned}, last heartbeat {age}")
+    sensors = "" if worker["sensors"] is None else f", {worker['sensors']} of {worker['capacity']} sensors placed"
+    print(f"OK: worker {name} (id {worker['id']}) active{cordoned}{sensors}, last heartbeat {age}")
     return CHECK_OK
 
 
@@ -344,9 +348,11 @@ def cmd_unplace(args):
 
 
 def cmd_assignments(args):
-    scheduler, db = _scheduler(_load(args))
+    config = _load(args)
+    scheduler, db = _scheduler(config)
     try:
-        rows = scheduler.assignments(worker=args.worker, pending=args.pending)
+        rows = scheduler.assignments(worker=config.sensor.worker_name if args.mine else args.worker,
+                                     pending=args.pending)
     finally:
         db.close()
     if args.json:

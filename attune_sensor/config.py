@@ -63,6 +63,9 @@ class SensorConfig:
     capabilities: dict = field(default_factory=dict)  # custom keys, without runtimes
     stale_multiplier: float = 3.0
     reaper: bool = True
+    # where the daemon writes the sensors placed on it, for a local sensor runtime to watch:
+    # "auto" = $RUNTIME_DIRECTORY/assignments-<worker_name>.json under systemd, else none
+    assignments_file: str = "auto"
     labels: dict = field(default_factory=dict)  # the platform's placement labels (placement.py)
     taints: tuple = ()  # of {key, value?, effect}
 
@@ -207,6 +210,16 @@ RESERVED_CAPABILITIES = {"labels": "sensor.labels", "taints": "sensor.taints",
                          "runtime_versions": "detection", "detected_interpreters": "detection"}
 
 
+def _assignments_file(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be an absolute path, auto or none, got {_describe(value)}")
+    if value.strip().lower() in ("auto", "none"):
+        return value.strip().lower()
+    if not value.startswith("/") or len(value) > 4096 or any(ord(c) < 32 for c in value):
+        raise ValueError(f"must be an absolute path without control characters, got {_describe(value)}")
+    return value
+
+
 def _labels(value):
     from . import placement
 
@@ -254,6 +267,7 @@ SCHEMA = {
         "reaper": _boolean,
         "labels": _labels,
         "taints": _taints,
+        "assignments_file": _assignments_file,
     },
 }
 
@@ -418,6 +432,7 @@ def describe(config):
             "max_concurrent_sensors": sensor.max_concurrent_sensors,
             "stale_multiplier": sensor.stale_multiplier,
             "reaper": sensor.reaper,
+            "assignments_file": sensor.assignments_file,
             "labels": dict(sensor.labels),
             "taints": [dict(t) for t in sensor.taints],
             "capabilities": capabilities,

@@ -87,7 +87,8 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
        (w.status = 'active' AND {stale}) AS stale,
        {interval},
        coalesce(w.meta ? 'reaped_at', false) AS reaped,
-       {cordoned}
+       {cordoned},
+       {sensors}
   FROM worker AS w
  WHERE {roles}
    AND (%(runtime)s::text IS NULL OR w.capabilities -> 'runtimes' ? %(runtime)s::text)
@@ -97,7 +98,7 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
 """
 
 COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity",
-           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned")
+           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors")
 
 
 def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
@@ -124,8 +125,11 @@ def reap_stale(db, reaper_name, multiplier, table=None):
 def workers_sql(table):
     """The listing for this worker table: cordons show where the table has them."""
     cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
+    # sensors placed on it (scheduler.py), where this database has the assignments table
+    sensors = ("(SELECT count(*) FROM attune_sensor.assignment AS a WHERE a.worker_id = w.id)"
+               if table.assignments else "NULL::bigint")
     return WORKERS_SQL.format(stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
-                              cordoned=cordoned)
+                              cordoned=cordoned, sensors=sensors)
 
 
 def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, table=None):

@@ -9,6 +9,7 @@ One thread. Signal handlers only set flags and wake the loop through a pipe
     SIGTERM/SIGINT: STOPPING=1 -> deregister -> close -> exit 0
 """
 
+import json
 import os
 import select
 import signal
@@ -31,6 +32,10 @@ STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
 RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
 RECONCILE_LIMIT = 500  # sensors placed per pass: a few milliseconds each
+STOP_RECONCILE_LIMIT = 100  # at stop, inside TimeoutStopSec
+# How often a daemon reads the sensors placed on it: a statement of its own at this slower
+# cadence, never one more on the heartbeat path (docs/scheduling.md, "The worker's side").
+ASSIGNMENT_READ_PERIOD = 10.0
 # What a running daemon logs and rides out; anything else is a bug and ends the process.
 DATABASE_TROUBLE = (DatabaseUnavailable, DatabaseError, SchemaMissing)
 
@@ -77,6 +82,8 @@ class SensorService:
         self._capabilities_pending = False
         self._database_down = False
         self._next_reap = 0.0
+        self._next_assignment_read = 0.0
+        self._my_sensors = None  # {ref: runtime} last read; None before the first read
 
     # --- public -------------------------------------------------------------------------
 
@@ -93,6 +100,7 @@ class SensorService:
                 log.info("Stopped before the worker was registered")
                 return
             self.notifier.ready(self._status_line())
+            self._maybe_read_assignments(force=True)
             self._loop()
         finally:
             try:
@@ -214,6 +222,7 @@ class SensorService:
         # After every attempt that ended within its bound, database up or down (docs/design.md, "Watchdog").
         self.notifier.watchdog()
         self._maybe_reap()
+        self._maybe_read_assignments()
 
     def _maybe_reap(self):
         sensor = self.config.sensor
@@ -239,7 +248,61 @@ class SensorService:
         if reaped:
             self._reconcile("reaping " + ", ".join(name for _, name, _ in reaped))
 
-    def _reconcile(self, why):
+    def _maybe_read_assignments(self, force=False):
+        """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,
+        and keeps the assignments file (config sensor.assignments_file) for a local runtime."""
+        if (self.table is None or not self.table.assignments or self._database_down or self._stop_requested
+                or (not force and self.clock() < self._next_assignment_read)):
+            return
+        from .scheduler import Scheduler
+
+        self._next_assignment_read = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
+        try:
+            rows = Scheduler(self.db, self.table).assignments(worker=self.registration.worker_name)
+        except DATABASE_TROUBLE as exc:
+            log.warning("could not read this worker's sensor assignments: %s", exc)
+            return
+        current = {row["sensor_ref"]: row for row in rows}
+        previous = self._my_sensors or {}
+        if current.keys() != previous.keys() or self._my_sensors is None:
+            self._write_assignments(current)  # before the log lines: whoever reads them finds the file
+        for ref in sorted(set(current) - set(previous)):
+            log.info("assigned sensor %s (runtime %s)", ref, current[ref]["runtime"])
+        for ref in sorted(set(previous) - set(current)):
+            log.info("released sensor %s", ref)
+        self._my_sensors = current
+
+    def _assignments_path(self):
+        configured = self.config.sensor.assignments_file
+        if configured == "none":
+            return None
+        if configured == "auto":
+            directory = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+            return os.path.join(directory, f"assignments-{self.config.sensor.worker_name}.json") if directory else None
+        return configured
+
+    def _write_assignments(self, current):
+        path = self._assignments_path()
+        if path is None:
+            return
+        document = {"worker": self.registration.worker_name, "worker_id": self.registration.worker_id,
+                    "sensors": [{"sensor_ref": ref, "runtime": row["runtime"],
+                                 "assigned_at": row["assigned_at"].isoformat() if row["assigned_at"] else None}
+                                for ref, row in sorted(current.items())]}
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=2)
+                handle.write("\n")
+            os.replace(temporary, path)  # a reader sees the old file or the new one, never half of one
+        except OSError as exc:
+            log.warning("could not write the assignments file %s: %s", path, exc.strerror)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+
+    def _reconcile(self, why, limit=None):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
         Bounded per pass so the loop keeps its rhythm; what is left waits for the next event."""
         if self.table is None or not self.table.assignments:
@@ -248,7 +311,7 @@ class SensorService:
 
         try:
             released, placed = Scheduler(self.db, self.table, self.config.sensor.stale_multiplier).reconcile(
-                limit=RECONCILE_LIMIT)
+                limit=limit or RECONCILE_LIMIT)
         except DATABASE_TROUBLE as exc:
             log.warning("sensor placement after %s skipped: %s", why, exc)
             return
@@ -256,6 +319,7 @@ class SensorService:
             shown = ", ".join(f"{ref} on {worker}" for ref, worker in sorted(placed.items())[:20])
             log.info("Sensors re-placed after %s: %d released, %d placed%s", why, len(released), len(placed),
                      f" ({shown})" if shown else "")
+        self._next_assignment_read = 0.0  # show this worker's side of it at the next beat
 
     # --- reload -------------------------------------------------------------------------
 
@@ -325,6 +389,8 @@ class SensorService:
                 if registration.deregister():
                     log.info("Deregistered sensor worker %s (id %s): status inactive",
                              registration.worker_name, registration.worker_id)
+                    # its sensors move to the living now, not when a reaper would notice
+                    self._reconcile("this worker stopped", limit=STOP_RECONCILE_LIMIT)
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",
                                 registration.worker_name)

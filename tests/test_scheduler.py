@@ -108,3 +108,35 @@ def test_unplace_forgets_and_says_when_there_was_nothing(db_url):
     again = run_cli("unplace", "s.x", env=env)
     assert again.returncode == 1 and "not placed" in again.stderr
     assert assignments(db_url) == {}
+
+
+def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, workdir, daemons):
+    path = config_for(workdir, db_url, "sensor-side", capabilities={"runtimes": ["python"]})
+    daemon = daemons(path, env={"RUNTIME_DIRECTORY": workdir})
+    daemon.wait_for_line("heartbeat: worker")
+    assert place(db_url, "s.mine", "--runtime", "python").stdout.strip() == "sensor-side"
+    daemon.wait_for_line("assigned sensor s.mine (runtime python)", timeout=20)
+    document = json.loads(open(f"{workdir}/assignments-sensor-side.json").read())
+    assert document["worker"] == "sensor-side" and [s["sensor_ref"] for s in document["sensors"]] == ["s.mine"]
+    mine = run_cli("--config", path, "assignments", "--mine", "--json")
+    assert [a["sensor_ref"] for a in json.loads(mine.stdout)] == ["s.mine"]
+    check = run_cli("--config", path, "check")
+    assert check.returncode == 0 and "1 of 10 sensors placed" in check.stdout
+    assert "1/10" in run_cli("--config", path, "workers").stdout
+    assert run_cli("unplace", "s.mine", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
+    daemon.wait_for_line("released sensor s.mine", timeout=20)
+    assert json.loads(open(f"{workdir}/assignments-sensor-side.json").read())["sensors"] == []
+
+
+def test_a_worker_that_stops_hands_its_sensors_to_the_others(db_url, workdir, daemons):
+    staying = daemons(config_for(workdir, db_url, "sensor-stays", capabilities={"runtimes": ["python"]}))
+    leaving = daemons(config_for(workdir, db_url, "sensor-leaves", capabilities={"runtimes": ["python"]}))
+    for daemon in (staying, leaving):
+        daemon.wait_for_line("heartbeat: worker")
+    for n in range(4):
+        assert place(db_url, f"s.{n}", "--runtime", "python").returncode == 0
+    assert set(assignments(db_url).values()) == {"sensor-stays", "sensor-leaves"}
+    leaving.signal(signal.SIGTERM)
+    assert leaving.wait() == 0
+    assert set(assignments(db_url).values()) == {"sensor-stays"}  # at once, not after a reaper pass
+    assert "Sensors re-placed after this worker stopped" in leaving.output
