@@ -77,6 +77,10 @@ def _parser():
                        help="a label the worker must have (repeatable)")
     place.add_argument("--tolerate", action="append", default=[], metavar="TAINT",
                        help="a taint the sensor tolerates, key[=value][:effect] (repeatable)")
+    commands.add_parser("rebalance", help="even out sensors over the eligible workers, moving as few as it can",
+                        description="Move sensors from the most loaded workers (sensors / max_concurrent_sensors) to "
+                                    "eligible less loaded ones, one at a time, only while a move makes the fleet "
+                                    "more even. Prints each move.")
     unplace = commands.add_parser("unplace", help="forget a sensor's placement")
     unplace.add_argument("sensor_ref", metavar="SENSOR_REF")
     assignments = commands.add_parser("assignments", help="sensors and the workers they are placed on")
@@ -112,7 +116,7 @@ def main(argv=None):
         signal.signal(signal.SIGHUP, previous_hup)
     handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
                "metrics": cmd_metrics, "config": cmd_config, "place": cmd_place, "unplace": cmd_unplace,
-               "assignments": cmd_assignments}[args.command]
+               "assignments": cmd_assignments, "rebalance": cmd_rebalance}[args.command]
     try:
         return handler(args)
     except AttuneSensorError as exc:
@@ -333,6 +337,18 @@ def cmd_place(args):
         raise ConfigError(f"place: {exc}") from None
     finally:
         db.close()
+    return 0
+
+
+def cmd_rebalance(args):
+    scheduler, db = _scheduler(_load(args))
+    try:
+        moves = scheduler.rebalance()
+    finally:
+        db.close()
+    for ref, source, target in moves:
+        print(f"moved {ref}: {source} -> {target}")
+    print(f"{len(moves)} sensor(s) moved")
     return 0
 
 

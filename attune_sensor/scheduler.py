@@ -104,6 +104,34 @@ SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at
 
 UNPLACE_SQL = f"DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %s RETURNING sensor_ref"
 
+# One move of a rebalance: among the most loaded workers (by load / capacity), one sensor that
+# another worker eligible for it would hold at a strictly lower ratio than its own now. Moving
+# only when that is true makes every move even the fleet out, so a rebalance ends, and moves
+# no sensor that is already where balance wants it.
+REBALANCE_STEP_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s);
+WITH loads AS (
+    SELECT w.id, w.name, {load} AS load, {capacity} AS capacity FROM worker AS w
+     WHERE {roles} AND ({alive}) AND ({schedulable}) AND {capacity} > 0
+), sources AS (
+    SELECT * FROM loads WHERE load > 0 ORDER BY load::float8 / capacity DESC, name LIMIT 20
+), move AS (
+    SELECT a.sensor_ref, s.name AS source, dst.id AS target_id, dst.name AS target
+      FROM sources AS s
+      JOIN {assignments} AS a ON a.worker_id = s.id
+      CROSS JOIN LATERAL (
+          SELECT d.id, d.name, d.load, d.capacity FROM worker AS w JOIN loads AS d ON d.id = w.id
+           WHERE w.id <> s.id AND ({eligible_for_a})
+           ORDER BY (d.load + 1)::float8 / d.capacity, d.name LIMIT 1) AS dst
+     WHERE (dst.load + 1)::float8 / dst.capacity < s.load::float8 / s.capacity - 1e-9
+     ORDER BY s.load::float8 / s.capacity DESC, (dst.load + 1)::float8 / dst.capacity, a.sensor_ref
+     LIMIT 1
+)
+UPDATE {assignments} AS a SET worker_id = move.target_id, assigned_at = now()
+  FROM move WHERE a.sensor_ref = move.sensor_ref
+RETURNING a.sensor_ref, move.source, move.target
+"""
+
 
 class NoEligibleWorker(AttuneSensorError):
     """The sensor is recorded as pending: no worker may take it now."""
@@ -121,6 +149,12 @@ class Scheduler:
         eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
         self._place = PLACE_SQL.format(roles=LISTED_ROLES, eligible=eligible, penalized=PENALIZED, load=LOAD,
                                        capacity=CAPACITY, assignments=ASSIGNMENTS)
+        # the same rule, for the sensor `a` being moved instead of one given as parameters
+        for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
+                 .replace("%(tolerations)s::jsonb", "a.tolerations"))
+        self._rebalance_step = REBALANCE_STEP_SQL.format(
+            load=LOAD, capacity=CAPACITY, roles=LISTED_ROLES, alive=self._checks["alive"],
+            schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, eligible_for_a=for_a)
 
     def place(self, ref, runtime, selector=None, tolerations=()):
         """Places one sensor and returns its worker's name (where it already is, if placed
@@ -139,6 +173,17 @@ class Scheduler:
         rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
         keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at")
         return [dict(zip(keys, row)) for row in rows]
+
+    def rebalance(self, limit=100_000):
+        """Evens out a skewed fleet (new workers joined, say) one move at a time, each making
+        the fleet strictly more even. Returns [(sensor_ref, from_worker, to_worker)]."""
+        moves = []
+        while len(moves) < limit:
+            moved = self.db.execute(self._rebalance_step, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})
+            if not moved:
+                break
+            moves.append(tuple(moved[0]))
+        return moves
 
     def reconcile(self, limit=10_000):
         """Failover: sensors of workers that died or left go back to pending, then every pending

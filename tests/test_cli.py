@@ -86,7 +86,7 @@ def test_version_and_usage_errors():
 
     help_text = run_cli("--help").stdout
     listed = re.findall(r"^    (\w+)\s", help_text, re.M)  # the commands' own lines, each with its help
-    assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "unplace", "assignments",
+    assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "rebalance", "unplace", "assignments",
                       "config"], help_text
 
 

@@ -140,3 +140,21 @@ def test_a_worker_that_stops_hands_its_sensors_to_the_others(db_url, workdir, da
     assert leaving.wait() == 0
     assert set(assignments(db_url).values()) == {"sensor-stays"}  # at once, not after a reaper pass
     assert "Sensors re-placed after this worker stopped" in leaving.output
+
+
+def test_rebalance_evens_out_new_workers_moving_as_few_as_it_can(db_url):
+    add_worker(db_url, "old-1", capacity=10)
+    for n in range(8):
+        assert place(db_url, f"s.{n}", "--runtime", "python").stdout.strip() == "old-1"
+    add_worker(db_url, "new-1", capacity=10)
+    add_worker(db_url, "new-2", capacity=10)
+    add_worker(db_url, "node-only", runtimes=("node",), capacity=10)  # not eligible for these sensors
+    result = run_cli("rebalance", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"})
+    assert result.returncode == 0, result.stderr
+    loads = {}
+    for worker in assignments(db_url).values():
+        loads[worker] = loads.get(worker, 0) + 1
+    assert sorted(loads.values()) == [2, 3, 3] and "node-only" not in loads  # 8 over three: the most even
+    assert "5 sensor(s) moved" in result.stdout  # and exactly the 5 moves that takes
+    again = run_cli("rebalance", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"})
+    assert "0 sensor(s) moved" in again.stdout
