@@ -374,7 +374,7 @@ def test_a_killed_worker_is_marked_inactive_in_bounded_time_with_one_scan_per_pe
     doomed = daemons(config_for(workdir, db_url, "sensor-doomed", heartbeat_interval=1))
     for daemon in alive + [doomed]:
         daemon.wait_for_line("heartbeat: worker")
-    gate_updates = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor'"
+    gate_updates = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' AND relname = 'reaper_gate'"
     query(db_url, "SELECT pg_stat_force_next_flush()")
     scans_before = query(db_url, gate_updates)[0][0]
     doomed.proc.kill()
