@@ -26,6 +26,13 @@ LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
 REAPED_ROLES = "(w.worker_role::text = 'sensor' OR (w.worker_role::text = 'hybrid' AND w.meta ? 'instance_id'))"
 
+def _mark_reaped(reaper_param):
+    """The SET clause of a reap: inactive, and who reaped it when, in meta (one definition for
+    the periodic reaper and the one on the heartbeat)."""
+    return (f"status = 'inactive', meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object("
+            f"'reaped_at', now(), 'reaped_by', {reaper_param}::text, 'reaped_last_heartbeat', w.last_heartbeat)")
+
+
 # Election and work in one statement: the CTE is evaluated once, and only the session that
 # got the transaction-scoped advisory lock updates anything. The lock ends with the statement.
 # The last row carries the number of active workers, which spaces out the next attempt.
@@ -33,10 +40,7 @@ REAP_SQL = f"""
 WITH elected AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(lock)s) AS ok),
 reaped AS (
     UPDATE worker AS w
-       SET status = 'inactive',
-           meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
-               'reaped_at', now(), 'reaped_by', %(reaper)s::text,
-               'reaped_last_heartbeat', w.last_heartbeat)
+       SET {_mark_reaped("%(reaper)s")}
       FROM elected
      WHERE elected.ok
        AND {REAPED_ROLES}
@@ -67,10 +71,7 @@ gate AS MATERIALIZED (
 ),
 reaped AS (
     UPDATE worker AS w
-       SET status = 'inactive',
-           meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object(
-               'reaped_at', now(), 'reaped_by', %(name)s::text,
-               'reaped_last_heartbeat', w.last_heartbeat)
+       SET {_mark_reaped("%(name)s")}
      WHERE EXISTS (SELECT 1 FROM gate)
        AND w.id <> %(id)s
        AND {REAPED_ROLES}
