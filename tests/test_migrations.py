@@ -130,8 +130,9 @@ def test_spec_queries_run_unchanged(spec_db_url, sql, name_column, expected):
     assert {row[name_column] for row in rows} == expected
 
 
-def shipped_heartbeats(url, name, count):
-    """`count` heartbeats through SensorWorkerRegistration: the statement the package ships."""
+def shipped_heartbeats(url, name, count, reaping=True):
+    """`count` heartbeats through SensorWorkerRegistration: the statement the package ships
+    (by default as the daemon sends it, with the reaper's CTEs in front)."""
     from attune_sensor import config
     from attune_sensor.db import Database
     from attune_sensor.registration import SensorWorkerRegistration
@@ -140,6 +141,8 @@ def shipped_heartbeats(url, name, count):
     db = Database.from_config(cfg)
     registration = SensorWorkerRegistration(db, cfg, ["shell"])
     registration.register()
+    if reaping:
+        registration.reap_multiplier = 3.0
     query(url, "SELECT pg_stat_force_next_flush()")
     before = query(url, "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'worker'")[0]
     beats = [registration.heartbeat() for _ in range(count)]
@@ -149,8 +152,9 @@ def shipped_heartbeats(url, name, count):
     return beats, after[0] - before[0], after[1] - before[1]
 
 
-def test_updated_is_maintained_and_shipped_heartbeats_are_hot(spec_db_url):
-    beats, updates, hot = shipped_heartbeats(spec_db_url, "hot", 20)
+@pytest.mark.parametrize("reaping", [True, False], ids=["daemon", "api"])
+def test_updated_is_maintained_and_shipped_heartbeats_are_hot(spec_db_url, reaping):
+    beats, updates, hot = shipped_heartbeats(spec_db_url, "hot", 20, reaping)
     assert all(beats) and updates == 20 and hot == 20
     assert query(spec_db_url, "SELECT updated > created FROM worker WHERE name = 'hot'") == [(True,)]
 
@@ -167,7 +171,7 @@ def test_on_the_platforms_schema_heartbeats_are_hot_only_after_the_opt_in(cluste
 def test_the_shipped_heartbeat_is_fenced(db_url):
     from attune_sensor import config
     from attune_sensor.db import Database
-    from attune_sensor.registration import HEARTBEAT_SQL, SensorWorkerRegistration
+    from attune_sensor.registration import HEARTBEAT_SQL, REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
     cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="fenced")
     db = Database.from_config(cfg)
@@ -177,4 +181,5 @@ def test_the_shipped_heartbeat_is_fenced(db_url):
     assert registration.heartbeat()
     # the statement with the fence of a write that is no longer the last: touches nothing
     assert db.execute(HEARTBEAT_SQL, stale_fence) == []
+    assert db.execute(REAPING_HEARTBEAT_SQL, dict(stale_fence, name="fenced", multiplier=3.0)) == []
     db.close()
