@@ -175,13 +175,25 @@ def cmd_migrate(args):
     return 0
 
 
-def _fleet_query(config, **filters):
-    from . import fleet, schema
+def _attached_db(config):
+    """(db, worker table): a bounded connection that finds the worker table (schema.attach).
+    The caller closes db."""
+    from . import schema
     from .db import Database
 
     db = Database.from_config(config, application_name="attune-sensor cli")
     try:
-        table = schema.attach(db, config.database.schema)
+        return db, schema.attach(db, config.database.schema)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _fleet_query(config, **filters):
+    from . import fleet
+
+    db, table = _attached_db(config)
+    try:
         return fleet.list_workers(db, config.sensor.stale_multiplier, table=table, **filters)
     finally:
         db.close()
@@ -230,17 +242,14 @@ def cmd_workers(args):
 
 
 def _watch(args, config):
-    from . import fleet, schema
-    from .db import Database
+    from . import fleet
 
-    db = Database.from_config(config, application_name="attune-sensor cli")
-    try:
-        if schema.attach(db, config.database.schema).is_platform:
-            raise AttuneSensorError(
-                "--watch needs attune-sensor's worker-event trigger, which it does not add to the Attune "
-                "platform's schema; use 'attune-sensor workers' (or the platform's worker_history table)")
-    finally:
-        db.close()
+    db, table = _attached_db(config)
+    db.close()
+    if table.is_platform:
+        raise AttuneSensorError(
+            "--watch needs attune-sensor's worker-event trigger, which it does not add to the Attune "
+            "platform's schema; use 'attune-sensor workers' (or the platform's worker_history table)")
 
     def show(event):
         if args.json:
@@ -276,13 +285,12 @@ def cmd_check(args):
 
 
 def cmd_metrics(args):
-    from . import fleet, schema
-    from .db import Database
+    from . import fleet
 
     config = _load(args)
-    db = Database.from_config(config, application_name="attune-sensor cli")
+    db, table = _attached_db(config)
     try:
-        stats = fleet.metrics(db, config.sensor.stale_multiplier, schema.attach(db, config.database.schema))
+        stats = fleet.metrics(db, config.sensor.stale_multiplier, table)
     finally:
         db.close()
     lines = []
@@ -309,12 +317,9 @@ def cmd_metrics(args):
 
 
 def _scheduler(config):
-    from . import schema
-    from .db import Database
     from .scheduler import Scheduler
 
-    db = Database.from_config(config, application_name="attune-sensor cli")
-    table = schema.attach(db, config.database.schema)
+    db, table = _attached_db(config)
     if not table.assignments:
         db.close()
         raise AttuneSensorError("this database has no attune_sensor.assignment table (or this role may not "

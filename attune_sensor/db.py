@@ -135,7 +135,6 @@ class Database:
         deadline = time.monotonic() + self.statement_timeout
         try:
             cursor = self._conn.cursor()
-            sent = None
             if self.search_path and not plain:
                 sql = (cursor.mogrify("SELECT set_config('search_path', %s, true);", (self.search_path,))
                        + cursor.mogrify(sql, params))

@@ -26,11 +26,16 @@ LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
 REAPED_ROLES = "(w.worker_role::text = 'sensor' OR (w.worker_role::text = 'hybrid' AND w.meta ? 'instance_id'))"
 
+# What a reap writes into meta, and so what a worker that comes back removes (registration.py).
+REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
+
+
 def _mark_reaped(reaper_param):
     """The SET clause of a reap: inactive, and who reaped it when, in meta (one definition for
     the periodic reaper and the one on the heartbeat)."""
-    return (f"status = 'inactive', meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object("
-            f"'reaped_at', now(), 'reaped_by', {reaper_param}::text, 'reaped_last_heartbeat', w.last_heartbeat)")
+    values = ("now()", f"{reaper_param}::text", "w.last_heartbeat")
+    pairs = ", ".join(f"'{key}', {value}" for key, value in zip(REAPER_META_KEYS, values))
+    return f"status = 'inactive', meta = coalesce(w.meta, '{{}}'::jsonb) || jsonb_build_object({pairs})"
 
 
 # Election and work in one statement: the CTE is evaluated once, and only the session that

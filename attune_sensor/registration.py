@@ -26,14 +26,12 @@ from . import __version__
 from .db import json_param
 from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
 from .runtimes import runtime_versions
-from .fleet import GATED_REAP_CTES
+from .fleet import GATED_REAP_CTES, REAPER_META_KEYS
 from .schema import DEFAULT_RECORDED_INTERVAL, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
 TRACKED = "xmin::text, host, worker_role::text, capabilities, meta, last_heartbeat"
 TRACKED_FIELDS = ("xmin", "host", "role", "capabilities", "meta", "last_heartbeat")
-# Keys the reaper adds to meta (fleet.py); they are not a foreign writer's.
-REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
 
 # One atomic statement (docs/design.md, "Registration"). Only sensor (and hybrid) rows are ever
 # taken over, and only when not active, stale by their own interval, or from this machine (a
@@ -82,7 +80,7 @@ RETURNING xmin::text, last_heartbeat,
 # After the reaper marked us inactive while we were alive: active again, its marks removed.
 RESUME_SQL = f"""
 UPDATE worker SET last_heartbeat = now(), status = 'active',
-       meta = meta - 'reaped_at' - 'reaped_by' - 'reaped_last_heartbeat'
+       meta = meta{"".join(f" - '{key}'" for key in REAPER_META_KEYS)}
 WHERE id = %(id)s AND xmin = %(xmin)s::xid
 RETURNING {TRACKED}
 """
@@ -221,16 +219,15 @@ class SensorWorkerRegistration:
             rows = self.db.execute(REAPING_HEARTBEAT_SQL, dict(
                 self._fence(), name=self.worker_name, multiplier=self.reap_multiplier))
             if rows:
-                self._row["xmin"], self._row["last_heartbeat"], reaped = rows[0]
-                self.reaped = [tuple(r) for r in reaped]
-                return True
+                self.reaped = [tuple(r) for r in rows[0][2]]
         else:
             rows = self.db.execute(HEARTBEAT_SQL, self._fence())
-            if rows:
-                self._row["xmin"], self._row["last_heartbeat"] = rows[0]
-                return True
+        if rows:
+            self._row["xmin"], self._row["last_heartbeat"] = rows[0][:2]
+            return True
         if not self._after_fence_miss():
             return False
+        # the outside change is adopted: one more try, this time with our fence
         resume = self._row.get("status") != "active" or any(k in (self._row["meta"] or {}) for k in REAPER_META_KEYS)
         rows = self.db.execute(RESUME_SQL if resume else HEARTBEAT_SQL, self._fence())
         if not rows:  # written again in between: the next beat looks once more
@@ -262,11 +259,11 @@ class SensorWorkerRegistration:
         for _ in range(2):
             if self.db.execute(DEREGISTER_SQL, self._fence()):
                 return True
-            row = self.db.execute(READ_SQL, (self.worker_id,))
-            if not row:
+            current = self._read()
+            if current is None:
                 return False
             try:
-                self._classify(dict(zip(TRACKED_FIELDS + ("status",), row[0])))
+                self._classify(current)
             except WorkerNameConflict:
                 return False  # taken over or rewritten: not ours to mark
         return False
@@ -282,14 +279,19 @@ class SensorWorkerRegistration:
     def _after_fence_miss(self):
         """Someone else wrote our row. True when the change is one we adopt (the caller
         retries); False when the row was gone and we registered again; raises otherwise."""
-        rows = self.db.execute(READ_SQL, (self.worker_id,))
-        if not rows:
+        current = self._read()
+        if current is None:
             # The row is gone (deleted by an operator): register again, keeping our instance id.
             self.worker_id = None
             self.register()
             return False
-        self._classify(dict(zip(TRACKED_FIELDS + ("status",), rows[0])))
+        self._classify(current)
         return True
+
+    def _read(self):
+        """Our row as it is now (TRACKED_FIELDS + status), or None when it is gone."""
+        rows = self.db.execute(READ_SQL, (self.worker_id,))
+        return dict(zip(TRACKED_FIELDS + ("status",), rows[0])) if rows else None
 
     def _classify(self, current):
         mine = self._row

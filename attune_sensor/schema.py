@@ -121,11 +121,6 @@ class WorkerTable:
         labels = self.enums.get(column)
         return labels is None or value in labels
 
-    @property
-    def sensor_roles(self):
-        """Role labels that attune-sensor lists and reaps: sensor, and hybrid where it exists."""
-        return tuple(r for r in ("sensor", "hybrid") if self.allows("worker_role", r))
-
     def describe(self):
         where = self.schema + ("" if self.on_search_path else " (not on the connection's search_path)")
         kind = "the Attune platform's schema" if self.is_platform else "attune-sensor's schema (the spec's)"

@@ -20,9 +20,10 @@ from dataclasses import replace
 from . import config as config_module
 from . import fleet, logs, runtimes, schema
 from .db import Backoff, Database
-from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing, WorkerNameConflict
+from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
 from .notify import Notifier, watchdog_usec
 from .registration import SensorWorkerRegistration
+from .scheduler import Scheduler
 
 log = logs.get("service")
 
@@ -72,6 +73,7 @@ class SensorService:
         # Until the worker table is found, the spec's default; then schema.choose_interval().
         self.interval = config.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
         self.table = None
+        self.scheduler = None  # placement (scheduler.py), where the database has the assignments table
         self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ,
                                                      interpreters=interpreters)
         self._stop_requested = False
@@ -147,16 +149,26 @@ class SensorService:
         """Where the worker table is and what it is decides the interval and capabilities."""
         table = schema.attach(self.db, self.config.database.schema)
         schema.check_worker_type(table, self.registration.worker_type)
-        interval = schema.choose_interval(self.config.sensor.heartbeat_interval, table,
-                                          self.config.database.statement_timeout)
+        self.table = table
+        interval = self._interval_for(self.config)
         check_watchdog_fits(interval, self.environ)
-        self.table, self.interval = table, interval
+        self.interval = interval
         self.registration.set_capabilities(self.config, self.runtimes, interval, self.interpreters)
-        # With the gate, the reaper rides on every heartbeat; without it (a database not migrated
-        # by this version), the periodic reaper of _maybe_reap.
-        if self.config.sensor.reaper and table.reaper_gate:
-            self.registration.reap_multiplier = self.config.sensor.stale_multiplier
+        self.registration.reap_multiplier = self._reap_multiplier()
+        self.scheduler = Scheduler(self.db, table, self.config.sensor.stale_multiplier) if table.assignments else None
         log.info("Using the %s; interval %gs", table.describe(), interval)
+
+    def _interval_for(self, config):
+        """The heartbeat interval `config` asks for, under the worker table's rules once known."""
+        if self.table is None:
+            return config.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
+        return schema.choose_interval(config.sensor.heartbeat_interval, self.table, config.database.statement_timeout)
+
+    def _reap_multiplier(self):
+        """With the gate, the reaper rides on every heartbeat; without it (a database not migrated
+        by this version), the periodic reaper of _maybe_reap does the work (None)."""
+        gate = self.table is not None and self.table.reaper_gate
+        return self.config.sensor.stale_multiplier if self.config.sensor.reaper and gate else None
 
     def _wait_until(self, deadline):
         """Sleeps until `deadline`, applying reloads on the way: signals never shorten a backoff,
@@ -251,14 +263,12 @@ class SensorService:
     def _maybe_read_assignments(self, force=False):
         """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,
         and keeps the assignments file (config sensor.assignments_file) for a local runtime."""
-        if (self.table is None or not self.table.assignments or self._database_down or self._stop_requested
+        if (self.scheduler is None or self._database_down or self._stop_requested
                 or (not force and self.clock() < self._next_assignment_read)):
             return
-        from .scheduler import Scheduler
-
         self._next_assignment_read = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
         try:
-            rows = Scheduler(self.db, self.table).assignments(worker=self.registration.worker_name)
+            rows = self.scheduler.assignments(worker=self.registration.worker_name)
         except DATABASE_TROUBLE as exc:
             log.warning("could not read this worker's sensor assignments: %s", exc)
             return
@@ -305,13 +315,10 @@ class SensorService:
     def _reconcile(self, why, limit=None):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
         Bounded per pass so the loop keeps its rhythm; what is left waits for the next event."""
-        if self.table is None or not self.table.assignments:
+        if self.scheduler is None:
             return
-        from .scheduler import Scheduler
-
         try:
-            released, placed = Scheduler(self.db, self.table, self.config.sensor.stale_multiplier).reconcile(
-                limit=limit or RECONCILE_LIMIT)
+            released, placed = self.scheduler.reconcile(limit=limit or RECONCILE_LIMIT)
         except DATABASE_TROUBLE as exc:
             log.warning("sensor placement after %s skipped: %s", why, exc)
             return
@@ -339,11 +346,8 @@ class SensorService:
         try:
             new = config_module.load(self.config_path, self.environ)
             detected, source, interpreters = runtimes.resolve(new.sensor.runtimes, self.environ)
-            if self.table is not None:
-                interval = schema.choose_interval(new.sensor.heartbeat_interval, self.table,
-                                                  self.config.database.statement_timeout)
-            else:
-                interval = new.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
+            # database settings wait for a restart: the running statement bound still applies
+            interval = self._interval_for(replace(new, database=self.config.database))
             check_watchdog_fits(interval, self.environ)
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
@@ -360,9 +364,9 @@ class SensorService:
         logs.set_level(new.log.level)
         self.interval = interval
         self.runtimes, self.interpreters = detected, interpreters
-        gate = self.table is not None and self.table.reaper_gate
-        self.registration.reap_multiplier = self.config.sensor.stale_multiplier if (
-            self.config.sensor.reaper and gate) else None
+        self.registration.reap_multiplier = self._reap_multiplier()
+        if self.scheduler is not None:
+            self.scheduler.multiplier = self.config.sensor.stale_multiplier
         self.registration.set_capabilities(self.config, detected, interval, interpreters)
         self.runtime_source = source
         if self.registration.worker_id is None:
@@ -397,8 +401,6 @@ class SensorService:
             except DATABASE_TROUBLE as exc:
                 log.warning("Could not deregister worker %s (%s); peers will mark it inactive once it is stale",
                             registration.worker_name, exc)
-            except WorkerNameConflict as exc:
-                log.warning("Did not deregister worker %s: %s", registration.worker_name, exc)
         self.db.close()
 
     # --- signals and sleeping -----------------------------------------------------------
