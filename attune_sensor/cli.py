@@ -128,7 +128,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a bug: one line for the operator, no traceback in the journal
-        from .db import redact_dsn
+        from .dsn import redact_dsn
 
         print(f"attune-sensor: internal error: {type(exc).__name__}: {redact_dsn(' '.join(str(exc).split()))}",
               file=sys.stderr)

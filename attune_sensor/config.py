@@ -16,8 +16,9 @@ import math
 import os
 import re
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
+from .dsn import redact_dsn
 from .errors import ConfigError, DatabaseUrlMissing
 
 DEFAULT_CONFIG_PATH = "/etc/attune/config.yaml"
@@ -34,51 +35,6 @@ HOST_RE = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,255}$")
 # JSON-serialisable capability values, kept small: they are rewritten on every registration.
 MAX_CAPABILITIES_BYTES = 16 * 1024
 MIN_HEARTBEAT_INTERVAL = 0.1
-
-
-@dataclass(frozen=True)
-class DatabaseConfig:
-    url: str
-    connect_timeout: float = 5.0
-    statement_timeout: float = 5.0
-    schema: str = None  # None: the connection's search_path, then the platform's schema "attune"
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = "info"
-    format: str = "text"
-
-
-@dataclass(frozen=True)
-class SensorConfig:
-    worker_name: str
-    host: str
-    worker_type: str = "auto"
-    heartbeat_interval: float = None  # None ("auto"): 30 s, or 10 s on the Attune platform's schema
-    poll_interval: float = 30
-    sensor_timeout: float = 30
-    max_concurrent_sensors: int = 10
-    runtimes: tuple = ()  # from sensor.capabilities.runtimes; empty means detect
-    capabilities: dict = field(default_factory=dict)  # custom keys, without runtimes
-    stale_multiplier: float = 3.0
-    reaper: bool = True
-    # where the daemon writes the sensors placed on it, for a local sensor runtime to watch:
-    # "auto" = $RUNTIME_DIRECTORY/assignments-<worker_name>.json under systemd, else none
-    assignments_file: str = "auto"
-    labels: dict = field(default_factory=dict)  # the platform's placement labels (placement.py)
-    taints: tuple = ()  # of {key, value?, effect}
-
-
-@dataclass(frozen=True)
-class Config:
-    database: DatabaseConfig
-    log: LogConfig
-    sensor: SensorConfig
-    source: str = ""  # the file it came from, for messages
-
-    def with_sensor(self, **changes):
-        return replace(self, sensor=replace(self.sensor, **changes))
 
 
 # --- value checkers: each returns the clean value or raises ValueError(reason) ---------------
@@ -173,7 +129,7 @@ def _database_url(value):
             raise ValueError(f"has scheme {scheme!r}; expected postgresql:// or postgres://")
     elif "=" not in value:
         raise ValueError("is neither a postgresql:// URL nor a key=value DSN")
-    from .db import parse_dsn  # libpq's own parser: pure, no network
+    from .dsn import parse_dsn  # libpq's own parser: pure, no network
 
     try:
         parts = parse_dsn(value)
@@ -244,32 +200,85 @@ def _runtime_list(value):
     return tuple(normalise(value))
 
 
+# --- the keys: each declared once, as a dataclass field carrying its checker -----------------
+
+
+def _as_is(value):
+    return value
+
+
+def _auto_if_none(value):
+    return "auto" if value is None else value
+
+
+def setting(check, default=MISSING, *, factory=None, show=_as_is):
+    """One config key: its default, the checker that cleans a raw value from the file or the
+    environment (SCHEMA is derived from these), and how `attune-sensor config` shows it
+    (describe). A field declared without `setting` is derived, never read from input."""
+    metadata = {"check": check, "show": show}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = setting(_database_url, show=redact_dsn)
+    connect_timeout: float = setting(_positive_number, 5.0)
+    statement_timeout: float = setting(_positive_number, 5.0)
+    # None ("auto"): the connection's search_path, then the platform's schema "attune"
+    schema: str = setting(_schema_name, None, show=_auto_if_none)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting(_choice(LOG_LEVELS), "info")
+    format: str = setting(_choice(LOG_FORMATS), "text")
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    worker_name: str = setting(_matching(NAME_RE, "1-128 letters, digits or . _ @ : - (starting with a letter or digit)"))
+    host: str = setting(_matching(HOST_RE, "a hostname or IP address"))
+    worker_type: str = setting(_choice(WORKER_TYPES), "auto")
+    # None ("auto"): 30 s, or 10 s on the Attune platform's schema
+    heartbeat_interval: float = setting(_heartbeat_interval, None, show=_auto_if_none)
+    poll_interval: float = setting(_positive_number, 30)
+    sensor_timeout: float = setting(_positive_number, 30)
+    max_concurrent_sensors: int = setting(_positive_int, 10)
+    stale_multiplier: float = setting(_multiplier, 3.0)
+    reaper: bool = setting(_boolean, True)
+    # where the daemon writes the sensors placed on it, for a local sensor runtime to watch:
+    # "auto" = $RUNTIME_DIRECTORY/assignments-<worker_name>.json under systemd, else none
+    assignments_file: str = setting(_assignments_file, "auto")
+    # the platform's placement labels and taints ({key, value?, effect}), placement.py
+    labels: dict = setting(_labels, factory=dict, show=dict)
+    taints: tuple = setting(_taints, (), show=lambda taints: [dict(t) for t in taints])
+    runtimes: tuple = ()  # from sensor.capabilities.runtimes; empty means detect
+    capabilities: dict = setting(_capabilities, factory=dict, show=dict)  # custom keys, without runtimes
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig
+    log: LogConfig
+    sensor: SensorConfig
+    source: str = ""  # the file it came from, for messages
+
+    def with_sensor(self, **changes):
+        return replace(self, sensor=replace(self.sensor, **changes))
+
+
+SECTIONS = {"database": DatabaseConfig, "log": LogConfig, "sensor": SensorConfig}
+
+
+def _keys(section):
+    return [f for f in fields(SECTIONS[section]) if "check" in f.metadata]
+
+
 # section -> key -> checker. Anything else in the file or the environment is an error:
 # a typo such as heartbeat_intervall must not silently fall back to the default.
-SCHEMA = {
-    "database": {
-        "url": _database_url,
-        "connect_timeout": _positive_number,
-        "statement_timeout": _positive_number,
-        "schema": _schema_name,
-    },
-    "log": {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)},
-    "sensor": {
-        "worker_name": _matching(NAME_RE, "1-128 letters, digits or . _ @ : - (starting with a letter or digit)"),
-        "host": _matching(HOST_RE, "a hostname or IP address"),
-        "worker_type": _choice(WORKER_TYPES),
-        "heartbeat_interval": _heartbeat_interval,
-        "poll_interval": _positive_number,
-        "sensor_timeout": _positive_number,
-        "max_concurrent_sensors": _positive_int,
-        "capabilities": _capabilities,
-        "stale_multiplier": _multiplier,
-        "reaper": _boolean,
-        "labels": _labels,
-        "taints": _taints,
-        "assignments_file": _assignments_file,
-    },
-}
+SCHEMA = {section: {f.name: f.metadata["check"] for f in _keys(section)} for section in SECTIONS}
 
 
 def default_config_path(environ=None):
@@ -407,34 +416,10 @@ def _build(clean, path):
 
 
 def describe(config):
-    """The effective configuration as plain data, password masked, for `attune-sensor config`."""
-    from .db import redact_dsn
-
-    sensor = config.sensor
-    capabilities = dict(sensor.capabilities)
-    if sensor.runtimes:
-        capabilities["runtimes"] = list(sensor.runtimes)
-    return {
-        "database": {
-            "url": redact_dsn(config.database.url),
-            "connect_timeout": config.database.connect_timeout,
-            "statement_timeout": config.database.statement_timeout,
-            "schema": config.database.schema or "auto",
-        },
-        "log": {"level": config.log.level, "format": config.log.format},
-        "sensor": {
-            "worker_name": sensor.worker_name,
-            "host": sensor.host,
-            "worker_type": sensor.worker_type,
-            "heartbeat_interval": "auto" if sensor.heartbeat_interval is None else sensor.heartbeat_interval,
-            "poll_interval": sensor.poll_interval,
-            "sensor_timeout": sensor.sensor_timeout,
-            "max_concurrent_sensors": sensor.max_concurrent_sensors,
-            "stale_multiplier": sensor.stale_multiplier,
-            "reaper": sensor.reaper,
-            "assignments_file": sensor.assignments_file,
-            "labels": dict(sensor.labels),
-            "taints": [dict(t) for t in sensor.taints],
-            "capabilities": capabilities,
-        },
-    }
+    """The effective configuration as plain data, password masked, for `attune-sensor config`:
+    every key with its value, in declaration order, which loads back unchanged."""
+    described = {section: {f.name: f.metadata["show"](getattr(getattr(config, section), f.name)) for f in _keys(section)}
+                 for section in SECTIONS}
+    if config.sensor.runtimes:
+        described["sensor"]["capabilities"]["runtimes"] = list(config.sensor.runtimes)
+    return described

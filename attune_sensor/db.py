@@ -1,4 +1,4 @@
-"""Connecting to PostgreSQL with a hard bound on every call, and keeping passwords out of text.
+"""Connecting to PostgreSQL with a hard bound on every call.
 
 The daemon's connection runs in psycopg2's asynchronous mode and waits with select() against a
 deadline. A server-side statement_timeout cannot bound a connection whose packets go nowhere
@@ -9,7 +9,6 @@ connection is dropped and the next call connects again.
 
 import json
 import random
-import re
 import select
 import time
 
@@ -17,49 +16,13 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import errorcodes
 
+from .dsn import scrub
 from .errors import DatabaseError, DatabasePermissionDenied, DatabaseUnavailable, SchemaMissing
 
 APPLICATION_NAME = "attune-sensor"
 
 # Dead peers are noticed by the kernel within about 25 s even between our calls.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
-
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@?#]*?:)([^@/?#]*)(@)")
-_PARAM_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:\\.|[^'])*'|[^\s&]*)", re.IGNORECASE)
-_QUOTED = re.compile(r'"[^"]*"')
-
-
-def redact_dsn(dsn):
-    """The DSN with any password replaced by ***; works for URLs and key=value strings."""
-    text = _URL_PASSWORD.sub(r"\1***\3", dsn)
-    return _PARAM_PASSWORD.sub(r"\1***", text)
-
-
-def parse_dsn(dsn):
-    """libpq's own parse (no network). ValueError without any fragment of the input."""
-    try:
-        return psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError as exc:
-        # libpq quotes the offending fragment, which may be part of a password.
-        reason = _QUOTED.sub('"..."', str(exc).strip().splitlines()[0])
-        raise ValueError(reason) from None
-
-
-def _password(dsn):
-    try:
-        return parse_dsn(dsn).get("password") or ""
-    except ValueError:
-        return ""
-
-
-def scrub(message, dsn):
-    """An error text with the DSN's password removed, whatever form it took."""
-    secret = _password(dsn)
-    text = redact_dsn(str(message))
-    if secret:
-        text = text.replace(secret, "***")
-    return " ".join(text.split())  # one line
-
 
 class Backoff:
     """Capped exponential backoff with jitter, for retries at start-up."""

@@ -13,7 +13,8 @@ import select
 
 import psycopg2
 
-from .db import connect_blocking, scrub
+from .db import connect_blocking
+from .dsn import scrub
 from .errors import DatabaseUnavailable
 from .schema import attach, heartbeat_interval_of, stale_condition
 

@@ -31,3 +31,35 @@ def test_troubleshooting_quotes_real_messages():
     assert len(fragments) >= 6
     missing = [f for f in fragments if f not in text]
     assert not missing, missing
+
+
+def yaml_block_keys(text):
+    """section.key pairs named in a YAML example, commented-out keys ("  # key: ...") included;
+    nested keys (deeper indentation) are not settings."""
+    keys, section = set(), None
+    for line in text.splitlines():
+        top = re.match(r"^([a-z_]+):\s*$", line)
+        if top:
+            section = top.group(1)
+            continue
+        key = re.match(r"^  (?:# )?([a-z_]+):", line)
+        if key and section:
+            keys.add(f"{section}.{key.group(1)}")
+    return keys
+
+
+def declared_keys():
+    from attune_sensor.config import SCHEMA
+
+    return {f"{section}.{key}" for section, body in SCHEMA.items() for key in body}
+
+
+def test_the_readme_example_names_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Configuration", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    assert declared_keys() - yaml_block_keys(block) == set()
+
+
+def test_the_shipped_config_names_every_key():
+    shipped = (ROOT / "packaging" / "config.yaml").read_text()
+    assert declared_keys() - yaml_block_keys(shipped) == set()

@@ -39,3 +39,11 @@ def test_the_watchdog_fits_the_default_heartbeat(unit):
     # unset ("auto") means 30 s on the spec's schema and 10 s on the platform's
     assert config.SensorConfig.__dataclass_fields__["heartbeat_interval"].default is None
     assert max(schema.DEFAULT_RECORDED_INTERVAL, schema.PLATFORM_DEFAULT_INTERVAL) <= watchdog / 2  # the daemon's own start-up check (service.check_watchdog_fits)
+
+
+def test_the_units_differ_only_in_their_instance_lines():
+    # Two units, one hardening: a change made to one of them only fails here (docs/design.md,
+    # "Two unit files").
+    plain, template = (u.read_text().splitlines() for u in UNITS)
+    assert len(plain) == len(template)
+    assert [(p, t) for p, t in zip(plain, template) if p != t and "%i" not in t] == []

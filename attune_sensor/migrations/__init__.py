@@ -19,7 +19,8 @@ from importlib import resources
 import psycopg2
 
 from .. import access, schema
-from ..db import connect_blocking, scrub
+from ..db import connect_blocking
+from ..dsn import scrub
 from ..errors import MigrationError, SchemaMissing
 
 FILE_RE = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
