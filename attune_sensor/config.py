@@ -415,6 +415,21 @@ def _build(clean, path):
     )
 
 
+# What a running daemon cannot take on reload: its identity in the worker table, and its
+# connection (the statement bound in force stays until a restart).
+RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
+
+
+def for_reload(running, new):
+    """The configuration a reload applies: `new`, but with the running identity and database
+    settings. Returns it with the names of the settings that changed and wait for a restart."""
+    waiting = [f"sensor.{key}" for key in RESTART_ONLY_KEYS if getattr(new.sensor, key) != getattr(running.sensor, key)]
+    if new.database != running.database:
+        waiting.append("database settings")
+    kept = new.with_sensor(**{key: getattr(running.sensor, key) for key in RESTART_ONLY_KEYS})
+    return replace(kept, database=running.database), waiting
+
+
 def describe(config):
     """The effective configuration as plain data, password masked, for `attune-sensor config`:
     every key with its value, in declaration order, which loads back unchanged."""

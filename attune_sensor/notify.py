@@ -8,6 +8,8 @@ import time
 
 import sdnotify
 
+from .errors import ConfigError
+
 
 def monotonic_usec():
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -25,6 +27,21 @@ def watchdog_usec(environ=None):
     except ValueError:
         return None
     return usec if usec > 0 else None
+
+
+def check_watchdog_fits(interval, environ):
+    """ConfigError when heartbeats (and so WATCHDOG=1) would come too rarely for systemd: the
+    interval must fit in half of WatchdogSec (docs/design.md, "Watchdog")."""
+    usec = watchdog_usec(environ)
+    if usec is None:
+        return
+    limit = usec / 2_000_000
+    if interval > limit:
+        raise ConfigError(
+            f"sensor.heartbeat_interval: {interval:g}s does not fit in half of the unit's "
+            f"WatchdogSec ({usec / 1_000_000:g}s); systemd would kill the daemon. "
+            f"Lower the interval to at most {limit:g}s or raise WatchdogSec"
+        )
 
 
 class Notifier:

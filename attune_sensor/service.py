@@ -1,7 +1,8 @@
-"""SensorService: the daemon's loop, its timing, signals and shutdown order. No SQL here.
+"""SensorService: the daemon's loop, its timing, what it does on reload, and its shutdown order.
+No SQL here.
 
-One thread. Signal handlers only set flags and wake the loop through a pipe
-(signal.set_wakeup_fd), so every action happens between two bounded database calls:
+One thread. Signals arrive as flags that cut a sleep short (signals.py), so every action
+happens between two bounded database calls:
 
     register (retrying while the database is away) -> READY=1
     every heartbeat_interval: heartbeat -> WATCHDOG=1 -> (reaper, when due)
@@ -9,21 +10,18 @@ One thread. Signal handlers only set flags and wake the loop through a pipe
     SIGTERM/SIGINT: STOPPING=1 -> deregister -> close -> exit 0
 """
 
-import json
 import os
-import select
-import signal
-import threading
 import time
 from dataclasses import replace
 
 from . import config as config_module
-from . import fleet, logs, runtimes, schema
+from . import assignments_file, fleet, logs, runtimes, schema
 from .db import Backoff, Database
 from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
-from .notify import Notifier, watchdog_usec
+from .notify import Notifier, check_watchdog_fits
 from .registration import SensorWorkerRegistration
 from .scheduler import Scheduler
+from .signals import SignalFlags
 
 log = logs.get("service")
 
@@ -31,7 +29,6 @@ log = logs.get("service")
 # and the reaper marks the row if this fails (docs/design.md, "Shutdown").
 STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
-RESTART_ONLY_KEYS = ("worker_name", "host", "worker_type")
 RECONCILE_LIMIT = 500  # sensors placed per pass: a few milliseconds each
 STOP_RECONCILE_LIMIT = 100  # at stop, inside TimeoutStopSec
 # How often a daemon reads the sensors placed on it: a statement of its own at this slower
@@ -39,20 +36,6 @@ STOP_RECONCILE_LIMIT = 100  # at stop, inside TimeoutStopSec
 ASSIGNMENT_READ_PERIOD = 10.0
 # What a running daemon logs and rides out; anything else is a bug and ends the process.
 DATABASE_TROUBLE = (DatabaseUnavailable, DatabaseError, SchemaMissing)
-
-
-def check_watchdog_fits(interval, environ):
-    """ConfigError when heartbeats (and so WATCHDOG=1) would come too rarely for systemd."""
-    usec = watchdog_usec(environ)
-    if usec is None:
-        return
-    limit = usec / 2_000_000
-    if interval > limit:
-        raise ConfigError(
-            f"sensor.heartbeat_interval: {interval:g}s does not fit in half of the unit's "
-            f"WatchdogSec ({usec / 1_000_000:g}s); systemd would kill the daemon. "
-            f"Lower the interval to at most {limit:g}s or raise WatchdogSec"
-        )
 
 
 class SensorService:
@@ -76,11 +59,7 @@ class SensorService:
         self.scheduler = None  # placement (scheduler.py), where the database has the assignments table
         self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ,
                                                      interpreters=interpreters)
-        self._stop_requested = False
-        self._reload_requested = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.signals = SignalFlags()
         self._capabilities_pending = False
         self._database_down = False
         self._next_reap = 0.0
@@ -93,7 +72,7 @@ class SensorService:
         sensor = self.config.sensor
         if sensor.heartbeat_interval is not None:
             check_watchdog_fits(sensor.heartbeat_interval, self.environ)
-        previous = self._install_signal_handlers()
+        previous = self.signals.install()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
                      sensor.worker_name, sensor.host, ",".join(self.registration.capabilities["runtimes"]),
@@ -108,23 +87,20 @@ class SensorService:
             try:
                 self._shutdown()
             finally:
-                self._restore_signal_handlers(previous)
+                self.signals.restore(previous)
 
     def stop(self):
-        self._stop_requested = True
-        self._wake()
+        self.signals.request_stop()
 
     def reload(self):
-        self._reload_requested = True
-        self._wake()
+        self.signals.request_reload()
 
     # --- start-up -----------------------------------------------------------------------
 
     def _register_until_done(self):
         backoff = Backoff()
-        while not self._stop_requested:
-            if self._reload_requested:
-                self._reload_requested = False
+        while not self.signals.stop_requested:
+            if self.signals.take_reload():
                 self._apply_reload()
             try:
                 if self.table is None:
@@ -173,25 +149,23 @@ class SensorService:
     def _wait_until(self, deadline):
         """Sleeps until `deadline`, applying reloads on the way: signals never shorten a backoff,
         so a burst of SIGHUPs cannot turn into a burst of connection attempts."""
-        while not self._stop_requested:
+        while not self.signals.stop_requested:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return
             self._sleep(remaining)
-            if self._reload_requested:
-                self._reload_requested = False
+            if self.signals.take_reload():
                 self._apply_reload()
 
     # --- the loop -----------------------------------------------------------------------
 
     def _loop(self):
         next_beat = self.clock() + self.interval
-        while not self._stop_requested:
+        while not self.signals.stop_requested:
             self._sleep(max(0.0, next_beat - self.clock()))
-            if self._stop_requested:
+            if self.signals.stop_requested:
                 break
-            if self._reload_requested:
-                self._reload_requested = False
+            if self.signals.take_reload():
                 self._apply_reload()
             now = self.clock()
             if now < next_beat:
@@ -242,7 +216,7 @@ class SensorService:
             reaped, self.registration.reaped = self.registration.reaped, []
             self._log_reaped(reaped)
             return
-        if (not sensor.reaper or self._database_down or self._stop_requested
+        if (not sensor.reaper or self._database_down or self.signals.stop_requested
                 or self.clock() < self._next_reap):
             return
         try:
@@ -263,7 +237,7 @@ class SensorService:
     def _maybe_read_assignments(self, force=False):
         """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,
         and keeps the assignments file (config sensor.assignments_file) for a local runtime."""
-        if (self.scheduler is None or self._database_down or self._stop_requested
+        if (self.scheduler is None or self._database_down or self.signals.stop_requested
                 or (not force and self.clock() < self._next_assignment_read)):
             return
         self._next_assignment_read = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
@@ -282,35 +256,15 @@ class SensorService:
             log.info("released sensor %s", ref)
         self._my_sensors = current
 
-    def _assignments_path(self):
-        configured = self.config.sensor.assignments_file
-        if configured == "none":
-            return None
-        if configured == "auto":
-            directory = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-            return os.path.join(directory, f"assignments-{self.config.sensor.worker_name}.json") if directory else None
-        return configured
-
     def _write_assignments(self, current):
-        path = self._assignments_path()
+        sensor = self.config.sensor
+        path = assignments_file.path_for(sensor.assignments_file, sensor.worker_name, self.environ)
         if path is None:
             return
-        document = {"worker": self.registration.worker_name, "worker_id": self.registration.worker_id,
-                    "sensors": [{"sensor_ref": ref, "runtime": row["runtime"],
-                                 "assigned_at": row["assigned_at"].isoformat() if row["assigned_at"] else None}
-                                for ref, row in sorted(current.items())]}
-        temporary = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2)
-                handle.write("\n")
-            os.replace(temporary, path)  # a reader sees the old file or the new one, never half of one
+            assignments_file.write(path, self.registration.worker_name, self.registration.worker_id, current)
         except OSError as exc:
             log.warning("could not write the assignments file %s: %s", path, exc.strerror)
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
 
     def _reconcile(self, why, limit=None):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
@@ -352,15 +306,9 @@ class SensorService:
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             return
-        old = self.config
-        for key in RESTART_ONLY_KEYS:
-            if getattr(new.sensor, key) != getattr(old.sensor, key):
-                log.warning("Reload: sensor.%s changed; it takes effect at the next restart", key)
-        if new.database != old.database:
-            log.warning("Reload: database settings changed; they take effect at the next restart")
-        # Keep what needs a restart, take the rest.
-        kept = new.with_sensor(**{key: getattr(old.sensor, key) for key in RESTART_ONLY_KEYS})
-        self.config = replace(kept, database=old.database)
+        self.config, waiting = config_module.for_reload(self.config, new)
+        for setting in waiting:
+            log.warning("Reload: %s changed; the change takes effect at the next restart", setting)
         logs.set_level(new.log.level)
         self.interval = interval
         self.runtimes, self.interpreters = detected, interpreters
@@ -403,51 +351,12 @@ class SensorService:
                             registration.worker_name, exc)
         self.db.close()
 
-    # --- signals and sleeping -----------------------------------------------------------
+    # --- status and sleeping -------------------------------------------------------------
 
     def _status_line(self):
         sensor = self.config.sensor
         return (f"Worker {sensor.worker_name} (id {self.registration.worker_id}) active, "
                 f"heartbeat every {self.interval:g}s")
 
-    def _wake(self):
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop is awake anyway
-
-    def _on_stop_signal(self, signum, frame):
-        self._stop_requested = True
-
-    def _on_reload_signal(self, signum, frame):
-        self._reload_requested = True
-
-    def _install_signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            return None  # embedded use: the caller calls stop()/reload()
-        previous = {
-            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop_signal),
-            signal.SIGINT: signal.signal(signal.SIGINT, self._on_stop_signal),
-            signal.SIGHUP: signal.signal(signal.SIGHUP, self._on_reload_signal),
-        }
-        previous["wakeup_fd"] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        return previous
-
-    def _restore_signal_handlers(self, previous):
-        if previous is None:
-            return
-        signal.set_wakeup_fd(previous.pop("wakeup_fd"))
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
     def _sleep(self, seconds):
-        """Sleeps up to `seconds`, returning early when a signal or stop()/reload() arrives."""
-        if self._stop_requested or self._reload_requested:
-            return
-        ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        if ready:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
+        self.signals.sleep(seconds)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "packaging"))  # pgcluster.py
 sys.path.insert(0, str(ROOT))
 
 from pgcluster import Cluster  # noqa: E402

@@ -1,7 +1,6 @@
 """The spec's queries, `attune-sensor workers`, the reaper and `metrics` at 100,000 workers:
 median execution time (EXPLAIN ANALYZE, server side) and the plan's access path."""
 
-import json
 import os
 
 import psycopg2

@@ -19,14 +19,14 @@ cleanup() {
     echo "--- the worker table after stop:"
     "$BIN/attune-sensor" --config "$state/config.yaml" workers || true
   fi
-  "$BIN/python" tests/pgcluster.py stop "$state/pg" >/dev/null 2>&1 || true
+  "$BIN/python" packaging/pgcluster.py stop "$state/pg" >/dev/null 2>&1 || true
   rm -rf "$state"
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
 echo "--- starting a throwaway PostgreSQL in $state/pg"
-DATABASE_URL=$("$BIN/python" tests/pgcluster.py start "$state/pg")
+DATABASE_URL=$("$BIN/python" packaging/pgcluster.py start "$state/pg")
 export DATABASE_URL
 cat > "$state/config.yaml" <<YAML
 log:

@@ -13,8 +13,8 @@ import signal
 import psycopg2
 import pytest
 
-from conftest import ATTUNE_SENSOR, attune_database, query, run_cli, wait_for, write_config  # noqa: F401
 from pgcluster import Cluster
+from support import attune_database, query, run_cli, wait_for, write_config
 
 VARIANTS = [("fixture", True), ("fixture", False), ("platform", True), ("platform", False)]
 IDS = ["fixture-search_path", "fixture-schema_only", "platform-search_path", "platform-schema_only"]
@@ -47,9 +47,9 @@ def row(url, name):
     return dict(zip(("id", "role", "status", "host", "capabilities", "meta", "cordoned"), rows[0]))
 
 
-def daemon_config(workdir, url, name, **sensor):
+def daemon_config(tmp_path, url, name, **sensor):
     sensor.setdefault("heartbeat_interval", 0.5)
-    return write_config(workdir, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
+    return write_config(tmp_path, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
 
 
 def login_role(cluster, url, prefix):
@@ -60,9 +60,9 @@ def login_role(cluster, url, prefix):
     return f"postgresql://{role}:least-pw@127.0.0.1:{cluster.port}/{dbname}"
 
 
-def test_a_least_privilege_daemon_lives_a_whole_life_on_the_platforms_table(cluster, attune_db, workdir, daemons):
+def test_a_least_privilege_daemon_lives_a_whole_life_on_the_platforms_table(cluster, attune_db, tmp_path, daemons):
     url = login_role(cluster, attune_db, "least")
-    path = daemon_config(workdir, url, "sensor-attune", labels={"zone": "eu-west"}, taints=["gpu=nvidia:no_schedule"])
+    path = daemon_config(tmp_path, url, "sensor-attune", labels={"zone": "eu-west"}, taints=["gpu=nvidia:no_schedule"])
     daemon = daemons(path)
     daemon.wait_for_line("heartbeat: worker", count=3)
     assert "Attune platform's schema" in daemon.output
@@ -93,13 +93,13 @@ def test_a_least_privilege_daemon_lives_a_whole_life_on_the_platforms_table(clus
     assert changes == [(["status"],)]
 
 
-def test_default_interval_keeps_the_worker_healthy_and_a_long_one_is_refused(attune_db, workdir, daemons):
-    daemon = daemons(daemon_config(workdir, attune_db, "sensor-auto", heartbeat_interval="auto"))
+def test_default_interval_keeps_the_worker_healthy_and_a_long_one_is_refused(attune_db, tmp_path, daemons):
+    daemon = daemons(daemon_config(tmp_path, attune_db, "sensor-auto", heartbeat_interval="auto"))
     daemon.wait_for_line("Registered sensor worker")
     assert "interval 10s" in daemon.output
     assert row(attune_db, "sensor-auto")["capabilities"]["heartbeat_interval"] == 10
     # 10 s plus a 5 s statement bound stays inside healthy_workers' 30 s and the executor's 90 s
-    refused = daemons(daemon_config(workdir, attune_db, "sensor-slow", heartbeat_interval=30))
+    refused = daemons(daemon_config(tmp_path, attune_db, "sensor-slow", heartbeat_interval=30))
     assert refused.wait() == 78
     errors = [line for line in refused.lines if "healthy_workers" in line]
     assert len(errors) == 1 and "sensor.heartbeat_interval" in errors[0] and "Traceback" not in refused.output
@@ -129,7 +129,7 @@ ORDER BY 1
 """
 
 
-def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attune_bare, workdir):
+def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attune_bare, tmp_path):
     before = query(attune_bare, PLATFORM_OBJECTS)
     env = {"DATABASE_URL": attune_bare}
     info = run_cli("migrate", "info", env=env)
@@ -154,18 +154,18 @@ def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attu
     assert "applied: no index on last_heartbeat, fillfactor 70" in run_cli("migrate", "info", env=env).stdout
 
 
-def test_a_name_held_by_an_action_worker_is_never_taken(attune_db, workdir, daemons):
+def test_a_name_held_by_an_action_worker_is_never_taken(attune_db, tmp_path, daemons):
     write(attune_db, "INSERT INTO attune.worker (name, worker_type, worker_role, host, status, last_heartbeat) "
                      "VALUES ('sensor-clash', 'local', 'action', 'exec-07', 'inactive', now() - interval '1 day')")
-    daemon = daemons(daemon_config(workdir, attune_db, "sensor-clash"))
+    daemon = daemons(daemon_config(tmp_path, attune_db, "sensor-clash"))
     assert daemon.wait() == 78
     errors = [line for line in daemon.lines if "sensor-clash" in line and "action" in line]
     assert len(errors) == 1 and "exec-07" in errors[0] and "Traceback" not in daemon.output
     assert (row(attune_db, "sensor-clash")["role"], row(attune_db, "sensor-clash")["status"]) == ("action", "inactive")
 
 
-def test_another_program_rewriting_our_row_stops_the_daemon_without_marking_it(attune_db, workdir, daemons):
-    daemon = daemons(daemon_config(workdir, attune_db, "sensor-shared"))
+def test_another_program_rewriting_our_row_stops_the_daemon_without_marking_it(attune_db, tmp_path, daemons):
+    daemon = daemons(daemon_config(tmp_path, attune_db, "sensor-shared"))
     daemon.wait_for_line("heartbeat: worker")
     # what the platform's own sensor service does when it starts under the same name
     write(attune_db, "UPDATE attune.worker SET status = 'active', capabilities = '{\"runtimes\": [\"python\"]}', "
@@ -176,8 +176,8 @@ def test_another_program_rewriting_our_row_stops_the_daemon_without_marking_it(a
     assert row(attune_db, "sensor-shared")["status"] == "active"  # left to its other writer
 
 
-def test_a_cordon_survives_heartbeats_and_shows_in_workers(attune_db, workdir, daemons):
-    path = daemon_config(workdir, attune_db, "sensor-cordon")
+def test_a_cordon_survives_heartbeats_and_shows_in_workers(attune_db, tmp_path, daemons):
+    path = daemon_config(tmp_path, attune_db, "sensor-cordon")
     daemon = daemons(path)
     daemon.wait_for_line("heartbeat: worker")
     write(attune_db, "UPDATE attune.worker SET cordoned = true, cordon_reason = 'disk swap', cordoned_at = now() "
@@ -189,8 +189,8 @@ def test_a_cordon_survives_heartbeats_and_shows_in_workers(attune_db, workdir, d
     assert "active (cordoned)" in listing.stdout
 
 
-def test_an_operators_status_is_logged_and_set_back(attune_db, workdir, daemons):
-    daemon = daemons(daemon_config(workdir, attune_db, "sensor-op"))
+def test_an_operators_status_is_logged_and_set_back(attune_db, tmp_path, daemons):
+    daemon = daemons(daemon_config(tmp_path, attune_db, "sensor-op"))
     daemon.wait_for_line("heartbeat: worker")
     write(attune_db, "UPDATE attune.worker SET status = 'error' WHERE name = 'sensor-op'")
     daemon.wait_for_line("status set to error by someone else")
@@ -234,7 +234,7 @@ def test_migrate_without_createrole_says_what_a_dba_runs(attune_templates):
         server.destroy()
 
 
-def test_watch_says_why_it_cannot_follow_the_platforms_table(attune_db, workdir):
-    path = daemon_config(workdir, attune_db, "sensor-watch")
+def test_watch_says_why_it_cannot_follow_the_platforms_table(attune_db, tmp_path):
+    path = daemon_config(tmp_path, attune_db, "sensor-watch")
     result = run_cli("--config", path, "workers", "--watch")
     assert result.returncode == 1 and "--watch needs" in result.stderr and "Traceback" not in result.stderr

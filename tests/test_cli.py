@@ -3,8 +3,7 @@
 import json
 import signal
 
-from conftest import query, run_cli, write_config
-from test_daemon import config_for
+from support import config_for, query, run_cli, write_config
 
 FLEET = """
 INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) VALUES
@@ -55,8 +54,8 @@ def test_metrics_in_prometheus_format(db_url):
     assert "# TYPE attune_sensor_heartbeat_lag_seconds gauge" in lines
 
 
-def test_check_states(db_url, workdir, daemons):
-    path = config_for(workdir, db_url, "s-check")
+def test_check_states(db_url, tmp_path, daemons):
+    path = config_for(tmp_path, db_url, "s-check")
     assert run_cli("--config", path, "check").returncode == 2  # not registered yet
     daemon = daemons(path)
     daemon.wait_for_line("Registered sensor worker")
@@ -66,9 +65,9 @@ def test_check_states(db_url, workdir, daemons):
     assert daemon.wait() == 0
     down = run_cli("--config", path, "check")
     assert down.returncode == 2 and "inactive" in down.stdout
-    unknown = run_cli("--config", config_for(workdir, "postgresql://x:pw@127.0.0.1:1/none", "s-check"), "check")
+    unknown = run_cli("--config", config_for(tmp_path, "postgresql://x:pw@127.0.0.1:1/none", "s-check"), "check")
     assert unknown.returncode == 3 and unknown.stdout.startswith("UNKNOWN:")
-    bad = run_cli("--config", write_config(workdir, {"sensor": {"heartbeat_interval": -1}}), "check")
+    bad = run_cli("--config", write_config(tmp_path, {"sensor": {"heartbeat_interval": -1}}), "check")
     assert bad.returncode == 3 and "heartbeat_interval" in bad.stdout
 
 
@@ -90,12 +89,12 @@ def test_version_and_usage_errors():
                       "config"], help_text
 
 
-def test_is_configured_tells_a_fresh_install_from_a_configured_one(workdir):
-    fresh = write_config(workdir, "# database:\n#   url: postgresql://...\n")
+def test_is_configured_tells_a_fresh_install_from_a_configured_one(tmp_path):
+    fresh = write_config(tmp_path, "# database:\n#   url: postgresql://...\n")
     result = run_cli("--config", fresh, "config", "--is-configured")
     assert result.returncode == 1 and "database.url is not set" in result.stderr
     assert run_cli("--config", fresh, "config").returncode == 78
-    configured = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}})
+    configured = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}})
     assert run_cli("--config", configured, "config", "--is-configured").returncode == 0
-    wrong = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"heartbeat_interval": 0}})
+    wrong = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"heartbeat_interval": 0}})
     assert run_cli("--config", wrong, "config", "--is-configured").returncode == 0

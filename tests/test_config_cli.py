@@ -6,13 +6,12 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ATTUNE_SENSOR, base_env, run_cli, write_config
-from test_config import BAD, URL
+from support import ATTUNE_SENSOR, BAD, URL, base_env, run_cli, write_config
 
 
 @pytest.mark.parametrize("data,names,problem", BAD)
-def test_bad_config_exits_78_with_one_line_naming_the_key(workdir, data, names, problem):
-    path = write_config(workdir, data)
+def test_bad_config_exits_78_with_one_line_naming_the_key(tmp_path, data, names, problem):
+    path = write_config(tmp_path, data)
     result = run_cli("--config", path, "config")
     assert result.returncode == 78
     lines = result.stderr.strip().splitlines()
@@ -28,31 +27,31 @@ def test_bad_config_exits_78_with_one_line_naming_the_key(workdir, data, names, 
     ({"ATTUNE__NOPE": "1"}, "ATTUNE__NOPE"),
     ({"DATABASE_URL": "postgresql://u:pw@h:notaport/db"}, "DATABASE_URL"),
 ])
-def test_bad_environment_exits_78_naming_the_variable(workdir, env, names):
-    path = write_config(workdir, {"database": {"url": URL}})
+def test_bad_environment_exits_78_naming_the_variable(tmp_path, env, names):
+    path = write_config(tmp_path, {"database": {"url": URL}})
     result = run_cli("--config", path, "config", env=env)
     assert result.returncode == 78, result.stdout
     assert names in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bad_runtimes_variable_stops_run_with_78(workdir):
-    path = write_config(workdir, {"database": {"url": URL}})
+def test_bad_runtimes_variable_stops_run_with_78(tmp_path):
+    path = write_config(tmp_path, {"database": {"url": URL}})
     result = run_cli("--config", path, "run", env={"ATTUNE_SENSOR_RUNTIMES": "python,no way"})
     assert result.returncode == 78
     assert "ATTUNE_SENSOR_RUNTIMES" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_missing_and_unreadable_files(workdir):
-    result = run_cli("--config", os.path.join(workdir, "absent.yaml"), "config")
+def test_missing_and_unreadable_files(tmp_path):
+    result = run_cli("--config", os.path.join(tmp_path, "absent.yaml"), "config")
     assert result.returncode == 78 and "not found" in result.stderr
-    result = run_cli("config", env={"ATTUNE_CONFIG": workdir})
+    result = run_cli("config", env={"ATTUNE_CONFIG": tmp_path})
     assert result.returncode == 78 and "is a directory" in result.stderr
 
 
-def test_config_command_masks_the_password(workdir):
+def test_config_command_masks_the_password(tmp_path):
     for url in (URL, "host=db.example.net user=attune password=s3cret-pw dbname=attune",
                 "postgresql://attune@db.example.net/attune?password=s3cret-pw"):
-        result = run_cli("--config", write_config(workdir, {"database": {"url": url}}), "config")
+        result = run_cli("--config", write_config(tmp_path, {"database": {"url": url}}), "config")
         assert result.returncode == 0, result.stderr
         assert "s3cret-pw" not in result.stdout and "***" in result.stdout
         shown = yaml.safe_load(result.stdout)
@@ -78,13 +77,13 @@ HOSTILE_SENSOR_VALUES = [
 
 
 @pytest.mark.parametrize("sensor", HOSTILE_SENSOR_VALUES, ids=lambda s: next(iter(s)))
-def test_hostile_values_are_refused_and_leave_the_table_alone(db_url, workdir, sensor):
-    from conftest import query
+def test_hostile_values_are_refused_and_leave_the_table_alone(db_url, tmp_path, sensor):
+    from support import query
 
     query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta) "
                   "VALUES ('existing', 'local', 'sensor', 'h', 'active', '{\"runtimes\": [\"shell\"]}', '{}')")
     before = query(db_url, "SELECT * FROM worker ORDER BY id")
-    path = write_config(workdir, {"database": {"url": db_url}, "sensor": {"worker_name": "existing", **sensor}})
+    path = write_config(tmp_path, {"database": {"url": db_url}, "sensor": {"worker_name": "existing", **sensor}})
     result = run_cli("--config", path, "run")
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -93,8 +92,8 @@ def test_hostile_values_are_refused_and_leave_the_table_alone(db_url, workdir, s
     assert query(db_url, "SELECT * FROM worker ORDER BY id") == before
 
 
-def test_capabilities_that_are_not_json_are_refused(workdir):
-    path = write_config(workdir, "database: {url: 'postgresql://a@b/c'}\n"
+def test_capabilities_that_are_not_json_are_refused(tmp_path):
+    path = write_config(tmp_path, "database: {url: 'postgresql://a@b/c'}\n"
                                  "sensor:\n  capabilities:\n    when: 2026-01-31 10:00:00\n")
     result = run_cli("--config", path, "config")
     assert result.returncode == 78 and "sensor.capabilities" in result.stderr and "JSON" in result.stderr
@@ -132,9 +131,9 @@ def run_bounded(args, env=None):
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
-def test_hostile_config_files_are_refused_in_bounded_time_and_memory(workdir, case):
+def test_hostile_config_files_are_refused_in_bounded_time_and_memory(tmp_path, case):
     text, expected = HOSTILE_FILES[case]
-    path = write_config(workdir, text)
+    path = write_config(tmp_path, text)
     for command in (["config"], ["run"]):
         result = run_bounded(["--config", path, *command])
         assert result.returncode == 78, (case, result.stderr[-300:])
@@ -143,10 +142,10 @@ def test_hostile_config_files_are_refused_in_bounded_time_and_memory(workdir, ca
 
 
 @pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
-def test_a_config_path_that_is_no_regular_file_is_refused_at_once(workdir, special):
+def test_a_config_path_that_is_no_regular_file_is_refused_at_once(tmp_path, special):
     path = special
     if special == "fifo":
-        path = f"{workdir}/config.fifo"
+        path = f"{tmp_path}/config.fifo"
         os.mkfifo(path)  # nobody ever writes: reading it would block forever
     result = run_bounded(["--config", path, "config"])
     assert result.returncode == 78 and "is not a regular file" in result.stderr
@@ -219,8 +218,8 @@ def test_property_any_hostile_environment_value_is_refused_in_one_line_within_bo
     check()
 
 
-def test_config_and_run_agree_on_a_bad_runtimes_variable(workdir):
-    path = write_config(workdir, {"database": {"url": "postgresql://a@b/c"}})
+def test_config_and_run_agree_on_a_bad_runtimes_variable(tmp_path):
+    path = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}})
     for command in ("config", "run"):
         result = run_bounded(["--config", path, command], env={"ATTUNE_SENSOR_RUNTIMES": "python,py thon"})
         assert result.returncode == 78 and "ATTUNE_SENSOR_RUNTIMES" in result.stderr, (command, result.stderr)

@@ -5,16 +5,11 @@ import time
 
 import pytest
 
-from conftest import query, worker_row, write_config
+from support import config_for, query, worker_row, write_config
 
 
-def config_for(workdir, url, name, **sensor):
-    sensor.setdefault("heartbeat_interval", 0.5)
-    return write_config(workdir, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
-
-
-def test_lifecycle_registers_heartbeats_and_deregisters_in_order(db_url, workdir, notify_socket, daemons):
-    path = config_for(workdir, db_url, "sensor-life", max_concurrent_sensors=7,
+def test_lifecycle_registers_heartbeats_and_deregisters_in_order(db_url, tmp_path, notify_socket, daemons):
+    path = config_for(tmp_path, db_url, "sensor-life", max_concurrent_sensors=7,
                       capabilities={"runtimes": ["python", "shell"], "custom_feature": True})
     daemon = daemons(path, env={"INVOCATION_ID": "abc123"}, notify=notify_socket)
 
@@ -49,8 +44,8 @@ def test_lifecycle_registers_heartbeats_and_deregisters_in_order(db_url, workdir
     assert len(heartbeat_lines) == watchdogs_before_stop
 
 
-def test_reregistering_keeps_the_id(db_url, workdir, daemons):
-    path = config_for(workdir, db_url, "sensor-again")
+def test_reregistering_keeps_the_id(db_url, tmp_path, daemons):
+    path = config_for(tmp_path, db_url, "sensor-again")
     first = daemons(path)
     first.wait_for_line("Registered sensor worker")
     original_id = worker_row(db_url, "sensor-again")["id"]
@@ -64,16 +59,16 @@ def test_reregistering_keeps_the_id(db_url, workdir, daemons):
     assert query(db_url, "SELECT count(*) FROM worker")[0][0] == 1
 
 
-def test_sigint_also_deregisters(db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, db_url, "sensor-int"))
+def test_sigint_also_deregisters(db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-int"))
     daemon.wait_for_line("Registered sensor worker")
     daemon.signal(signal.SIGINT)
     assert daemon.wait() == 0
     assert worker_row(db_url, "sensor-int")["status"] == "inactive"
 
 
-def test_sighup_reloads_capabilities(db_url, workdir, notify_socket, daemons):
-    path = config_for(workdir, db_url, "sensor-reload", capabilities={"runtimes": ["shell"]})
+def test_sighup_reloads_capabilities(db_url, tmp_path, notify_socket, daemons):
+    path = config_for(tmp_path, db_url, "sensor-reload", capabilities={"runtimes": ["shell"]})
     daemon = daemons(path, notify=notify_socket)
     notify_socket.wait_for("READY=1")
     original = worker_row(db_url, "sensor-reload")
@@ -96,8 +91,8 @@ def test_sighup_reloads_capabilities(db_url, workdir, notify_socket, daemons):
     assert daemon.proc.poll() is None
 
 
-def test_sighup_with_a_bad_config_keeps_the_running_one(db_url, workdir, notify_socket, daemons):
-    path = config_for(workdir, db_url, "sensor-badreload", capabilities={"runtimes": ["shell"]})
+def test_sighup_with_a_bad_config_keeps_the_running_one(db_url, tmp_path, notify_socket, daemons):
+    path = config_for(tmp_path, db_url, "sensor-badreload", capabilities={"runtimes": ["shell"]})
     daemon = daemons(path, notify=notify_socket)
     notify_socket.wait_for("READY=1")
     with open(path, "w") as handle:
@@ -112,8 +107,8 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(db_url, workdir, notify_
     assert "YAML syntax error at line 2" in daemon.output
 
 
-def test_watchdog_too_short_for_interval_exits_78(db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, db_url, "sensor-wd", heartbeat_interval=30),
+def test_watchdog_too_short_for_interval_exits_78(db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-wd", heartbeat_interval=30),
                      env={"WATCHDOG_USEC": "20000000"})
     assert daemon.wait() == 78
     assert "heartbeat_interval" in daemon.output and "WatchdogSec" in daemon.output
@@ -121,27 +116,27 @@ def test_watchdog_too_short_for_interval_exits_78(db_url, workdir, daemons):
     assert worker_row(db_url, "sensor-wd") is None
 
 
-def test_name_conflict_with_live_worker_on_other_host_exits_78(db_url, workdir, daemons):
+def test_name_conflict_with_live_worker_on_other_host_exits_78(db_url, tmp_path, daemons):
     query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
                   "VALUES ('sensor-taken', 'local', 'sensor', 'other-host', 'active', '{\"heartbeat_interval\": 30}', "
                   "'{\"machine_id\": \"another-machine\", \"hostname\": \"other-host\", \"instance_id\": \"x\"}', now())")
     before = worker_row(db_url, "sensor-taken")
-    daemon = daemons(config_for(workdir, db_url, "sensor-taken"))
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-taken"))
     assert daemon.wait() == 78
     assert "other-host" in daemon.output and "Traceback" not in daemon.output
     assert worker_row(db_url, "sensor-taken") == before
 
 
-def test_deleted_row_is_registered_again(db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, db_url, "sensor-deleted"))
+def test_deleted_row_is_registered_again(db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-deleted"))
     daemon.wait_for_line("Registered sensor worker")
     query(db_url, "DELETE FROM worker WHERE name = 'sensor-deleted'")
     daemon.wait_for_line("was missing from the database and was registered again")
     assert worker_row(db_url, "sensor-deleted")["status"] == "active"
 
 
-def test_takeover_by_another_process_ends_the_first_with_78(db_url, workdir, daemons):
-    first = daemons(config_for(workdir, db_url, "sensor-shared"))
+def test_takeover_by_another_process_ends_the_first_with_78(db_url, tmp_path, daemons):
+    first = daemons(config_for(tmp_path, db_url, "sensor-shared"))
     first.wait_for_line("Registered sensor worker")
     row = worker_row(db_url, "sensor-shared")
     # Another instance takes the row over (same machine: allowed); the first is fenced out.
@@ -154,8 +149,8 @@ def test_takeover_by_another_process_ends_the_first_with_78(db_url, workdir, dae
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemons, mode):
-    daemon = daemons(config_for(workdir, db_url, "sensor-outage"), notify=notify_socket)
+def test_database_loss_and_return(cluster, db_url, tmp_path, notify_socket, daemons, mode):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-outage"), notify=notify_socket)
     notify_socket.wait_for("READY=1")
     worker_id = worker_row(db_url, "sensor-outage")["id"]
     # The test cluster commits asynchronously: make the registration durable before a crash.
@@ -177,10 +172,10 @@ def test_database_loss_and_return(cluster, db_url, workdir, notify_socket, daemo
     assert daemon.wait() == 0
 
 
-def test_waits_for_database_at_start_then_registers(cluster, spec_db_url, workdir, notify_socket, daemons):
+def test_waits_for_database_at_start_then_registers(cluster, spec_db_url, tmp_path, notify_socket, daemons):
     cluster.stop("fast")
     try:
-        daemon = daemons(config_for(workdir, spec_db_url, "sensor-late"), notify=notify_socket)
+        daemon = daemons(config_for(tmp_path, spec_db_url, "sensor-late"), notify=notify_socket)
         notify_socket.wait_for("EXTEND_TIMEOUT_USEC=", count=2)
         time.sleep(3)  # minutes of waiting are covered in-process (test_service.py)
         assert notify_socket.count("READY=1") == 0 and daemon.proc.poll() is None
@@ -193,10 +188,10 @@ def test_waits_for_database_at_start_then_registers(cluster, spec_db_url, workdi
     assert worker_row(spec_db_url, "sensor-late")["status"] == "active"
 
 
-def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, workdir, notify_socket, daemons):
+def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, tmp_path, notify_socket, daemons):
     cluster.stop("fast")
     try:
-        daemon = daemons(config_for(workdir, db_url, "sensor-giveup"), notify=notify_socket)
+        daemon = daemons(config_for(tmp_path, db_url, "sensor-giveup"), notify=notify_socket)
         notify_socket.wait_for("EXTEND_TIMEOUT_USEC=")
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -208,10 +203,10 @@ def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, workdir, n
     assert worker_row(db_url, "sensor-giveup") is None
 
 
-def test_password_never_appears_in_output(cluster, db_url, workdir, daemons):
+def test_password_never_appears_in_output(cluster, db_url, tmp_path, daemons):
     from pgcluster import ADMIN_PASSWORD
 
-    daemon = daemons(config_for(workdir, db_url, "sensor-secret", heartbeat_interval=0.3))
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-secret", heartbeat_interval=0.3))
     daemon.wait_for_line("heartbeat: worker")
     cluster.stop("immediate")
     try:
@@ -223,16 +218,16 @@ def test_password_never_appears_in_output(cluster, db_url, workdir, daemons):
     assert ADMIN_PASSWORD not in daemon.output
 
 
-def test_missing_schema_exits_78_saying_what_to_do(empty_db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, empty_db_url, "sensor-noschema"))
+def test_missing_schema_exits_78_saying_what_to_do(empty_db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, empty_db_url, "sensor-noschema"))
     assert daemon.wait() == 78
     assert "attune-sensor migrate run" in daemon.output and "Traceback" not in daemon.output
 
 
-def test_json_logs(db_url, workdir, daemons):
+def test_json_logs(db_url, tmp_path, daemons):
     import json
 
-    path = write_config(workdir, {"database": {"url": db_url}, "log": {"format": "json"},
+    path = write_config(tmp_path, {"database": {"url": db_url}, "log": {"format": "json"},
                                   "sensor": {"worker_name": "sensor-json", "heartbeat_interval": 0.3}})
     daemon = daemons(path)
     daemon.wait_for_line("heartbeat: worker")
@@ -243,16 +238,16 @@ def test_json_logs(db_url, workdir, daemons):
     assert {"levelname", "asctime", "name"} <= set(records[0])
 
 
-def test_journal_priority_prefixes(db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, db_url, "sensor-journal"), env={"JOURNAL_STREAM": "8:1234"})
+def test_journal_priority_prefixes(db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-journal"), env={"JOURNAL_STREAM": "8:1234"})
     daemon.wait_for_line("heartbeat: worker")
     assert daemon.lines[0].startswith("<6>INFO Registering sensor worker")
 
 
-def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, workdir, daemons):
+def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, tmp_path, daemons):
     import socket as socketlib
 
-    path = f"{workdir}/deaf.sock"
+    path = f"{tmp_path}/deaf.sock"
     deaf = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     deaf.bind(path)  # bound, never read
     filler = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
@@ -266,7 +261,7 @@ def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, 
         pass
     assert sent < 100_000, "the receiver's queue never filled"
     try:
-        daemon = daemons(config_for(workdir, db_url, "sensor-deaf", heartbeat_interval=0.1, reaper=False),
+        daemon = daemons(config_for(tmp_path, db_url, "sensor-deaf", heartbeat_interval=0.1, reaper=False),
                          env={"NOTIFY_SOCKET": path})
         daemon.wait_for_line("heartbeat: worker", count=20, timeout=30)
         assert daemon.proc.poll() is None
@@ -276,8 +271,8 @@ def test_a_notify_receiver_that_stops_reading_does_not_stall_heartbeats(db_url, 
 
 
 def test_sighup_while_waiting_for_the_database_keeps_waiting_and_uses_the_new_config(
-        cluster, db_url, workdir, notify_socket, daemons):
-    path = config_for(workdir, db_url, "sensor-hup-early", capabilities={"runtimes": ["shell"]})
+        cluster, db_url, tmp_path, notify_socket, daemons):
+    path = config_for(tmp_path, db_url, "sensor-hup-early", capabilities={"runtimes": ["shell"]})
     cluster.stop("fast")
     try:
         daemon = daemons(path, notify=notify_socket)
@@ -298,10 +293,10 @@ def test_sighup_while_waiting_for_the_database_keeps_waiting_and_uses_the_new_co
     assert worker_row(db_url, "sensor-hup-early")["capabilities"]["runtimes"] == ["shell", "node"]
 
 
-def test_json_logs_carry_journal_priorities_under_systemd(db_url, workdir, daemons):
+def test_json_logs_carry_journal_priorities_under_systemd(db_url, tmp_path, daemons):
     import json
 
-    path = write_config(workdir, {"database": {"url": db_url}, "log": {"format": "json"},
+    path = write_config(tmp_path, {"database": {"url": db_url}, "log": {"format": "json"},
                                   "sensor": {"worker_name": "sensor-jsonj", "heartbeat_interval": 0.3}})
     daemon = daemons(path, env={"JOURNAL_STREAM": "8:1234"})
     daemon.wait_for_line("heartbeat: worker")
@@ -310,19 +305,19 @@ def test_json_logs_carry_journal_priorities_under_systemd(db_url, workdir, daemo
     assert json.loads(first[3:])["message"].startswith("Registering sensor worker sensor-jsonj")
 
 
-def test_sighup_right_after_start_reloads_instead_of_killing(db_url, workdir, daemons):
-    daemon = daemons(config_for(workdir, db_url, "sensor-early-hup"))
+def test_sighup_right_after_start_reloads_instead_of_killing(db_url, tmp_path, daemons):
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-early-hup"))
     time.sleep(0.2)  # inside start-up: runtime probes, connecting, before the service's handlers
     daemon.signal(signal.SIGHUP)
     daemon.wait_for_line("heartbeat: worker", count=2)
     assert daemon.proc.poll() is None and worker_row(db_url, "sensor-early-hup")["status"] == "active"
 
 
-def test_a_burst_of_sighups_while_waiting_does_not_bypass_the_backoff(workdir, daemons):
+def test_a_burst_of_sighups_while_waiting_does_not_bypass_the_backoff(tmp_path, daemons):
     from pgcluster import free_port
 
     # nothing listens there: every attempt is refused at once
-    daemon = daemons(config_for(workdir, f"postgresql://nobody@127.0.0.1:{free_port()}/none", "sensor-burst"))
+    daemon = daemons(config_for(tmp_path, f"postgresql://nobody@127.0.0.1:{free_port()}/none", "sensor-burst"))
     daemon.wait_for_line("Database not reachable")
     for _ in range(100):
         daemon.signal(signal.SIGHUP)

@@ -7,19 +7,19 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import base_env, worker_row, write_config
+from support import base_env, worker_row, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
-def test_json_logs_and_lifecycle_on_bookworm_libraries(spec_db_url, workdir):
+def test_json_logs_and_lifecycle_on_bookworm_libraries(spec_db_url, tmp_path):
     versions = subprocess.run([DEBIAN_PYTHON, "-c", "import psycopg2, pythonjsonlogger, yaml, sdnotify;"
                                "print(psycopg2.__file__, pythonjsonlogger.__file__)"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert versions.returncode == 0, f"Debian's python3 libraries missing (packaging/install-deps.sh): {versions.stdout}"
     assert versions.stdout.startswith("/usr/lib/python3/dist-packages/")
-    path = write_config(workdir, {"database": {"url": spec_db_url}, "log": {"format": "json"},
+    path = write_config(tmp_path, {"database": {"url": spec_db_url}, "log": {"format": "json"},
                                   "sensor": {"worker_name": "sensor-bookworm", "heartbeat_interval": 0.3}})
     proc = subprocess.Popen([DEBIAN_PYTHON, "-m", "attune_sensor.cli", "--config", path, "run"], cwd=ROOT,
                             env=base_env({"PYTHONPATH": str(ROOT)}), stdout=subprocess.PIPE,

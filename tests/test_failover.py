@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import query, run_cli, wait_for, write_config
 from pgcluster import ADMIN_PASSWORD, ADMIN_USER, Cluster, free_port
+from support import config_for, query, run_cli, wait_for, worker_row, write_config
 
 INTERVAL = 0.5
 NAMES = ("sensor-ha-a", "sensor-ha-b")
@@ -47,13 +47,13 @@ def stamps(url):
     return {name: (worker_id, heartbeat) for name, worker_id, heartbeat in rows}
 
 
-def test_promoting_the_standby_keeps_every_row_and_the_heartbeat_rhythm(replicated, workdir, daemons):
+def test_promoting_the_standby_keeps_every_row_and_the_heartbeat_rhythm(replicated, tmp_path, daemons):
     primary, standby = replicated
     primary.psql("CREATE DATABASE ha")
     assert run_cli("migrate", "run", env={"DATABASE_URL": primary.url("ha")}).returncode == 0
     url = (f"postgresql://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/ha"
            "?target_session_attrs=read-write&connect_timeout=2")
-    started = [daemons(write_config(workdir, {"database": {"url": url, "statement_timeout": 2},
+    started = [daemons(write_config(tmp_path, {"database": {"url": url, "statement_timeout": 2},
                                               "sensor": {"worker_name": name, "heartbeat_interval": INTERVAL}}))
                for name in NAMES]
     for daemon in started:
@@ -94,3 +94,59 @@ def test_promoting_the_standby_keeps_every_row_and_the_heartbeat_rhythm(replicat
         assert largest <= INTERVAL + failover_seconds + 2.0, (largest, failover_seconds)
         assert series[-1] > datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
     print(f"\nfailover (stop primary + promote standby) took {failover_seconds:.2f}s; " + "; ".join(report))
+
+
+# Multi-host URLs: the daemon follows target_session_attrs=read-write to the other server.
+
+
+@pytest.fixture(scope="module")
+def second_cluster():
+    other = Cluster().init().start()
+    yield other
+    other.destroy()
+
+
+def failover_url(first, second, dbname):
+    """A migrated database of one name on both servers, and the multi-host URL naming both."""
+    for server in (first, second):
+        server.psql(f"CREATE DATABASE {dbname}")
+        result = run_cli("migrate", "run", env={"DATABASE_URL": server.url(dbname)})
+        assert result.returncode == 0, result.stderr
+    return (f"postgresql://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{first.port},127.0.0.1:{second.port}"
+            f"/{dbname}?target_session_attrs=read-write")
+
+
+def test_failover_when_the_first_server_turns_read_only(cluster, second_cluster, tmp_path, daemons):
+    url = failover_url(cluster, second_cluster, "failover_ro")
+    daemon = daemons(config_for(tmp_path, url, "sensor-ha"))
+    try:
+        daemon.wait_for_line("heartbeat: worker")
+        assert worker_row(cluster.url("failover_ro"), "sensor-ha")["status"] == "active"
+        # a demoted primary: new sessions are read-only, the daemon's own session is cut
+        cluster.psql("ALTER DATABASE failover_ro SET default_transaction_read_only = on")
+        cluster.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'failover_ro' "
+                     "AND pid <> pg_backend_pid()")
+        wait_for(lambda: (r := worker_row(second_cluster.url("failover_ro"), "sensor-ha")) and r["status"] == "active",
+                 20, what="the worker on the second server")
+        beats = sum("heartbeat: worker" in line for line in daemon.lines)
+        daemon.wait_for_line("heartbeat: worker", count=beats + 2)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0
+    assert worker_row(second_cluster.url("failover_ro"), "sensor-ha")["status"] == "inactive"
+
+
+def test_failover_when_the_first_server_dies(cluster, second_cluster, tmp_path, daemons):
+    url = failover_url(cluster, second_cluster, "failover_dead")
+    daemon = daemons(config_for(tmp_path, url, "sensor-ha2"))
+    daemon.wait_for_line("heartbeat: worker")
+    cluster.stop("immediate")
+    try:
+        wait_for(lambda: (r := worker_row(second_cluster.url("failover_dead"), "sensor-ha2")) and r["status"] == "active",
+                 20, what="the worker on the second server")
+        assert daemon.proc.poll() is None
+    finally:
+        cluster.start()
+        daemon.stop()
+    assert daemon.proc.returncode == 0

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from attune_sensor import migrations
-from conftest import attune_database, ATTUNE_SENSOR, base_env, query, run_cli
+from support import attune_database, ATTUNE_SENSOR, base_env, query, run_cli
 
 LEGACY_SCHEMA = """
 CREATE TYPE worker_type_enum AS ENUM ('local', 'remote', 'container');

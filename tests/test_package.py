@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import attune_database, query, wait_for, worker_row
+from support import attune_database, query, wait_for, worker_row
 from nspawn import Container, missing_tools
 from pgcluster import ADMIN_PASSWORD
 

@@ -8,7 +8,7 @@ import pytest
 from attune_sensor import SensorWorkerRegistration, config, fleet
 from attune_sensor.db import Database
 from attune_sensor.errors import DatabaseUnavailable, WorkerNameConflict, WorkerTakenOver
-from conftest import base_env, query, worker_row
+from support import base_env, query, worker_row
 
 
 def make(url, name, **sensor):
@@ -162,7 +162,7 @@ def test_reaper_delay_spreads_one_attempt_per_period_over_the_fleet():
     assert fleet.reaper_delay(30, 0, rng=lambda: 0.0) == 15  # jitter 0.5 to 1.5
 
 
-def test_a_reaped_worker_that_comes_back_is_no_longer_counted_as_reaped(db_url, workdir):
+def test_a_reaped_worker_that_comes_back_is_no_longer_counted_as_reaped(db_url, tmp_path):
     registration, db = make(db_url, "api-back", heartbeat_interval=1)
     registration.register()
     query(db_url, "UPDATE worker SET last_heartbeat = now() - interval '1 hour' WHERE name = 'api-back'")
@@ -174,7 +174,7 @@ def test_a_reaped_worker_that_comes_back_is_no_longer_counted_as_reaped(db_url, 
     assert row["status"] == "active" and not {"reaped_at", "reaped_by"} & set(row["meta"])
     registration.deregister()  # a clean stop later must not count as reaped either
     db.close()
-    path = f"{workdir}/c.yaml"
+    path = f"{tmp_path}/c.yaml"
     with open(path, "w") as handle:
         handle.write(f"database: {{url: '{db_url}'}}\n")
     metrics = subprocess.run([sys.executable, "-m", "attune_sensor.cli", "--config", path, "metrics"],

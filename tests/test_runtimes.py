@@ -16,36 +16,36 @@ def fake_bin(directory, name, exit_code=0, prints=""):
     os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
 
 
-def test_detection_runs_the_binaries(workdir):
-    fake_bin(workdir, "python3")
-    fake_bin(workdir, "node", exit_code=1)  # present but broken: not a runtime
-    env = {"PATH": workdir}
+def test_detection_runs_the_binaries(tmp_path):
+    fake_bin(tmp_path, "python3")
+    fake_bin(tmp_path, "node", exit_code=1)  # present but broken: not a runtime
+    env = {"PATH": tmp_path}
     assert runtimes.resolve((), env)[:2] == (["python", "shell", "native"], "detected")
 
 
-def test_detection_falls_back_to_python_and_finds_node(workdir):
-    fake_bin(workdir, "python")
-    fake_bin(workdir, "node")
-    assert runtimes.resolve((), {"PATH": workdir})[0] == ["python", "node", "shell", "native"]
+def test_detection_falls_back_to_python_and_finds_node(tmp_path):
+    fake_bin(tmp_path, "python")
+    fake_bin(tmp_path, "node")
+    assert runtimes.resolve((), {"PATH": tmp_path})[0] == ["python", "node", "shell", "native"]
 
 
-def test_probes_do_not_inherit_the_notify_socket(workdir):
-    fake_bin(workdir, "python3")  # exits 7 when it sees NOTIFY_SOCKET
-    found, _, _ = runtimes.resolve((), {"PATH": workdir, "NOTIFY_SOCKET": "/run/systemd/notify"})
+def test_probes_do_not_inherit_the_notify_socket(tmp_path):
+    fake_bin(tmp_path, "python3")  # exits 7 when it sees NOTIFY_SOCKET
+    found, _, _ = runtimes.resolve((), {"PATH": tmp_path, "NOTIFY_SOCKET": "/run/systemd/notify"})
     assert "python" in found
 
 
-def test_empty_path_still_has_shell_and_native(workdir):
-    assert runtimes.resolve((), {"PATH": workdir}) == (["shell", "native"], "detected", [])
+def test_empty_path_still_has_shell_and_native(tmp_path):
+    assert runtimes.resolve((), {"PATH": tmp_path}) == (["shell", "native"], "detected", [])
 
 
-def test_config_beats_detection_and_environment_beats_config(workdir):
-    fake_bin(workdir, "python3")
-    assert runtimes.resolve(("node",), {"PATH": workdir}) == (["node"], "config", [])
-    env = {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " Python, shell,,python ,NODE "}
+def test_config_beats_detection_and_environment_beats_config(tmp_path):
+    fake_bin(tmp_path, "python3")
+    assert runtimes.resolve(("node",), {"PATH": tmp_path}) == (["node"], "config", [])
+    env = {"PATH": tmp_path, "ATTUNE_SENSOR_RUNTIMES": " Python, shell,,python ,NODE "}
     assert runtimes.resolve(("node",), env) == (["python", "shell", "node"], "environment", [])
     # set but empty counts as unset
-    assert runtimes.resolve(("node",), {"PATH": workdir, "ATTUNE_SENSOR_RUNTIMES": " , "}) == (["node"], "config", [])
+    assert runtimes.resolve(("node",), {"PATH": tmp_path, "ATTUNE_SENSOR_RUNTIMES": " , "}) == (["node"], "config", [])
 
 
 @pytest.mark.parametrize("value", ["py thon", "x" * 40, "a;b", "ü"])
@@ -54,39 +54,39 @@ def test_bad_names_in_the_variable_are_named(value):
         runtimes.resolve((), {"ATTUNE_SENSOR_RUNTIMES": value})
 
 
-def test_a_hanging_binary_is_not_a_runtime_and_is_not_left_running(workdir, monkeypatch):
-    path = os.path.join(workdir, "node")
-    pidfile = os.path.join(workdir, "node.pid")
+def test_a_hanging_binary_is_not_a_runtime_and_is_not_left_running(tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "node")
+    pidfile = os.path.join(tmp_path, "node.pid")
     with open(path, "w") as handle:
         handle.write(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 30\n")
     os.chmod(path, 0o755)
     monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
-    found, _, _ = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
+    found, _, _ = runtimes.resolve((), {"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert "node" not in found and found[-2:] == ["shell", "native"]
     with open(pidfile) as handle:
         pid = int(handle.read())
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
 
 
-def test_versions_and_interpreters_come_from_the_same_probes(workdir):
-    fake_bin(workdir, "python3", prints="Python 3.11.2")
-    fake_bin(workdir, "python", prints="Python 2.7.18")
-    fake_bin(workdir, "node", prints="v18.19.0")
-    names, source, interpreters = runtimes.resolve((), {"PATH": workdir})
+def test_versions_and_interpreters_come_from_the_same_probes(tmp_path):
+    fake_bin(tmp_path, "python3", prints="Python 3.11.2")
+    fake_bin(tmp_path, "python", prints="Python 2.7.18")
+    fake_bin(tmp_path, "node", prints="v18.19.0")
+    names, source, interpreters = runtimes.resolve((), {"PATH": tmp_path})
     assert names == ["python", "node", "shell", "native"] and source == "detected"
     assert interpreters == [
-        {"name": "python", "path": os.path.join(workdir, "python3"), "version": "3.11.2"},
-        {"name": "python", "path": os.path.join(workdir, "python"), "version": "2.7.18"},
-        {"name": "node", "path": os.path.join(workdir, "node"), "version": "18.19.0"},
+        {"name": "python", "path": os.path.join(tmp_path, "python3"), "version": "3.11.2"},
+        {"name": "python", "path": os.path.join(tmp_path, "python"), "version": "2.7.18"},
+        {"name": "node", "path": os.path.join(tmp_path, "node"), "version": "18.19.0"},
     ]
     assert runtimes.runtime_versions(interpreters) == {"node": ["18.19.0"], "python": ["2.7.18", "3.11.2"]}
 
 
-def test_a_binary_printing_without_end_is_read_only_in_part(workdir, monkeypatch):
-    path = os.path.join(workdir, "node")
+def test_a_binary_printing_without_end_is_read_only_in_part(tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "node")
     with open(path, "w") as handle:
         handle.write("#!/bin/sh\necho v20.1.0\nexec yes\n")  # never exits by itself
     os.chmod(path, 0o755)
     monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
-    names, _, interpreters = runtimes.resolve((), {"PATH": workdir + ":/usr/bin:/bin"})
+    names, _, interpreters = runtimes.resolve((), {"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert "node" not in names and not any(i["name"] == "node" for i in interpreters)

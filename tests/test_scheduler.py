@@ -6,8 +6,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ATTUNE_SENSOR, base_env, query, run_cli, wait_for, write_config
-from test_daemon import config_for
+from support import base_env, config_for, query, run_cli, wait_for
 
 
 def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None, taints=None, **columns):
@@ -49,13 +48,13 @@ def test_placement_follows_runtime_labels_taints_and_load(db_url):
     assert assignments(db_url, "--pending") == {"s.ruby": None}
 
 
-def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, workdir, daemons):
+def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, tmp_path, daemons):
     add_worker(db_url, "small", capacity=1)
     assert place(db_url, "s.1", "--runtime", "python").returncode == 0
     full = place(db_url, "s.2", "--runtime", "python")
     assert full.returncode == 1 and "full" in full.stderr
     # a new worker registers: the daemon places what is pending
-    daemon = daemons(config_for(workdir, db_url, "sensor-new", capabilities={"runtimes": ["python"]}))
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-new", capabilities={"runtimes": ["python"]}))
     daemon.wait_for_line("heartbeat: worker")
     wait_for(lambda: assignments(db_url).get("s.2") == "sensor-new", 10, what="the pending sensor placed")
 
@@ -80,10 +79,10 @@ def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_u
     assert refs == (160, 160)  # 40 x 4 distinct refs: 60 placed, 100 pending, none twice
 
 
-def test_a_killed_workers_sensors_move_to_the_living(db_url, workdir, daemons):
-    survivor = daemons(config_for(workdir, db_url, "sensor-survivor", heartbeat_interval=1,
+def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):
+    survivor = daemons(config_for(tmp_path, db_url, "sensor-survivor", heartbeat_interval=1,
                                   capabilities={"runtimes": ["python"]}, max_concurrent_sensors=10))
-    doomed = daemons(config_for(workdir, db_url, "sensor-doomed2", heartbeat_interval=1,
+    doomed = daemons(config_for(tmp_path, db_url, "sensor-doomed2", heartbeat_interval=1,
                                 capabilities={"runtimes": ["python"]}, max_concurrent_sensors=10))
     for daemon in (survivor, doomed):
         daemon.wait_for_line("heartbeat: worker")
@@ -110,13 +109,13 @@ def test_unplace_forgets_and_says_when_there_was_nothing(db_url):
     assert assignments(db_url) == {}
 
 
-def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, workdir, daemons):
-    path = config_for(workdir, db_url, "sensor-side", capabilities={"runtimes": ["python"]})
-    daemon = daemons(path, env={"RUNTIME_DIRECTORY": workdir})
+def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, tmp_path, daemons):
+    path = config_for(tmp_path, db_url, "sensor-side", capabilities={"runtimes": ["python"]})
+    daemon = daemons(path, env={"RUNTIME_DIRECTORY": tmp_path})
     daemon.wait_for_line("heartbeat: worker")
     assert place(db_url, "s.mine", "--runtime", "python").stdout.strip() == "sensor-side"
     daemon.wait_for_line("assigned sensor s.mine (runtime python)", timeout=20)
-    document = json.loads(open(f"{workdir}/assignments-sensor-side.json").read())
+    document = json.loads(open(f"{tmp_path}/assignments-sensor-side.json").read())
     assert document["worker"] == "sensor-side" and [s["sensor_ref"] for s in document["sensors"]] == ["s.mine"]
     mine = run_cli("--config", path, "assignments", "--mine", "--json")
     assert [a["sensor_ref"] for a in json.loads(mine.stdout)] == ["s.mine"]
@@ -125,12 +124,12 @@ def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, wo
     assert "1/10" in run_cli("--config", path, "workers").stdout
     assert run_cli("unplace", "s.mine", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
     daemon.wait_for_line("released sensor s.mine", timeout=20)
-    assert json.loads(open(f"{workdir}/assignments-sensor-side.json").read())["sensors"] == []
+    assert json.loads(open(f"{tmp_path}/assignments-sensor-side.json").read())["sensors"] == []
 
 
-def test_a_worker_that_stops_hands_its_sensors_to_the_others(db_url, workdir, daemons):
-    staying = daemons(config_for(workdir, db_url, "sensor-stays", capabilities={"runtimes": ["python"]}))
-    leaving = daemons(config_for(workdir, db_url, "sensor-leaves", capabilities={"runtimes": ["python"]}))
+def test_a_worker_that_stops_hands_its_sensors_to_the_others(db_url, tmp_path, daemons):
+    staying = daemons(config_for(tmp_path, db_url, "sensor-stays", capabilities={"runtimes": ["python"]}))
+    leaving = daemons(config_for(tmp_path, db_url, "sensor-leaves", capabilities={"runtimes": ["python"]}))
     for daemon in (staying, leaving):
         daemon.wait_for_line("heartbeat: worker")
     for n in range(4):

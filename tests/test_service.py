@@ -6,7 +6,7 @@ import pytest
 
 from attune_sensor import config
 from attune_sensor.service import SensorService
-from conftest import worker_row, write_config
+from support import worker_row, write_config
 from pgcluster import free_port
 
 
@@ -53,7 +53,7 @@ def service_for(path, on_sleep):
     service.slept = []
 
     def sleep(seconds):
-        if service._stop_requested or service._reload_requested:
+        if service.signals.stop_requested or service.signals.reload_requested:
             return
         clock.now += seconds
         service.slept.append(round(seconds, 6))
@@ -63,10 +63,10 @@ def service_for(path, on_sleep):
     return service
 
 
-def write(workdir, url, name, **sensor):
+def write(tmp_path, url, name, **sensor):
     sensor.setdefault("heartbeat_interval", 10)
     sensor.setdefault("reaper", False)
-    return write_config(workdir, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
+    return write_config(tmp_path, {"database": {"url": url}, "sensor": {"worker_name": name, **sensor}})
 
 
 def stop_after(beats):
@@ -76,15 +76,15 @@ def stop_after(beats):
     return on_sleep
 
 
-def test_beats_keep_the_interval_and_stop_deregisters_last(db_url, workdir):
-    service = service_for(write(workdir, db_url, "svc-rhythm"), stop_after(5))
+def test_beats_keep_the_interval_and_stop_deregisters_last(db_url, tmp_path):
+    service = service_for(write(tmp_path, db_url, "svc-rhythm"), stop_after(5))
     service.start()
     assert service.notifier.sent == ["READY=1"] + ["WATCHDOG=1"] * 5 + ["STOPPING=1"]
     assert service.slept[:6] == [10.0] * 6  # one interval between beats, none skipped, none doubled
     assert worker_row(db_url, "svc-rhythm")["status"] == "inactive"
 
 
-def test_after_a_long_stall_the_rhythm_starts_afresh_without_a_burst(db_url, workdir):
+def test_after_a_long_stall_the_rhythm_starts_afresh_without_a_burst(db_url, tmp_path):
     def on_sleep(service, slept):
         beats = service.notifier.sent.count("WATCHDOG=1")
         if beats == 2 and not getattr(service, "stalled", False):
@@ -93,14 +93,14 @@ def test_after_a_long_stall_the_rhythm_starts_afresh_without_a_burst(db_url, wor
         elif beats >= 5:
             service.stop()
 
-    service = service_for(write(workdir, db_url, "svc-stall"), on_sleep)
+    service = service_for(write(tmp_path, db_url, "svc-stall"), on_sleep)
     service.start()
     # after the stall: one beat at once (overdue), then whole intervals again, not nine catch-ups
     assert service.slept[-3:] == [10.0, 10.0, 10.0]
     assert service.notifier.sent.count("WATCHDOG=1") == 5
 
 
-def test_an_outage_keeps_the_watchdog_and_recovery_is_logged_before_the_beat(db_url, workdir, caplog):
+def test_an_outage_keeps_the_watchdog_and_recovery_is_logged_before_the_beat(db_url, tmp_path, caplog):
     good = db_url
     dead = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
 
@@ -114,7 +114,7 @@ def test_an_outage_keeps_the_watchdog_and_recovery_is_logged_before_the_beat(db_
         elif beats >= 6:
             service.stop()
 
-    service = service_for(write(workdir, db_url, "svc-outage"), on_sleep)
+    service = service_for(write(tmp_path, db_url, "svc-outage"), on_sleep)
     with caplog.at_level("INFO", logger="attune_sensor"):
         service.start()
     assert service.notifier.sent.count("WATCHDOG=1") == 6  # one per attempt, failed or not
@@ -131,8 +131,8 @@ def test_an_outage_keeps_the_watchdog_and_recovery_is_logged_before_the_beat(db_
     ("sensor: {worker_name: svc-reload, heartbeat_interval: 10, reaper: false, max_concurrent_sensors: 4}", True),
     ("sensor: {worker_name: svc-reload, heartbeat_interval: -1}", False),
 ])
-def test_reload_takes_a_good_config_and_keeps_the_running_one_for_a_bad_one(db_url, workdir, new_text, applied):
-    path = write(workdir, db_url, "svc-reload")
+def test_reload_takes_a_good_config_and_keeps_the_running_one_for_a_bad_one(db_url, tmp_path, new_text, applied):
+    path = write(tmp_path, db_url, "svc-reload")
 
     def on_sleep(service, _):
         beats = service.notifier.sent.count("WATCHDOG=1")
@@ -151,7 +151,7 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_for_a_bad_one(db_u
     assert capacity == (4 if applied else 10)
 
 
-def test_waiting_minutes_for_the_database_keeps_asking_systemd_for_bounded_time(db_url, workdir):
+def test_waiting_minutes_for_the_database_keeps_asking_systemd_for_bounded_time(db_url, tmp_path):
     dead = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
     good = db_url
 
@@ -161,7 +161,7 @@ def test_waiting_minutes_for_the_database_keeps_asking_systemd_for_bounded_time(
         if "READY=1" in service.notifier.sent:
             service.stop()
 
-    service = service_for(write(workdir, db_url, "svc-late"), on_sleep)
+    service = service_for(write(tmp_path, db_url, "svc-late"), on_sleep)
     service.db.url = dead
     service.start()
     sent = service.notifier.sent

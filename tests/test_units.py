@@ -38,7 +38,7 @@ def test_the_watchdog_fits_the_default_heartbeat(unit):
     watchdog = float(service["WatchdogSec"].rstrip("s"))
     # unset ("auto") means 30 s on the spec's schema and 10 s on the platform's
     assert config.SensorConfig.__dataclass_fields__["heartbeat_interval"].default is None
-    assert max(schema.DEFAULT_RECORDED_INTERVAL, schema.PLATFORM_DEFAULT_INTERVAL) <= watchdog / 2  # the daemon's own start-up check (service.check_watchdog_fits)
+    assert max(schema.DEFAULT_RECORDED_INTERVAL, schema.PLATFORM_DEFAULT_INTERVAL) <= watchdog / 2  # the daemon's own start-up check (notify.check_watchdog_fits)
 
 
 def test_the_units_differ_only_in_their_instance_lines():

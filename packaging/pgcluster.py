@@ -1,8 +1,8 @@
 """A throwaway PostgreSQL cluster from the distribution's binaries, for tests, benchmarks and
 the README's demo. Runs as the `postgres` user when started by root (PostgreSQL refuses root).
 
-    python3 tests/pgcluster.py start DIR   # prints the admin URL, leaves the server running
-    python3 tests/pgcluster.py stop DIR    # stops it and removes DIR
+    python3 packaging/pgcluster.py start DIR   # prints the admin URL, leaves the server running
+    python3 packaging/pgcluster.py stop DIR    # stops it and removes DIR
 """
 
 import glob
@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 ADMIN_USER = "attune_admin"
 ADMIN_PASSWORD = "throwaway-admin-secret"

@@ -1,0 +1,71 @@
+"""Signals as flags, and a sleep that they (or stop()/reload() from another thread) cut short.
+
+Handlers only set a flag and write to a pipe (signal.set_wakeup_fd), so the service acts on a
+signal between two bounded database calls, never inside one (docs/design.md, "Shutdown").
+"""
+
+import os
+import select
+import signal
+import threading
+
+
+class SignalFlags:
+    def __init__(self):
+        self.stop_requested = False
+        self.reload_requested = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def request_stop(self, *_signal):
+        self.stop_requested = True
+        self._wake()
+
+    def request_reload(self, *_signal):
+        self.reload_requested = True
+        self._wake()
+
+    def take_reload(self):
+        """True once per reload asked for since the last call."""
+        asked, self.reload_requested = self.reload_requested, False
+        return asked
+
+    def install(self):
+        """SIGTERM and SIGINT ask to stop, SIGHUP to reload. Returns what to restore(); outside
+        the main thread (embedded use) nothing is installed and the caller uses request_*()."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self.request_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, self.request_stop),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, self.request_reload),
+        }
+        previous["wakeup_fd"] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        return previous
+
+    @staticmethod
+    def restore(previous):
+        if previous is None:
+            return
+        signal.set_wakeup_fd(previous.pop("wakeup_fd"))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def sleep(self, seconds):
+        """Sleeps up to `seconds`, returning early when a stop or reload is asked for."""
+        if self.stop_requested or self.reload_requested:
+            return
+        ready, _, _ = select.select([self._wake_r], [], [], seconds)
+        if ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: the sleeper is awake anyway

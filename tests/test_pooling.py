@@ -1,0 +1,67 @@
+"""Through PgBouncer in transaction mode, as many Attune sites deploy it: every statement must
+carry what it needs (search_path included), since no session state survives."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from pgcluster import ADMIN_PASSWORD, ADMIN_USER, free_port
+from support import config_for, run_cli, wait_for, worker_row
+
+
+@pytest.fixture
+def pgbouncer(cluster):
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    assert os.path.exists(binary), "pgbouncer missing: run packaging/install-deps.sh"
+    # not under tmp_path: pytest keeps that 0700 to root, and pgbouncer runs as postgres
+    base = tempfile.mkdtemp(prefix="attune-pgbouncer-")
+    port = free_port()
+    with open(os.path.join(base, "users.txt"), "w") as handle:
+        handle.write(f'"{ADMIN_USER}" "{ADMIN_PASSWORD}"\n')
+    with open(os.path.join(base, "pgbouncer.ini"), "w") as handle:
+        handle.write(f"[databases]\n* = host=127.0.0.1 port={cluster.port}\n[pgbouncer]\n"
+                     f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+                     f"auth_type = scram-sha-256\nauth_file = {base}/users.txt\npool_mode = transaction\n"
+                     f"logfile = {base}/pgbouncer.log\npidfile = {base}/pgbouncer.pid\n"
+                     "max_client_conn = 100\ndefault_pool_size = 5\n")
+    argv = [binary, os.path.join(base, "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        for name in os.listdir(base):
+            shutil.chown(os.path.join(base, name), "postgres")
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: subprocess.run(["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"],
+                                    stderr=subprocess.DEVNULL).returncode == 0, 10, what="pgbouncer listening")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_everything_works_through_pgbouncer_in_transaction_mode(db_url, pgbouncer, tmp_path, daemons):
+    pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons)
+
+
+def test_pgbouncer_and_the_platforms_schema_without_its_search_path(attune_url, pgbouncer, tmp_path, daemons):
+    # every statement carries its own transaction-local search_path: no session state to lose
+    pooled_lifecycle(attune_url, pgbouncer, tmp_path, daemons)
+
+
+def pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons):
+    url = db_url.rsplit(":", 1)[0] + f":{pgbouncer}/" + db_url.rsplit("/", 1)[1]
+    path = config_for(tmp_path, url, "sensor-pooled")
+    daemon = daemons(path)
+    daemon.wait_for_line("heartbeat: worker", count=3)
+    for command in (["workers"], ["check"], ["metrics"], ["migrate", "info"]):
+        result = run_cli("--config", path, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_line("Reloaded configuration")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert worker_row(db_url, "sensor-pooled")["status"] == "inactive"
