@@ -295,6 +295,9 @@ class SensorService:
         finally:
             if registered:
                 self.notifier.ready(self._status_line())
+        # `systemctl reload` is also how an operator asks for this worker's sensors now,
+        # rather than at the next read (docs/scheduling.md, "The worker's side")
+        self._maybe_read_assignments(force=True)
 
     def _reload_configuration(self):
         try:

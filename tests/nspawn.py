@@ -81,11 +81,14 @@ class Container:
     def _find_leader(self):
         # systemd-nspawn's child is the container's PID 1 (systemd).
         result = subprocess.run(["pgrep", "-P", str(self.proc.pid)], stdout=subprocess.PIPE, text=True)
-        pids = result.stdout.split()
-        if not pids:
-            return None
-        with open(f"/proc/{pids[0]}/comm") as handle:
-            return pids[0] if handle.read().strip() == "systemd" else None
+        for pid in result.stdout.split():
+            try:
+                with open(f"/proc/{pid}/comm") as handle:
+                    if handle.read().strip() == "systemd":
+                        return pid
+            except OSError:
+                continue  # a short-lived helper of nspawn's, gone between pgrep and open
+        return None
 
     def console_text(self):
         with open(os.path.join(self.base, "console.log")) as handle:

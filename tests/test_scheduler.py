@@ -92,6 +92,12 @@ def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):
     assert set(before.values()) == {"sensor-survivor", "sensor-doomed2"}
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.wait()
+    # once it is stale (3 s), open the fleet's reaper gate: how soon the gate lets a scan
+    # through is test_fleet.py's matter, what happens to the sensors of a reaped worker is this one's
+    wait_for(lambda: query(db_url, "SET search_path TO public, attune; SELECT now() - last_heartbeat > "
+                                   "interval '3.2 s' FROM worker WHERE name = 'sensor-doomed2'")[0][0], 10,
+             what="the killed worker stale")
+    query(db_url, "UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
     wait_for(lambda: set(assignments(db_url).values()) == {"sensor-survivor"}, 25,
              what="the killed worker's sensors re-placed")
     after = assignments(db_url)
@@ -114,7 +120,9 @@ def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, tm
     daemon = daemons(path, env={"RUNTIME_DIRECTORY": tmp_path})
     daemon.wait_for_line("heartbeat: worker")
     assert place(db_url, "s.mine", "--runtime", "python").stdout.strip() == "sensor-side"
-    daemon.wait_for_line("assigned sensor s.mine (runtime python)", timeout=20)
+    # a reload reads the assignments at once; the periodic read's cadence is in test_service.py
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_line("assigned sensor s.mine (runtime python)", timeout=5)
     document = json.loads(open(f"{tmp_path}/assignments-sensor-side.json").read())
     assert document["worker"] == "sensor-side" and [s["sensor_ref"] for s in document["sensors"]] == ["s.mine"]
     mine = run_cli("--config", path, "assignments", "--mine", "--json")
@@ -123,7 +131,8 @@ def test_the_worker_logs_its_sensors_and_keeps_a_file_for_its_runtime(db_url, tm
     assert check.returncode == 0 and "1 of 10 sensors placed" in check.stdout
     assert "1/10" in run_cli("--config", path, "workers").stdout
     assert run_cli("unplace", "s.mine", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
-    daemon.wait_for_line("released sensor s.mine", timeout=20)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_line("released sensor s.mine", timeout=5)
     assert json.loads(open(f"{tmp_path}/assignments-sensor-side.json").read())["sensors"] == []
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from attune_sensor import config
 from attune_sensor.service import SensorService
-from support import worker_row, write_config
 from pgcluster import free_port
+from support import run_cli, worker_row, write_config
 
 
 class Clock:
@@ -173,3 +173,31 @@ def test_waiting_minutes_for_the_database_keeps_asking_systemd_for_bounded_time(
     assert max(seconds for seconds, _ in extends) <= 30 * 1.2 + 10 + 5
     assert max(service.slept) <= 30 * 1.2
     assert worker_row(db_url, "svc-late")["status"] == "inactive"  # registered, then stopped
+
+
+def test_a_worker_sees_a_new_sensor_at_its_next_slower_read_not_its_next_beat(db_url, tmp_path, caplog):
+    # Reads of a worker's own assignments come every max(10 s, interval), never one more
+    # statement per heartbeat (docs/scheduling.md, "The worker's side").
+    listing = tmp_path / "mine.json"
+    seen = {}
+
+    def on_sleep(service, _):
+        beats = service.notifier.sent.count("WATCHDOG=1")
+        if beats == 1 and "placed" not in seen:
+            placed = run_cli("place", "s.cadence", "--runtime", "shell",
+                             env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"})
+            assert placed.stdout.strip() == "svc-cadence", placed.stderr
+            seen["placed"] = service.clock()
+        if "placed" in seen and "seen" not in seen and listing.exists() and "s.cadence" in listing.read_text():
+            seen["seen"] = service.clock()
+        if beats >= 30:
+            service.stop()
+
+    service = service_for(write(tmp_path, db_url, "svc-cadence", heartbeat_interval=1,
+                                assignments_file=str(listing)), on_sleep)
+    with caplog.at_level("INFO", logger="attune_sensor"):
+        service.start()
+    # placed one beat after the start-up read: seen at the read 10 s after that one, not at the
+    # beat right after the placement (1 s), nor later than one read period
+    assert 5 < seen["seen"] - seen["placed"] <= 10
+    assert [r.getMessage() for r in caplog.records].count("assigned sensor s.cadence (runtime shell)") == 1
