@@ -73,16 +73,27 @@ CREATE TABLE IF NOT EXISTS attune_sensor.assignment (
 CREATE INDEX IF NOT EXISTS assignment_by_worker ON attune_sensor.assignment (worker_id) WHERE worker_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS assignment_pending ON attune_sensor.assignment (created) WHERE worker_id IS NULL;
 """,
+    "attune_sensor.fleet_gauges": """
+CREATE SCHEMA IF NOT EXISTS attune_sensor;
+CREATE TABLE IF NOT EXISTS attune_sensor.fleet_gauges (
+    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    multiplier FLOAT8,
+    gauges JSONB
+);
+INSERT INTO attune_sensor.fleet_gauges DEFAULT VALUES ON CONFLICT DO NOTHING;
+""",
 }
 OWN_GRANTS = {
     "attune_sensor.reaper_gate": "SELECT, UPDATE",
     "attune_sensor.assignment": "SELECT, INSERT, UPDATE, DELETE",
+    "attune_sensor.fleet_gauges": "SELECT, UPDATE",
 }
 
 
 def ensure_own_objects(cursor):
-    """The reaper's one-row gate (fleet.GATED_REAP_CTES) and the sensors' assignments
-    (scheduler.py), in schema attune_sensor."""
+    """The reaper's one-row gate (fleet.GATED_REAP_CTES), the sensors' assignments
+    (scheduler.py) and the fleet's gauges (fleet.metrics), in schema attune_sensor."""
     for name, sql in OWN_OBJECTS.items():
         cursor.execute("SELECT to_regclass(%s)", (name,))
         if cursor.fetchone()[0] is None:

@@ -311,7 +311,9 @@ def cmd_metrics(args):
           [({"runtime": k}, v) for k, v in stats["runtimes"].items()])
     gauge("heartbeat_lag_seconds", "Seconds since the oldest active worker's heartbeat.",
           [({}, f"{stats['max_heartbeat_lag']:.3f}")])
-    gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, stats["capacity"])])
+    gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, int(stats["capacity"]))])
+    gauge("gauges_age_seconds", "Seconds since the gauges above were computed (shared fleet-wide, at most "
+          f"{fleet.GAUGES_PERIOD:g} s old).", [({}, f"{stats['age']:.3f}")])
     print("\n".join(lines))
     return 0
 

@@ -16,7 +16,7 @@ import psycopg2
 from .db import connect_blocking
 from .dsn import scrub
 from .errors import DatabaseUnavailable
-from .schema import attach, heartbeat_interval_of, stale_condition
+from .schema import FLEET_GAUGES, REAPER_GATE, attach, heartbeat_interval_of, stale_condition
 
 EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
@@ -66,11 +66,9 @@ SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.st
 # nothing else (the scan's one-time filter stays false). The advisory lock keeps two heartbeats
 # of the same instant from both opening it, without waiting.
 REAP_PERIOD = 10.0
-GATE_SCHEMA = "attune_sensor"
-GATE_TABLE = f"{GATE_SCHEMA}.reaper_gate"
 GATED_REAP_CTES = f"""
 gate AS MATERIALIZED (
-    UPDATE {GATE_TABLE} SET last_scan = now(), scanned_by = %(name)s
+    UPDATE {REAPER_GATE} SET last_scan = now(), scanned_by = %(name)s
      WHERE CASE WHEN last_scan < now() - make_interval(secs => {REAP_PERIOD})
                 THEN pg_try_advisory_xact_lock({REAPER_LOCK_KEY}) ELSE false END
     RETURNING 1
@@ -149,37 +147,70 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
     return [dict(zip(COLUMNS, row)) for row in rows]
 
 
-# The fleet's gauges in one aggregate statement: no row leaves the server, so `metrics` costs
-# one scan whatever the fleet's size (bench/queries.py). Numbers read from capabilities are
-# guarded: a junk value counts as 0, it does not fail the scrape.
-METRICS_SQL = """
-SELECT count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'sensor'),
-       count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid'),
-       count(*) FILTER (WHERE w.status = 'active' AND {stale}),
-       count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
-       coalesce(extract(epoch FROM now() - min(w.last_heartbeat) FILTER (WHERE w.status = 'active'))::float8, 0),
-       coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
-                         THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
-                FILTER (WHERE w.status = 'active'), 0),
-       (SELECT coalesce(json_object_agg(runtime, n ORDER BY runtime), '{{}}')
-          FROM (SELECT r AS runtime, count(*) AS n
-                  FROM worker AS w,
-                       jsonb_array_elements_text(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array'
-                                                      THEN w.capabilities -> 'runtimes' END) AS r
-                 WHERE {roles} AND w.status = 'active'
-                 GROUP BY r) AS distribution)
+# The fleet's gauges in one aggregate statement: no row leaves the server (bench/queries.py).
+# Numbers read from capabilities are guarded: a junk value counts as 0, it does not fail the
+# scrape.
+GAUGES_SQL = f"""
+SELECT jsonb_build_object(
+    'active', jsonb_build_object(
+        'sensor', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'sensor'),
+        'hybrid', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid')),
+    'stale', count(*) FILTER (WHERE w.status = 'active' AND {STALE_EXPR}),
+    'reaped', count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
+    'max_heartbeat_lag',
+        coalesce(extract(epoch FROM now() - min(w.last_heartbeat) FILTER (WHERE w.status = 'active'))::float8, 0),
+    'capacity', coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
+                                  THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
+                         FILTER (WHERE w.status = 'active'), 0),
+    'runtimes', (SELECT coalesce(jsonb_object_agg(runtime, n ORDER BY runtime), '{{}}')
+                   FROM (SELECT r AS runtime, count(*) AS n
+                           FROM worker AS w,
+                                jsonb_array_elements_text(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array'
+                                                               THEN w.capabilities -> 'runtimes' END) AS r
+                          WHERE {LISTED_ROLES} AND w.status = 'active'
+                          GROUP BY r) AS distribution))
   FROM worker AS w
- WHERE {roles}
+ WHERE {LISTED_ROLES}
+"""
+
+# `metrics` runs on every host, as often as its scraper asks: at 10,000 hosts scraping each
+# minute that would be 166 scans of the whole table a second. The gauges are kept in one row of
+# attune_sensor.fleet_gauges instead: a caller that finds them older than GAUGES_PERIOD
+# recomputes and stores them (the row lock with SKIP LOCKED lets one caller at a time do it,
+# the others read the row as it is), so the table is scanned at most once per period
+# fleet-wide, and a scrape reads one row (docs/design.md, "Fleet gauges").
+GAUGES_PERIOD = 10.0
+_GAUGES_DUE = (f"(computed_at < now() - make_interval(secs => {GAUGES_PERIOD}) "
+               "OR multiplier IS DISTINCT FROM %(multiplier)s)")
+READ_GAUGES_SQL = f"""
+SELECT gauges, NOT {_GAUGES_DUE}, multiplier = %(multiplier)s,
+       CASE WHEN isfinite(computed_at) THEN extract(epoch FROM now() - computed_at)::float8 END
+  FROM {FLEET_GAUGES}
+"""
+REFRESH_GAUGES_SQL = f"""
+UPDATE {FLEET_GAUGES} SET computed_at = now(), multiplier = %(multiplier)s, gauges = ({GAUGES_SQL})
+ WHERE only_row IN (SELECT only_row FROM {FLEET_GAUGES} WHERE {_GAUGES_DUE} FOR UPDATE SKIP LOCKED)
+RETURNING gauges
 """
 
 
 def metrics(db, multiplier, table=None):
-    """The fleet's gauges: {active: {role: n}, stale, reaped, max_heartbeat_lag, capacity, runtimes}."""
+    """The fleet's gauges: {active: {role: n}, stale, reaped, max_heartbeat_lag, capacity,
+    runtimes, age}. `age`: seconds since they were computed (at most GAUGES_PERIOD, but for a
+    role that may not update the stored row: it computes them every time, age 0)."""
     if table is None:
         table = attach(db)
-    row = db.execute(METRICS_SQL.format(stale=STALE_EXPR, roles=LISTED_ROLES), {"multiplier": multiplier})[0]
-    return {"active": {"sensor": row[0], "hybrid": row[1]}, "stale": row[2], "reaped": row[3],
-            "max_heartbeat_lag": row[4], "capacity": int(row[5]), "runtimes": row[6] or {}}
+    params = {"multiplier": multiplier}
+    if table.gauges:
+        stored, fresh, same_multiplier, age = db.execute(READ_GAUGES_SQL, params)[0]
+        if fresh:
+            return dict(stored, age=age)
+        refreshed = db.execute(REFRESH_GAUGES_SQL, params)
+        if refreshed:
+            return dict(refreshed[0][0], age=0.0)
+        if stored is not None and same_multiplier:
+            return dict(stored, age=age)  # another caller is computing them right now
+    return dict(db.execute(GAUGES_SQL, params)[0][0], age=0.0)
 
 
 def summary(workers):

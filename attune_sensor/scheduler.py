@@ -17,9 +17,9 @@ import json
 from . import placement
 from .errors import AttuneSensorError
 from .fleet import LISTED_ROLES, STALE_EXPR
+from .schema import ASSIGNMENTS
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
-ASSIGNMENTS = "attune_sensor.assignment"
 
 CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
             "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")

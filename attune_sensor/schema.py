@@ -18,6 +18,12 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, SchemaMissing
 
+# attune-sensor's own tables, in its own schema on both flavours (access.OWN_OBJECTS makes them):
+# the reaper's gate (fleet.py), the sensors' assignments (scheduler.py), the fleet's gauges (fleet.py)
+REAPER_GATE = "attune_sensor.reaper_gate"
+ASSIGNMENTS = "attune_sensor.assignment"
+FLEET_GAUGES = "attune_sensor.fleet_gauges"
+OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, FLEET_GAUGES)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
 
@@ -48,12 +54,14 @@ SELECT n.nspname,
          WHERE a.attrelid = found.rel AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
        EXISTS (SELECT 1 FROM pg_class h
                 WHERE h.relnamespace = n.oid AND h.relname = 'worker_history') AS has_history,
-       to_regclass('attune_sensor.reaper_gate') IS NOT NULL
-         AND has_schema_privilege('attune_sensor', 'USAGE')
-         AND has_table_privilege('attune_sensor.reaper_gate', 'UPDATE') AS reaper_gate,
-       to_regclass('attune_sensor.assignment') IS NOT NULL
-         AND has_schema_privilege('attune_sensor', 'USAGE')
-         AND has_table_privilege('attune_sensor.assignment', 'UPDATE') AS assignments
+       -- in this order: each step errors where the one before it is false (no schema; no
+       -- USAGE on it, which a read-only monitoring role lacks: to_regclass then fails too)
+       ARRAY(SELECT own FROM unnest(%(own)s::text[]) AS own
+              WHERE CASE WHEN to_regnamespace('attune_sensor') IS NULL THEN false
+                         WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false
+                         WHEN to_regclass(own) IS NULL THEN false
+                         ELSE has_table_privilege(own, 'UPDATE') END
+       ) AS usable
   FROM found
   JOIN pg_class c ON c.oid = found.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -101,8 +109,19 @@ class WorkerTable:
     columns: tuple          # column names
     enums: dict             # column -> tuple of labels, for enum columns
     has_history: bool = False
-    reaper_gate: bool = False  # attune_sensor.reaper_gate exists and this role may use it
-    assignments: bool = False  # attune_sensor.assignment (scheduler.py) likewise
+    usable: frozenset = frozenset()  # of OWN_TABLES: those that exist and this role may update
+
+    @property
+    def reaper_gate(self):
+        return REAPER_GATE in self.usable
+
+    @property
+    def assignments(self):
+        return ASSIGNMENTS in self.usable
+
+    @property
+    def gauges(self):
+        return FLEET_GAUGES in self.usable
 
     @property
     def flavour(self):
@@ -130,19 +149,18 @@ class WorkerTable:
 def discover(db, configured_schema=None):
     """Finds the worker table through `db` (a db.Database). Raises SchemaMissing when there is
     none, or when it cannot hold a sensor worker."""
-    rows = db.execute(DISCOVER_SQL, {"schema": configured_schema, "fallback": f"{PLATFORM_SCHEMA}.worker"},
-                      plain=True)
+    rows = db.execute(DISCOVER_SQL, {"schema": configured_schema, "fallback": f"{PLATFORM_SCHEMA}.worker",
+                                     "own": list(OWN_TABLES)}, plain=True)
     if not rows:
         where = f"schema {configured_schema!r} (database.schema)" if configured_schema else \
             f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
         raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
                             + ("" if configured_schema else " or set database.schema"))
-    schema, on_path, columns, has_history, reaper_gate, assignments = rows[0]
+    schema, on_path, columns, has_history, usable = rows[0]
     columns = columns or {}
     table = WorkerTable(schema=schema, on_search_path=bool(on_path), columns=tuple(columns),
                         enums={k: tuple(v) for k, v in columns.items() if v is not None},
-                        has_history=bool(has_history), reaper_gate=bool(reaper_gate),
-                        assignments=bool(assignments))
+                        has_history=bool(has_history), usable=frozenset(usable))
     missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
                if c not in table.columns]
     if missing:

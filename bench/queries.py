@@ -39,8 +39,10 @@ def project_queries(table):
         ("attune-sensor workers", workers, {"runtime": None, "stale_only": False, "multiplier": 3.0, "name": None}),
         ("attune-sensor workers --stale", workers, {"runtime": None, "stale_only": True, "multiplier": 3.0, "name": None}),
         ("attune-sensor check (one name)", workers, {"runtime": None, "stale_only": False, "multiplier": 3.0, "name": "w500"}),
-        ("attune-sensor metrics (one aggregate)",
-         fleet.METRICS_SQL.format(stale=fleet.STALE_EXPR, roles=fleet.LISTED_ROLES), {"multiplier": 3.0}),
+        ("attune-sensor metrics, computing the gauges (at most once per 10 s fleet-wide)",
+         fleet.GAUGES_SQL, {"multiplier": 3.0}),
+        ("attune-sensor metrics, reading the stored gauges (every other scrape)",
+         fleet.READ_GAUGES_SQL, {"multiplier": 3.0}),
     ]
 
 

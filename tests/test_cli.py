@@ -52,6 +52,43 @@ def test_metrics_in_prometheus_format(db_url):
     assert 'attune_sensor_runtime_workers{runtime="python"} 1' in lines
     assert "attune_sensor_capacity_sensors 15" in lines
     assert "# TYPE attune_sensor_heartbeat_lag_seconds gauge" in lines
+    assert "attune_sensor_gauges_age_seconds 0.000" in lines  # computed by this very call
+
+
+def gauge(lines, name):
+    return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+
+def test_metrics_are_computed_once_per_period_and_shared(db_url):
+    # every host scrapes; the table is scanned once per 10 s fleet-wide (docs/design.md, "Fleet gauges")
+    query(db_url, FLEET)
+    assert 'attune_sensor_workers_active{role="sensor"} 2' in cli(db_url, "metrics").stdout.splitlines()
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('s-new', 'local', 'sensor', 'h5', 'active', '{\"runtimes\": [\"shell\"]}', '{}', now())")
+    shared = cli(db_url, "metrics").stdout.splitlines()
+    assert 'attune_sensor_workers_active{role="sensor"} 2' in shared  # the stored gauges, no new scan
+    assert 0 < gauge(shared, "attune_sensor_gauges_age_seconds") <= 10
+    query(db_url, "UPDATE attune_sensor.fleet_gauges SET computed_at = now() - interval '11 seconds'")
+    renewed = cli(db_url, "metrics").stdout.splitlines()
+    assert 'attune_sensor_workers_active{role="sensor"} 3' in renewed
+    assert gauge(renewed, "attune_sensor_gauges_age_seconds") == 0
+
+
+def test_a_read_only_role_computes_the_metrics_itself(cluster, db_url):
+    query(db_url, FLEET)
+    cli(db_url, "metrics")  # stored gauges exist, but this role may not renew them
+    query(db_url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('s-new', 'local', 'sensor', 'h5', 'active', '{}', '{}', now())")
+    schema = query(db_url, "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                           "WHERE c.relname = 'worker' AND c.relkind IN ('r', 'p') ORDER BY n.nspname <> 'public'")[0][0]
+    dbname = db_url.rsplit("/", 1)[1]
+    role = f"watcher_{dbname}"  # roles are the cluster's, databases the test's
+    query(db_url, f"CREATE ROLE {role} LOGIN PASSWORD 'watch-pw'; "
+                  f"GRANT USAGE ON SCHEMA {schema} TO {role}; GRANT SELECT ON {schema}.worker TO {role}")
+    result = cli(f"postgresql://{role}:watch-pw@127.0.0.1:{cluster.port}/{dbname}", "metrics")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert 'attune_sensor_workers_active{role="sensor"} 3' in lines and gauge(lines, "attune_sensor_gauges_age_seconds") == 0
 
 
 def test_check_states(db_url, tmp_path, daemons):
