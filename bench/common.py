@@ -71,6 +71,15 @@ def insert_workers(url, count, start=0, interval=30):
     conn.close()
 
 
+def gate_scans(cursor):
+    """How many times the fleet's reaper gate has opened (attune_sensor.reaper_gate's updates),
+    by the server's statistics: other sessions' counts arrive when they flush theirs (about
+    once a second), so callers wait a moment before the final reading."""
+    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' "
+                   "AND relname = 'reaper_gate'")
+    return cursor.fetchone()[0]
+
+
 def pgbench(cluster, url, script_text, *options):
     """Runs the server's own pgbench with a custom script against `url`; returns its output."""
     import subprocess

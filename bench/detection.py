@@ -17,7 +17,7 @@ import time
 
 import psycopg2
 
-from common import database, insert_workers, median, table
+from common import database, gate_scans, insert_workers, median, table
 
 FLEETS = [tuple(float(x) for x in item.split(":"))
           for item in os.environ.get("BENCH_DETECTION_FLEETS", "2:1,50:1,10000:10").split(",")]
@@ -73,8 +73,7 @@ def run(url, size, interval, design):
                    "- 'reaped_by' - 'reaped_last_heartbeat'")
     cursor.execute("UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
     cursor.execute("SELECT pg_stat_force_next_flush()")
-    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' AND relname = 'reaper_gate'")
-    gate_before = cursor.fetchone()[0]
+    gate_before = gate_scans(cursor)
     seconds = MULTIPLIER * interval + max(interval, PERIOD) + 10
     chunks = [live_ids[p::PROCESSES] for p in range(PROCESSES)]
     procs = [subprocess.Popen([sys.executable, __file__, "client", url, json.dumps(chunk), str(interval),
@@ -86,8 +85,7 @@ def run(url, size, interval, design):
     latencies = [r[0] for r in cursor.fetchall()]
     cursor.execute("SELECT pg_stat_force_next_flush()")
     time.sleep(1.5)  # the clients' own statistics reach the shared counters
-    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' AND relname = 'reaper_gate'")
-    scans = cursor.fetchone()[0] - gate_before
+    scans = gate_scans(cursor) - gate_before
     conn.close()
     found = [x for x in latencies if x is not None]
     threshold = MULTIPLIER * interval

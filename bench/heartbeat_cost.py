@@ -9,7 +9,7 @@ import time
 
 import psycopg2
 
-from common import ATTUNE_SENSOR, RUNS, database, median, percentile, table
+from common import ATTUNE_SENSOR, RUNS, database, gate_scans, median, percentile, table
 from attune_sensor import config as config_module
 from attune_sensor.db import Database
 from attune_sensor.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
@@ -63,15 +63,13 @@ def reaper_statements(url, workdir, daemons=5, seconds=5):
                          "  capabilities: {runtimes: [shell]}\n")
         procs.append(subprocess.Popen([ATTUNE_SENSOR, "--config", path, "run"], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
-    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' AND relname = 'reaper_gate'")
-    before = cursor.fetchone()[0]
+    before = gate_scans(cursor)
     time.sleep(seconds)
     for proc in procs:
         proc.terminate()
         proc.wait()
     time.sleep(1.5)  # the daemons' statistics reach the shared counters
-    cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'attune_sensor' AND relname = 'reaper_gate'")
-    scans = cursor.fetchone()[0] - before
+    scans = gate_scans(cursor) - before
     cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat%%' "
                    "AND query NOT LIKE '%%UPDATE worker SET last_heartbeat%%' "
                    "AND query LIKE '%%pg_try_advisory_xact_lock%%'")
