@@ -10,16 +10,35 @@ run`, never in the platform's schema): one row per sensor ref, `worker_id` NULL 
 Every placement takes one transaction-scoped advisory lock and then reads with a fresh snapshot,
 so concurrent placers can never over-fill a worker, and the primary key on the sensor ref means
 a sensor is never assigned twice. Nothing here deletes a sensor except `unplace`.
+
+The order in which a placement tries workers is `attune_sensor.worker_load`: per worker and
+runtime, the load ratio, kept by a trigger on the assignments and indexed, so a placement walks
+the workers offering the sensor's runtime from the least loaded and stops at the first eligible
+one, instead of counting every worker's sensors (docs/scheduling.md, "At scale"). `sync`
+rebuilds it from the workers and the assignments. Capacity is always checked against the
+assignments themselves.
 """
 
 import json
+import re
+import time
 
 from . import placement
 from .errors import AttuneSensorError
 from .fleet import LISTED_ROLES, STALE_EXPR
-from .schema import ASSIGNMENTS
+from .schema import ASSIGNMENTS, WORKER_LOAD
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
+# How long a long-lived Scheduler walks the worker_load rows as they are before syncing them
+# again (a worker that registered since is found by the daemons' own reconcile, which syncs);
+# a placement that finds no worker syncs first if the last sync is older than SYNC_RETRY_AFTER.
+SYNC_PERIOD = 10.0
+SYNC_RETRY_AFTER = 1.0
+# Pending sensors placed per round trip by reconcile: one transaction, one lock, the placement
+# statements one after the other (each sees the loads the ones before it left), then one read
+# of where they went. Saves a round trip and a commit per sensor in a mass failover.
+PLACE_BATCH = 100
+_PER_SENSOR_PARAM = re.compile(r"%\((ref|runtime|selector|tolerations)\)s")
 
 CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
             "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")
@@ -54,13 +73,25 @@ WHY_NOT = {
 }
 PENALIZED = f"EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE t ->> 'effect' = 'prefer_no_schedule' AND NOT {TOLERATES})"
 
+# The walk: worker_load's index for the sensor's runtime, in ratio order; the first eligible
+# worker without an untolerated prefer_no_schedule taint, else the first with one. A worker
+# with no worker_load row yet (registered since the last sync) is not walked: Scheduler.place
+# syncs and walks again before it calls a sensor pending. OFFSET 0 keeps the planner from
+# flattening the per-worker test into a join: left to itself it estimates the jsonb tests as
+# rare, scans every worker that offers the runtime and sorts them all.
+_WALK = """SELECT w.id, w.name FROM {worker_load} AS l
+      CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
+                           WHERE w.id = l.worker_id AND {roles} AND {eligible} AND {penalized_or_not}
+                          OFFSET 0) AS w
+      WHERE l.runtime = %(runtime)s
+      ORDER BY l.ratio, l.worker_id LIMIT 1"""
 PLACE_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
 WITH chosen AS (
-    SELECT w.id, w.name FROM worker AS w
-     WHERE {roles} AND {eligible}
-     ORDER BY {penalized}, {load}::float8 / {capacity}, w.name
-     LIMIT 1
+    ({walk_preferred})
+    UNION ALL
+    ({walk_penalized})
+    LIMIT 1
 ), placed AS (
     INSERT INTO {assignments} AS a (sensor_ref, runtime, selector, tolerations, worker_id, assigned_at)
     VALUES (%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, (SELECT id FROM chosen),
@@ -82,6 +113,32 @@ DIAGNOSE_SQL = """
 SELECT {counts} FROM worker AS w WHERE {roles}
 """
 
+# Rebuilt from the facts: a row per live worker and runtime it offers, with its capacity and its
+# load counted from the assignments; every other row goes. One statement over the fleet.
+SYNC_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s);
+WITH workers AS (
+    SELECT w.id, w.capabilities -> 'runtimes' AS runtimes, {load} AS load,
+           CASE WHEN {capacity} BETWEEN 0 AND 1000000 THEN floor({capacity})::int ELSE 0 END AS capacity
+      FROM worker AS w
+     WHERE {roles} AND w.status = 'active' AND jsonb_typeof(w.capabilities -> 'runtimes') = 'array'
+), live AS (
+    SELECT DISTINCT ON (id, runtime) id, runtime, capacity, load
+      FROM workers CROSS JOIN jsonb_array_elements_text(runtimes) AS r(runtime)
+), gone AS (
+    DELETE FROM {worker_load} AS l
+     WHERE NOT EXISTS (SELECT 1 FROM live WHERE live.id = l.worker_id AND live.runtime = l.runtime)
+    RETURNING 1
+), kept AS (
+    INSERT INTO {worker_load} AS l (worker_id, runtime, capacity, load)
+    SELECT id, runtime, capacity, load FROM live
+    ON CONFLICT (worker_id, runtime) DO UPDATE SET capacity = EXCLUDED.capacity, load = EXCLUDED.load
+     WHERE (l.capacity, l.load) IS DISTINCT FROM (EXCLUDED.capacity, EXCLUDED.load)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
+"""
+
 # Assignments whose worker is gone, inactive or stale go back to pending (never deleted).
 RELEASE_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
@@ -94,6 +151,11 @@ RETURNING a.sensor_ref
 PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations FROM {ASSIGNMENTS} WHERE worker_id IS NULL " \
               "ORDER BY created, sensor_ref LIMIT %(limit)s"
 
+PLACED_SQL = f"""
+SELECT a.sensor_ref, w.name FROM {ASSIGNMENTS} AS a JOIN worker AS w ON w.id = a.worker_id
+ WHERE a.sensor_ref = ANY(%(refs)s)
+"""
+
 LIST_SQL = f"""
 SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at
   FROM {ASSIGNMENTS} AS a LEFT JOIN worker AS w ON w.id = a.worker_id
@@ -102,7 +164,10 @@ SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at
  ORDER BY a.sensor_ref
 """
 
-UNPLACE_SQL = f"DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %s RETURNING sensor_ref"
+UNPLACE_SQL = f"""
+SELECT pg_advisory_xact_lock(%(lock)s);
+DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s RETURNING sensor_ref
+"""
 
 # One move of a rebalance: among the most loaded workers (by load / capacity), one sensor that
 # another worker eligible for it would hold at a strictly lower ratio than its own now. Moving
@@ -140,15 +205,21 @@ class NoEligibleWorker(AttuneSensorError):
 class Scheduler:
     """Places sensors on sensor workers. `table` comes from schema.attach(db)."""
 
-    def __init__(self, db, table, stale_multiplier=3.0):
+    def __init__(self, db, table, stale_multiplier=3.0, clock=time.monotonic):
         self.db = db
         self.table = table
         self.multiplier = stale_multiplier
+        self.clock = clock
+        self.unfinished = False  # the last reconcile stopped at its limit or budget
+        self._synced_at = None
         cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
-        self._place = PLACE_SQL.format(roles=LISTED_ROLES, eligible=eligible, penalized=PENALIZED, load=LOAD,
-                                       capacity=CAPACITY, assignments=ASSIGNMENTS)
+        walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=LISTED_ROLES, eligible=eligible,
+                                    penalized_or_not=condition)
+                 for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
+        self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, **walks)
+        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=LOAD, roles=LISTED_ROLES, worker_load=WORKER_LOAD)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
                  .replace("%(tolerations)s::jsonb", "a.tolerations"))
@@ -156,18 +227,23 @@ class Scheduler:
             load=LOAD, capacity=CAPACITY, roles=LISTED_ROLES, alive=self._checks["alive"],
             schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, eligible_for_a=for_a)
 
-    def place(self, ref, runtime, selector=None, tolerations=()):
+    def place(self, ref, runtime, selector=None, tolerations=(), explain=True):
         """Places one sensor and returns its worker's name (where it already is, if placed
-        before). Raises NoEligibleWorker, saying why, and records the sensor as pending."""
+        before). Raises NoEligibleWorker and records the sensor as pending; with `explain`, the
+        message says which test no worker passed (one more statement over the fleet)."""
         params = self._params(ref, runtime, selector, tolerations)
+        self._sync_if_due(SYNC_PERIOD)
         worker = self.db.execute(self._place, params)[0][0]
+        if not worker and self._sync_if_due(SYNC_RETRY_AFTER):
+            worker = self.db.execute(self._place, params)[0][0]  # a worker that joined may take it
         if worker:
             return worker
-        raise NoEligibleWorker(f"sensor {ref!r} is pending: {self._why_not(params)}")
+        reason = self._why_not(params) if explain else "no worker may take it now"
+        raise NoEligibleWorker(f"sensor {ref!r} is pending: {reason}")
 
     def unplace(self, ref):
         """Forgets a sensor; True when it was known."""
-        return bool(self.db.execute(UNPLACE_SQL, (ref,)))
+        return bool(self.db.execute(UNPLACE_SQL, {"lock": PLACEMENT_LOCK_KEY, "ref": ref}))
 
     def assignments(self, worker=None, pending=False):
         rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
@@ -177,6 +253,7 @@ class Scheduler:
     def rebalance(self, limit=100_000):
         """Evens out a skewed fleet (new workers joined, say) one move at a time, each making
         the fleet strictly more even. Returns [(sensor_ref, from_worker, to_worker)]."""
+        self.sync()
         moves = []
         while len(moves) < limit:
             moved = self.db.execute(self._rebalance_step, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})
@@ -185,21 +262,53 @@ class Scheduler:
             moves.append(tuple(moved[0]))
         return moves
 
-    def reconcile(self, limit=10_000):
-        """Failover: sensors of workers that died or left go back to pending, then every pending
-        sensor is placed where possible. Returns (released refs, {ref: worker} placed)."""
+    def reconcile(self, limit=10_000, budget=None):
+        """Failover: sensors of workers that died or left go back to pending, then pending
+        sensors are placed where possible, oldest first, up to `limit` of them or, after the
+        first batch of PLACE_BATCH, until `budget` seconds have passed. Returns (released refs,
+        {ref: worker} placed); `unfinished` then says whether it stopped early with pending
+        sensors it did not try."""
+        deadline = None if budget is None else self.clock() + budget
         released = [row[0] for row in self.db.execute(
             RELEASE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR),
             {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})]
+        self.sync()
+        pending = self.db.execute(PENDING_SQL, {"limit": limit})
         placed = {}
-        for ref, runtime, selector, tolerations in self.db.execute(PENDING_SQL, {"limit": limit}):
-            try:
-                placed[ref] = self.place(ref, runtime, selector, tolerations)
-            except NoEligibleWorker:
-                continue
+        self.unfinished = len(pending) == limit
+        for start in range(0, len(pending), PLACE_BATCH):
+            placed.update(self._place_batch(pending[start:start + PLACE_BATCH]))  # at least one per pass
+            if deadline is not None and self.clock() >= deadline and start + PLACE_BATCH < len(pending):
+                self.unfinished = True
+                break
         return released, placed
 
+    def sync(self):
+        """Brings worker_load up to the workers: one statement over the fleet (a few
+        milliseconds per thousand workers)."""
+        self.db.execute(self._sync, {"lock": PLACEMENT_LOCK_KEY})
+        self._synced_at = self.clock()
+
     # --- helpers ------------------------------------------------------------------------
+
+    def _place_batch(self, sensors):
+        """[(ref, runtime, selector, tolerations)] -> {ref: worker} of those placed; the others
+        stay pending. One round trip, one transaction, the same statement as place()."""
+        params = {"lock": PLACEMENT_LOCK_KEY, "refs": [ref for ref, *_ in sensors]}
+        statements = [self._place.split(";", 1)[0]]  # the lock, once
+        body = self._place.split(";", 1)[1]
+        for n, sensor in enumerate(sensors):
+            for key, value in self._params(*sensor).items():
+                params[f"{key}_{n}" if _PER_SENSOR_PARAM.fullmatch(f"%({key})s") else key] = value
+            statements.append(_PER_SENSOR_PARAM.sub(lambda m, n=n: f"%({m.group(1)}_{n})s", body))
+        statements.append(PLACED_SQL)
+        return dict(self.db.execute(";".join(statements), params))
+
+    def _sync_if_due(self, period):
+        if self._synced_at is not None and self.clock() - self._synced_at < period:
+            return False
+        self.sync()
+        return True
 
     def _params(self, ref, runtime, selector, tolerations):
         if not isinstance(ref, str) or not 0 < len(ref) <= 255 or any(ord(c) < 32 for c in ref):

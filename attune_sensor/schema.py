@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from .errors import ConfigError, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (access.OWN_OBJECTS makes them):
-# the reaper's gate (fleet.py), the sensors' assignments (scheduler.py), the fleet's gauges (fleet.py)
+# the reaper's gate (fleet.py), the sensors' assignments and each worker's load (scheduler.py),
+# the fleet's gauges (fleet.py)
 REAPER_GATE = "attune_sensor.reaper_gate"
 ASSIGNMENTS = "attune_sensor.assignment"
+WORKER_LOAD = "attune_sensor.worker_load"
 FLEET_GAUGES = "attune_sensor.fleet_gauges"
-OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, FLEET_GAUGES)
+OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
 
@@ -117,7 +119,8 @@ class WorkerTable:
 
     @property
     def assignments(self):
-        return ASSIGNMENTS in self.usable
+        """Placement is possible: the assignments and the per-worker load (scheduler.py)."""
+        return ASSIGNMENTS in self.usable and WORKER_LOAD in self.usable
 
     @property
     def gauges(self):

@@ -29,8 +29,11 @@ log = logs.get("service")
 # and the reaper marks the row if this fails (docs/design.md, "Shutdown").
 STOP_CONNECT_TIMEOUT = 2.0
 STOP_STATEMENT_TIMEOUT = 2.0
-RECONCILE_LIMIT = 500  # sensors placed per pass: a few milliseconds each
-STOP_RECONCILE_LIMIT = 100  # at stop, inside TimeoutStopSec
+# A placement pass (failover, pending sensors) may take this share of an interval; what it
+# could not reach continues at the next beat, so a mass failure is worked off in a few beats
+# while heartbeats keep their rhythm. At stop it gets a fixed time, inside TimeoutStopSec.
+RECONCILE_SHARE = 0.5
+STOP_RECONCILE_BUDGET = 5.0
 # How often a daemon reads the sensors placed on it: a statement of its own at this slower
 # cadence, never one more on the heartbeat path (docs/scheduling.md, "The worker's side").
 ASSIGNMENT_READ_PERIOD = 10.0
@@ -64,6 +67,7 @@ class SensorService:
         self._database_down = False
         self._next_reap = 0.0
         self._next_assignment_read = 0.0
+        self._placement_unfinished = False  # the last pass ran out of time with sensors pending
         self._my_sensors = None  # {ref: runtime} last read; None before the first read
 
     # --- public -------------------------------------------------------------------------
@@ -207,32 +211,33 @@ class SensorService:
             self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
         # After every attempt that ended within its bound, database up or down (docs/design.md, "Watchdog").
         self.notifier.watchdog()
-        self._maybe_reap()
+        if not self._maybe_reap() and self._placement_unfinished and not self._database_down:
+            self._reconcile("the previous pass, which ran out of time")
         self._maybe_read_assignments()
 
     def _maybe_reap(self):
+        """Reaps (or collects what the heartbeat reaped) and re-places the dead workers'
+        sensors. Returns True when a placement pass ran."""
         sensor = self.config.sensor
         if self.registration.reap_multiplier is not None:
             reaped, self.registration.reaped = self.registration.reaped, []
-            self._log_reaped(reaped)
-            return
+            return self._after_reaping(reaped)
         if (not sensor.reaper or self._database_down or self.signals.stop_requested
                 or self.clock() < self._next_reap):
-            return
+            return False
         try:
             reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier, self.table)
         except DATABASE_TROUBLE as exc:
             self._next_reap = self.clock() + fleet.reaper_delay(self.interval, 1)
             log.warning("stale worker reaper skipped: %s", exc)
-            return
+            return False
         self._next_reap = self.clock() + fleet.reaper_delay(self.interval, active)
-        self._log_reaped(reaped)
+        return self._after_reaping(reaped)
 
-    def _log_reaped(self, reaped):
+    def _after_reaping(self, reaped):
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
-        if reaped:
-            self._reconcile("reaping " + ", ".join(name for _, name, _ in reaped))
+        return bool(reaped) and self._reconcile("reaping " + ", ".join(name for _, name, _ in reaped))
 
     def _maybe_read_assignments(self, force=False):
         """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,
@@ -266,21 +271,25 @@ class SensorService:
         except OSError as exc:
             log.warning("could not write the assignments file %s: %s", path, exc.strerror)
 
-    def _reconcile(self, why, limit=None):
+    def _reconcile(self, why, budget=None):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
-        Bounded per pass so the loop keeps its rhythm; what is left waits for the next event."""
+        Bounded in time per pass so the loop keeps its rhythm; what is left goes on at the next
+        beat. Returns True when a pass ran."""
         if self.scheduler is None:
-            return
+            return False
         try:
-            released, placed = self.scheduler.reconcile(limit=limit or RECONCILE_LIMIT)
+            released, placed = self.scheduler.reconcile(
+                budget=self.interval * RECONCILE_SHARE if budget is None else budget)
         except DATABASE_TROUBLE as exc:
             log.warning("sensor placement after %s skipped: %s", why, exc)
-            return
+            return False
+        self._placement_unfinished = self.scheduler.unfinished
         if released or placed:
             shown = ", ".join(f"{ref} on {worker}" for ref, worker in sorted(placed.items())[:20])
-            log.info("Sensors re-placed after %s: %d released, %d placed%s", why, len(released), len(placed),
-                     f" ({shown})" if shown else "")
+            log.info("Sensors re-placed after %s: %d released, %d placed%s%s", why, len(released), len(placed),
+                     f" ({shown})" if shown else "", "; more at the next beat" if self.scheduler.unfinished else "")
         self._next_assignment_read = 0.0  # show this worker's side of it at the next beat
+        return True
 
     # --- reload -------------------------------------------------------------------------
 
@@ -345,7 +354,7 @@ class SensorService:
                     log.info("Deregistered sensor worker %s (id %s): status inactive",
                              registration.worker_name, registration.worker_id)
                     # its sensors move to the living now, not when a reaper would notice
-                    self._reconcile("this worker stopped", limit=STOP_RECONCILE_LIMIT)
+                    self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET)
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",
                                 registration.worker_name)

@@ -34,14 +34,16 @@ def placer(url, first, last):
     scheduler = Scheduler(db, schema.attach(db))
     for n in range(first, last):
         try:
-            scheduler.place(f"sensor.{n}", ("python", "node", "shell")[n % 3])
+            scheduler.place(f"sensor.{n}", ("python", "node", "shell")[n % 3], explain=False)
         except NoEligibleWorker:
             pass
     db.close()
 
 
 def prepare(url):
-    insert_workers(url, WORKERS)
+    # heartbeat_interval 1 h: the simulated workers send no heartbeats, and must not turn stale
+    # (3 x their interval) while a large run is still placing
+    insert_workers(url, WORKERS, interval=3600)
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cursor:

@@ -6,6 +6,9 @@ import signal
 import subprocess
 import sys
 
+from attune_sensor import schema
+from attune_sensor.db import Database
+from attune_sensor.scheduler import Scheduler
 from support import base_env, config_for, query, run_cli, wait_for
 
 
@@ -18,6 +21,15 @@ def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None,
     query(url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
                "VALUES (%s, 'local', 'sensor', %s, %s, %s, '{}', now())",
           (name, name, columns.get("status", "active"), json.dumps(capabilities)))
+
+
+def load_mismatches(url):
+    """Workers whose counted load (attune_sensor.worker_load, kept by a trigger) differs from
+    the sensors actually assigned to them."""
+    return query(url, "SELECT coalesce(l.worker_id, a.worker_id), l.load, a.n FROM attune_sensor.worker_load l "
+                      "FULL JOIN (SELECT worker_id, count(*) AS n FROM attune_sensor.assignment "
+                      "           WHERE worker_id IS NOT NULL GROUP BY worker_id) a ON a.worker_id = l.worker_id "
+                      "WHERE coalesce(l.load, 0) <> coalesce(a.n, 0)")
 
 
 def place(url, ref, *options):
@@ -40,7 +52,8 @@ def test_placement_follows_runtime_labels_taints_and_load(db_url):
     assert place(db_url, "s.eu1", "--runtime", "python", "--selector", "zone=eu-west").stdout.strip() == "py-eu"
     # least loaded next: py-eu has one, so the tainted gpu-eu only when tolerated
     assert place(db_url, "s.eu2", "--runtime", "python", "--selector", "zone=eu-west").stdout.strip() == "py-eu"
-    assert place(db_url, "s.gpu", "--runtime", "python", "--tolerate", "gpu").stdout.strip() == "gpu-eu"
+    assert place(db_url, "s.gpu", "--runtime", "python", "--selector", "zone=eu-west",
+                 "--tolerate", "gpu").stdout.strip() == "gpu-eu"
     # placing again changes nothing
     assert place(db_url, "s.eu1", "--runtime", "python").stdout.strip() == "py-eu"
     refused = place(db_url, "s.ruby", "--runtime", "ruby")
@@ -77,6 +90,7 @@ def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_u
     assert all(load <= 20 for load in loads.values()) and sum(loads.values()) == 60, loads
     refs = query(db_url, "SELECT count(*), count(DISTINCT sensor_ref) FROM attune_sensor.assignment")[0]
     assert refs == (160, 160)  # 40 x 4 distinct refs: 60 placed, 100 pending, none twice
+    assert load_mismatches(db_url) == []
 
 
 def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):
@@ -102,6 +116,7 @@ def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):
              what="the killed worker's sensors re-placed")
     after = assignments(db_url)
     assert sorted(after) == sorted(before)  # none lost, none twice
+    assert load_mismatches(db_url) == []
     survivor.wait_for_line("re-placed")
 
 
@@ -164,5 +179,55 @@ def test_rebalance_evens_out_new_workers_moving_as_few_as_it_can(db_url):
         loads[worker] = loads.get(worker, 0) + 1
     assert sorted(loads.values()) == [2, 3, 3] and "node-only" not in loads  # 8 over three: the most even
     assert "5 sensor(s) moved" in result.stdout  # and exactly the 5 moves that takes
+    assert load_mismatches(db_url) == []
     again = run_cli("rebalance", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"})
     assert "0 sensor(s) moved" in again.stdout
+
+
+def test_a_long_lived_scheduler_finds_a_worker_that_joined_since_its_last_sync(db_url):
+    add_worker(db_url, "first", capacity=1)
+    db = Database(db_url)
+    now = [1000.0]
+    try:
+        scheduler = Scheduler(db, schema.attach(db), clock=lambda: now[0])
+        assert scheduler.place("s.a", "python") == "first"
+        add_worker(db_url, "second", capacity=1)
+        now[0] += 2  # within the sync period (10 s), past the retry delay (1 s)
+        assert scheduler.place("s.b", "python") == "second"  # not pending: it synced and walked again
+    finally:
+        db.close()
+
+
+def test_the_counter_is_built_from_sensors_placed_before_it_existed(db_url):
+    add_worker(db_url, "older")
+    for ref in ("s.1", "s.2"):
+        assert place(db_url, ref, "--runtime", "python").returncode == 0
+    # a database set up by a version without the counter
+    query(db_url, "DROP FUNCTION attune_sensor.count_worker_load() CASCADE; DROP TABLE attune_sensor.worker_load")
+    assert run_cli("migrate", "run", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
+    # the first placement syncs: the counter is built from the assignments already there
+    assert place(db_url, "s.3", "--runtime", "python").stdout.strip() == "older"
+    assert load_mismatches(db_url) == []
+    assert query(db_url, "SELECT runtime, load FROM attune_sensor.worker_load ORDER BY runtime") == \
+        [("python", 3), ("shell", 3)]
+
+
+def test_a_placement_pass_out_of_time_leaves_the_rest_for_the_next(db_url):
+    # 250 pending sensors, as `place` leaves them when no worker can take them
+    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
+                  "SELECT 's.' || lpad(n::text, 3, '0'), 'python' FROM generate_series(0, 249) AS n")
+    add_worker(db_url, "big", capacity=300)
+    db = Database(db_url)
+    try:
+        scheduler = Scheduler(db, schema.attach(db))
+        passes = []
+        while True:
+            _, placed = scheduler.reconcile(budget=0)  # no time at all: one batch per pass
+            passes.append((len(placed), scheduler.unfinished))
+            if not scheduler.unfinished:
+                break
+    finally:
+        db.close()
+    assert passes == [(100, True), (100, True), (50, False)]
+    assert set(assignments(db_url).values()) == {"big"} and len(assignments(db_url)) == 250
+    assert load_mismatches(db_url) == []

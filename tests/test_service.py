@@ -5,9 +5,10 @@ can show (signals, systemd's socket, exit codes) stays in test_daemon.py."""
 import pytest
 
 from attune_sensor import config
+from attune_sensor import service as service_module
 from attune_sensor.service import SensorService
 from pgcluster import free_port
-from support import run_cli, worker_row, write_config
+from support import query, run_cli, worker_row, write_config
 
 
 class Clock:
@@ -201,3 +202,25 @@ def test_a_worker_sees_a_new_sensor_at_its_next_slower_read_not_its_next_beat(db
     # beat right after the placement (1 s), nor later than one read period
     assert 5 < seen["seen"] - seen["placed"] <= 10
     assert [r.getMessage() for r in caplog.records].count("assigned sensor s.cadence (runtime shell)") == 1
+
+
+def test_placement_that_runs_out_of_time_goes_on_at_the_next_beats(db_url, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(service_module, "RECONCILE_SHARE", 0)  # no time at all: one batch per pass
+    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
+                  "SELECT 's.' || n, 'shell' FROM generate_series(1, 250) AS n")  # pending sensors
+
+    def on_sleep(service, _):
+        if service.notifier.sent.count("WATCHDOG=1") >= 4:
+            service.stop()
+
+    service = service_for(write(tmp_path, db_url, "svc-placing", max_concurrent_sensors=300), on_sleep)
+    with caplog.at_level("INFO", logger="attune_sensor"):
+        service.start()
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sensors re-placed")]
+    # registration places one batch, then each beat goes on where the last pass stopped
+    assert [p.split(":", 1)[0] for p in passes[:3]] == [
+        "Sensors re-placed after this worker registered",
+        "Sensors re-placed after the previous pass, which ran out of time",
+        "Sensors re-placed after the previous pass, which ran out of time"]
+    assert [", 100 placed" in passes[0], ", 100 placed" in passes[1], ", 50 placed" in passes[2]] == [True] * 3
+    assert ["more at the next beat" in p for p in passes[:3]] == [True, True, False]
