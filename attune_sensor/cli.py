@@ -324,8 +324,8 @@ def _scheduler(config):
     db, table = _attached_db(config)
     if not table.assignments:
         db.close()
-        raise AttuneSensorError("this database has no attune_sensor.assignment table (or this role may not "
-                                "use it): run 'attune-sensor migrate run' with this version")
+        raise AttuneSensorError("this database lacks attune_sensor.assignment or attune_sensor.worker_load (or "
+                                "this role may not use them): run 'attune-sensor migrate run' with this version")
     return Scheduler(db, table, config.sensor.stale_multiplier), db
 
 

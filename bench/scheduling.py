@@ -1,6 +1,7 @@
 """Sensor placement at scale: placements per second with 4 concurrent placers, balance (largest
 load over mean), capacity never exceeded, and the time to re-place the sensors of a tenth of
-the workers dying at once. Baseline measured in the same run: each sensor inserted on a random
+the workers dying at once: by one reconcile pass, then by a real daemon whose heartbeat finds
+another tenth dead. Baseline measured in the same run: each sensor inserted on a random
 worker offering its runtime, with no lock and no load ordering (what a placer costs at the
 least, and what balance looks like without it).
 
@@ -121,12 +122,60 @@ def ours(url):
     cursor.execute("SELECT count(*), count(DISTINCT sensor_ref), count(worker_id) FROM attune_sensor.assignment")
     after = cursor.fetchone()
     ratio_after, over_after = balance(loads(cursor))
+    daemon = daemon_failover(url, cursor)
     conn.close()
     return {"rate": rate, "ratio": ratio, "over": over, "total": total, "distinct": distinct, "placed": placed,
             "released": len(released), "moved": len(moved), "replace_seconds": replace_seconds,
             "after": after, "ratio_after": ratio_after, "over_after": over_after,
             "rebalance_moves": rebalance_moves, "rebalance_seconds": rebalance_seconds,
-            "ratio_rebalanced": ratio_rebalanced}
+            "ratio_rebalanced": ratio_rebalanced, "daemon": daemon}
+
+
+def daemon_failover(url, cursor):
+    """Another tenth of the workers stop heartbeating (the first tenth is back, empty); one real
+    daemon (heartbeat 10 s, the platform's default) starts and re-places their sensors with its
+    own passes, bounded to half an interval each. Seconds from its start to the last
+    placement it made."""
+    import tempfile
+
+    from common import ATTUNE_SENSOR
+
+    # the tenth that died above comes back empty, so that the fleet can hold every sensor again
+    cursor.execute("UPDATE worker SET status = 'active', last_heartbeat = now() WHERE status = 'inactive'")
+    cursor.execute("UPDATE worker SET last_heartbeat = now() - interval '1 hour', "
+                   "capabilities = capabilities || '{\"heartbeat_interval\": 1}' "
+                   "WHERE id % 10 = 1 AND status = 'active' RETURNING id")
+    dead = [row[0] for row in cursor.fetchall()]
+    cursor.execute("SELECT count(*) FROM attune_sensor.assignment WHERE worker_id = ANY(%s)", (dead,))
+    held = cursor.fetchone()[0]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(f"database: {{url: '{url}', statement_timeout: 30}}\n"
+                     "sensor: {worker_name: bench-daemon, heartbeat_interval: 10, max_concurrent_sensors: 12}\n")
+    cursor.execute("SELECT now()")
+    started_at = cursor.fetchone()[0]
+    started = time.perf_counter()
+    proc = subprocess.Popen([ATTUNE_SENSOR, "--config", handle.name, "run"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, ATTUNE_SENSOR_RUNTIMES="shell"))
+    # done when nothing is left on the dead workers and the pending count has not moved for
+    # longer than a beat: what stays pending has no eligible worker with room (the fleet's
+    # capacity for a runtime is spread over workers that also hold other runtimes' sensors)
+    seconds, pending, last_change, last = None, None, time.perf_counter(), None
+    while time.perf_counter() - started < 300:
+        cursor.execute("SELECT count(*) FILTER (WHERE worker_id = ANY(%s)), count(*) FILTER (WHERE worker_id IS NULL), "
+                       "extract(epoch FROM max(assigned_at) - %s)::float8 FROM attune_sensor.assignment",
+                       (dead, started_at))
+        on_dead, pending, latest = cursor.fetchone()
+        if (on_dead, pending) != last:
+            last, last_change = (on_dead, pending), time.perf_counter()
+        if on_dead == 0 and time.perf_counter() - last_change > 12:
+            seconds = latest
+            break
+        time.sleep(0.5)
+    proc.terminate()
+    output = proc.communicate(timeout=60)[0]
+    os.unlink(handle.name)
+    passes = sum("Sensors re-placed" in line for line in output.splitlines())
+    return {"dead": len(dead), "held": held, "seconds": seconds, "passes": passes, "pending": pending}
 
 
 def main():
@@ -146,6 +195,11 @@ def main():
           ("re-placed", "seconds", "sensors / distinct / placed after", "largest load / mean", "over capacity"),
           [(f"{result['moved']:,}", f"{result['replace_seconds']:.1f}", f"{total:,} / {distinct:,} / {placed:,}",
             f"{result['ratio_after']:.2f}", result["over_after"])])
+    daemon = result["daemon"]
+    seconds = "not within 300 s" if daemon["seconds"] is None else f"{daemon['seconds']:.1f} s"
+    print(f"\nanother {daemon['dead']:,} workers stop heartbeating, holding {daemon['held']:,} sensors: a real daemon "
+          f"(heartbeat 10 s) made its last placement {seconds} after it started, in {daemon['passes']} pass(es) "
+          f"(its start-up included); {daemon['pending']:,} stay pending: no eligible worker has room")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from pgcluster import ADMIN_PASSWORD, ADMIN_USER, free_port
-from support import config_for, run_cli, wait_for, worker_row
+from support import config_for, query, run_cli, wait_for, worker_row
 
 
 @pytest.fixture
@@ -54,9 +54,17 @@ def test_pgbouncer_and_the_platforms_schema_without_its_search_path(attune_url, 
 
 def pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons):
     url = db_url.rsplit(":", 1)[0] + f":{pgbouncer}/" + db_url.rsplit("/", 1)[1]
-    path = config_for(tmp_path, url, "sensor-pooled")
+    path = config_for(tmp_path, url, "sensor-pooled", capabilities={"runtimes": ["shell"]},
+                      max_concurrent_sensors=300)
+    # pending sensors: the daemon places them when it registers, in batches whose placement
+    # statement is prepared and executed inside one pooled transaction
+    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
+                  "SELECT 'pooled.' || n, 'shell' FROM generate_series(1, 150) AS n")
     daemon = daemons(path)
     daemon.wait_for_line("heartbeat: worker", count=3)
+    assert query(db_url, "SET search_path TO public, attune; "
+                         "SELECT count(*) FROM attune_sensor.assignment a JOIN worker w ON w.id = a.worker_id "
+                         "WHERE w.name = 'sensor-pooled'")[0][0] == 150
     for command in (["workers"], ["check"], ["metrics"], ["migrate", "info"]):
         result = run_cli("--config", path, *command)
         assert result.returncode == 0, (command, result.stderr)

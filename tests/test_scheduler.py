@@ -204,6 +204,9 @@ def test_the_counter_is_built_from_sensors_placed_before_it_existed(db_url):
         assert place(db_url, ref, "--runtime", "python").returncode == 0
     # a database set up by a version without the counter
     query(db_url, "DROP FUNCTION attune_sensor.count_worker_load() CASCADE; DROP TABLE attune_sensor.worker_load")
+    refused = place(db_url, "s.3", "--runtime", "python")
+    assert refused.returncode != 0 and "attune_sensor.worker_load" in refused.stderr
+    assert "run 'attune-sensor migrate run'" in refused.stderr
     assert run_cli("migrate", "run", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
     # the first placement syncs: the counter is built from the assignments already there
     assert place(db_url, "s.3", "--runtime", "python").stdout.strip() == "older"
