@@ -175,32 +175,41 @@ SELECT pg_advisory_xact_lock(%(lock)s);
 DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s RETURNING sensor_ref
 """
 
-# One move of a rebalance: among the most loaded workers (by load / capacity), one sensor that
-# another worker eligible for it would hold at a strictly lower ratio than its own now. Moving
-# only when that is true makes every move even the fleet out, so a rebalance ends, and moves
-# no sensor that is already where balance wants it.
+# One move of a rebalance: among the most loaded schedulable workers (by ratio), one sensor
+# that another worker eligible for it would hold at a strictly lower ratio than its own now.
+# Moving only when that is true makes every move even the fleet out, so a rebalance ends, and
+# moves no sensor that is already where balance wants it. Sources and targets are found in
+# worker_load's order (as a placement walks it), so a step costs the same at 10,000 workers as
+# at 10: no worker's load is counted but the candidates'.
 REBALANCE_STEP_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
-WITH loads AS (
-    SELECT w.id, w.name, {load} AS load, {capacity} AS capacity FROM worker AS w
-     WHERE {roles} AND ({alive}) AND ({schedulable}) AND {capacity} > 0
-), sources AS (
-    SELECT * FROM loads WHERE load > 0 ORDER BY load::float8 / capacity DESC, name LIMIT 20
+WITH sources AS (
+    SELECT top.id, max(top.ratio) AS ratio FROM (
+        SELECT l.worker_id AS id, l.ratio FROM {worker_load} AS l
+         CROSS JOIN LATERAL (SELECT 1 FROM worker AS w
+                              WHERE w.id = l.worker_id AND ({schedulable}) OFFSET 0) AS ok
+         WHERE l.load > 0 AND l.capacity > 0
+         ORDER BY l.ratio DESC, l.worker_id LIMIT 60) AS top
+     GROUP BY top.id
+     ORDER BY max(top.ratio) DESC, top.id LIMIT 20
 ), move AS (
-    SELECT a.sensor_ref, s.name AS source, dst.id AS target_id, dst.name AS target
+    SELECT a.sensor_ref, s.id AS source_id, dst.id AS target_id
       FROM sources AS s
       JOIN {assignments} AS a ON a.worker_id = s.id
       CROSS JOIN LATERAL (
-          SELECT d.id, d.name, d.load, d.capacity FROM worker AS w JOIN loads AS d ON d.id = w.id
-           WHERE w.id <> s.id AND ({eligible_for_a})
-           ORDER BY (d.load + 1)::float8 / d.capacity, d.name LIMIT 1) AS dst
-     WHERE (dst.load + 1)::float8 / dst.capacity < s.load::float8 / s.capacity - 1e-9
-     ORDER BY s.load::float8 / s.capacity DESC, (dst.load + 1)::float8 / dst.capacity, a.sensor_ref
+          SELECT w.id, (l.load + 1)::float8 / l.capacity AS ratio_after FROM {worker_load} AS l
+           CROSS JOIN LATERAL (SELECT w.id FROM worker AS w
+                                WHERE w.id = l.worker_id AND w.id <> s.id AND ({eligible_for_a}) OFFSET 0) AS w
+           WHERE l.runtime = a.runtime AND l.ratio < s.ratio
+           ORDER BY l.ratio, l.worker_id LIMIT 1) AS dst
+     WHERE dst.ratio_after < s.ratio - 1e-9
+     ORDER BY s.ratio DESC, dst.ratio_after, a.sensor_ref
      LIMIT 1
 )
 UPDATE {assignments} AS a SET worker_id = move.target_id, assigned_at = now()
   FROM move WHERE a.sensor_ref = move.sensor_ref
-RETURNING a.sensor_ref, move.source, move.target
+RETURNING a.sensor_ref, (SELECT name FROM worker WHERE id = move.source_id),
+          (SELECT name FROM worker WHERE id = move.target_id)
 """
 
 
@@ -234,8 +243,8 @@ class Scheduler:
         for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
                  .replace("%(tolerations)s::jsonb", "a.tolerations"))
         self._rebalance_step = REBALANCE_STEP_SQL.format(
-            load=LOAD, capacity=CAPACITY, roles=LISTED_ROLES, alive=self._checks["alive"],
-            schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, eligible_for_a=for_a)
+            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS,
+            eligible_for_a=for_a)
 
     def place(self, ref, runtime, selector=None, tolerations=(), explain=True):
         """Places one sensor and returns its worker's name (where it already is, if placed

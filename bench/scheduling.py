@@ -111,6 +111,17 @@ def ours(url):
     rebalance_moves = len(scheduler.rebalance())
     rebalance_seconds = time.perf_counter() - started
     ratio_rebalanced, _ = balance(loads(cursor))
+    # a twentieth more workers join, empty and offering every runtime: rebalance evens them in
+    joined = max(1, WORKERS // 20)
+    cursor.execute("INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                   "SELECT 'joined-' || g, 'local', 'sensor', 'joined-' || g, 'active', jsonb_build_object("
+                   "'runtimes', '[\"python\", \"node\", \"shell\"]'::jsonb, 'max_concurrent_sensors', %s, "
+                   "'heartbeat_interval', 3600), '{}', now() FROM generate_series(1, %s) AS g", (CAPACITY, joined))
+    ratio_joined, _ = balance(loads(cursor))
+    started = time.perf_counter()
+    joined_moves = len(scheduler.rebalance())
+    joined_seconds = time.perf_counter() - started
+    ratio_joined_after, over_joined = balance(loads(cursor))
     cursor.execute("SELECT count(*), count(DISTINCT sensor_ref), count(worker_id) FROM attune_sensor.assignment")
     total, distinct, placed = cursor.fetchone()
     # a tenth of the workers die at once: their rows are reaped, then one reconcile re-places
@@ -128,7 +139,8 @@ def ours(url):
             "released": len(released), "moved": len(moved), "replace_seconds": replace_seconds,
             "after": after, "ratio_after": ratio_after, "over_after": over_after,
             "rebalance_moves": rebalance_moves, "rebalance_seconds": rebalance_seconds,
-            "ratio_rebalanced": ratio_rebalanced, "daemon": daemon}
+            "ratio_rebalanced": ratio_rebalanced, "daemon": daemon,
+            "joined": (joined, joined_moves, joined_seconds, ratio_joined, ratio_joined_after, over_joined)}
 
 
 def daemon_failover(url, cursor):
@@ -167,14 +179,17 @@ def daemon_failover(url, cursor):
         on_dead, pending, latest = cursor.fetchone()
         if (on_dead, pending) != last:
             last, last_change = (on_dead, pending), time.perf_counter()
-        if on_dead == 0 and time.perf_counter() - last_change > 12:
+        if on_dead == 0 and time.perf_counter() - last_change > 25:  # two beats and a half
             seconds = latest
             break
         time.sleep(0.5)
     proc.terminate()
     output = proc.communicate(timeout=60)[0]
     os.unlink(handle.name)
-    passes = sum("Sensors re-placed" in line for line in output.splitlines())
+    passes = [line.split(" INFO ", 1)[-1][:120] for line in output.splitlines() if "Sensors re-placed" in line]
+    for line in passes:
+        print("  daemon:", line)
+    passes = len(passes)
     return {"dead": len(dead), "held": held, "seconds": seconds, "passes": passes, "pending": pending}
 
 
@@ -190,6 +205,9 @@ def main():
             f"{result['ratio']:.2f}", result["over"])])
     print(f"\nrebalance after placing: {result['rebalance_moves']:,} moves in {result['rebalance_seconds']:.1f} s, "
           f"largest load / mean {result['ratio']:.2f} -> {result['ratio_rebalanced']:.2f} (goal <= 1.05)")
+    joined, moves, seconds, before, after, over = result["joined"]
+    print(f"{joined:,} empty workers join: rebalance made {moves:,} moves in {seconds:.1f} s, largest load / mean "
+          f"{before:.2f} -> {after:.2f}, {over} over capacity")
     total, distinct, placed = result["after"]
     table(f"A tenth of the workers die at once: one reconcile pass ({result['released']:,} sensors released)",
           ("re-placed", "seconds", "sensors / distinct / placed after", "largest load / mean", "over capacity"),

@@ -1,6 +1,7 @@
 """The read-side commands: workers, check, metrics, and the global options."""
 
 import json
+import re
 import signal
 
 from support import config_for, query, run_cli, write_config
@@ -118,8 +119,6 @@ def test_version_and_usage_errors():
     assert version.returncode == 0 and version.stdout.startswith("attune-sensor 0.")
     assert run_cli().returncode == 2
     assert run_cli("frobnicate").returncode == 2
-    import re
-
     help_text = run_cli("--help").stdout
     listed = re.findall(r"^    (\w+)\s", help_text, re.M)  # the commands' own lines, each with its help
     assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "rebalance", "unplace", "assignments",
