@@ -237,7 +237,9 @@ class SensorService:
     def _after_reaping(self, reaped):
         for worker_id, name, host in reaped:
             log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
-        return bool(reaped) and self._reconcile("reaping " + ", ".join(name for _, name, _ in reaped))
+        names = [name for _, name, _ in reaped]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""  # one line, even after a mass failure
+        return bool(reaped) and self._reconcile("reaping " + ", ".join(names[:5]) + more)
 
     def _maybe_read_assignments(self, force=False):
         """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,

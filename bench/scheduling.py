@@ -168,9 +168,8 @@ def daemon_failover(url, cursor):
     started = time.perf_counter()
     proc = subprocess.Popen([ATTUNE_SENSOR, "--config", handle.name, "run"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, ATTUNE_SENSOR_RUNTIMES="shell"))
-    # done when nothing is left on the dead workers and the pending count has not moved for
-    # longer than a beat: what stays pending has no eligible worker with room (the fleet's
-    # capacity for a runtime is spread over workers that also hold other runtimes' sensors)
+    # done when nothing is left on the dead workers and nothing is pending, or when the pending
+    # count has not moved for 120 s: what stays pending has no eligible worker with room
     seconds, pending, last_change, last = None, None, time.perf_counter(), None
     while time.perf_counter() - started < 300:
         cursor.execute("SELECT count(*) FILTER (WHERE worker_id = ANY(%s)), count(*) FILTER (WHERE worker_id IS NULL), "
@@ -179,17 +178,19 @@ def daemon_failover(url, cursor):
         on_dead, pending, latest = cursor.fetchone()
         if (on_dead, pending) != last:
             last, last_change = (on_dead, pending), time.perf_counter()
-        if on_dead == 0 and time.perf_counter() - last_change > 25:  # two beats and a half
+        if on_dead == 0 and (pending == 0 or time.perf_counter() - last_change > 120):
             seconds = latest
             break
         time.sleep(0.5)
     proc.terminate()
     output = proc.communicate(timeout=60)[0]
     os.unlink(handle.name)
-    passes = [line.split(" INFO ", 1)[-1][:120] for line in output.splitlines() if "Sensors re-placed" in line]
+    # the daemon's own account, with its timestamps: registration, each pass, each reaping beat
+    passes = [line.split(" (")[0][:160] for line in output.splitlines()
+              if "Sensors re-placed" in line or "Registered" in line or "heartbeat:" in line]
     for line in passes:
         print("  daemon:", line)
-    passes = len(passes)
+    passes = sum("Sensors re-placed" in line for line in passes)
     return {"dead": len(dead), "held": held, "seconds": seconds, "passes": passes, "pending": pending}
 
 
