@@ -166,7 +166,10 @@ def daemon_failover(url, cursor):
     cursor.execute("SELECT now()")
     started_at = cursor.fetchone()[0]
     started = time.perf_counter()
-    proc = subprocess.Popen([ATTUNE_SENSOR, "--config", handle.name, "run"], stdout=subprocess.PIPE,
+    # its log goes to a file: a pipe read only at the end fills up (a mass reap logs a line per
+    # worker) and blocks the daemon's logging, and so the daemon
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([ATTUNE_SENSOR, "--config", handle.name, "run"], stdout=log,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, ATTUNE_SENSOR_RUNTIMES="shell"))
     # done when nothing is left on the dead workers and nothing is pending, or when the pending
     # count has not moved for 120 s: what stays pending has no eligible worker with room
@@ -183,7 +186,10 @@ def daemon_failover(url, cursor):
             break
         time.sleep(0.5)
     proc.terminate()
-    output = proc.communicate(timeout=60)[0]
+    proc.wait(60)
+    log.seek(0)
+    output = log.read()
+    log.close()
     os.unlink(handle.name)
     # the daemon's own account, with its timestamps: registration, each pass, each reaping beat
     passes = [line.split(" (")[0][:160] for line in output.splitlines()
