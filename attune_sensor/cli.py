@@ -228,9 +228,7 @@ def cmd_workers(args):
              w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else ""),
              ",".join(w["runtimes"]), f"{'-' if w['sensors'] is None else w['sensors']}/{w['capacity']}",
              _age(w["heartbeat_age"])) for w in workers]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(header, rows)
     lag = stats["max_heartbeat_lag"]
     print()
     print(f"active: {stats['active']} of {stats['total']}   stale: {stats['stale']}   "
@@ -382,12 +380,16 @@ def cmd_assignments(args):
         json.dump(rows, sys.stdout, indent=2, default=str)
         print()
         return 0
-    header = ("SENSOR", "RUNTIME", "WORKER")
-    table = [(r["sensor_ref"], r["runtime"], r["worker"] or "(pending)") for r in rows]
-    widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
-    for row in [header] + table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(("SENSOR", "RUNTIME", "WORKER"),
+                 [(r["sensor_ref"], r["runtime"], r["worker"] or "(pending)") for r in rows])
     return 0
+
+
+def _print_table(header, rows):
+    """Columns of text, each as wide as its widest cell, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _prometheus_escape(value):
