@@ -16,7 +16,7 @@ import psycopg2
 from .db import connect_blocking
 from .dsn import scrub
 from .errors import DatabaseUnavailable
-from .schema import FLEET_GAUGES, REAPER_GATE, attach, heartbeat_interval_of, stale_condition
+from .schema import ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, heartbeat_interval_of, stale_condition
 
 EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
@@ -26,6 +26,10 @@ LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
 REAPED_ROLES = "(w.worker_role::text = 'sensor' OR (w.worker_role::text = 'hybrid' AND w.meta ? 'instance_id'))"
+
+# The sensors placed on worker `w` (scheduler.py), counted from the assignments themselves: what
+# `workers` shows and what the scheduler's capacity test reads.
+PLACED_SENSORS = f"(SELECT count(*) FROM {ASSIGNMENTS} AS a WHERE a.worker_id = w.id)"
 
 # What a reap writes into meta, and so what a worker that comes back removes (registration.py).
 REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
@@ -130,9 +134,8 @@ def reap_stale(db, reaper_name, multiplier, table=None):
 def workers_sql(table):
     """The listing for this worker table: cordons show where the table has them."""
     cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
-    # sensors placed on it (scheduler.py), where this database has the assignments table
-    sensors = ("(SELECT count(*) FROM attune_sensor.assignment AS a WHERE a.worker_id = w.id)"
-               if table.assignments else "NULL::bigint")
+    # sensors placed on it, where this database has the assignments table
+    sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
     return WORKERS_SQL.format(stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
                               cordoned=cordoned, sensors=sensors)
 

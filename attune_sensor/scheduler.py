@@ -25,7 +25,7 @@ import uuid
 
 from . import placement
 from .errors import AttuneSensorError
-from .fleet import LISTED_ROLES, STALE_EXPR
+from .fleet import LISTED_ROLES, PLACED_SENSORS, STALE_EXPR
 from .schema import ASSIGNMENTS, WORKER_LOAD
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
@@ -41,12 +41,12 @@ SYNC_RETRY_AFTER = 1.0
 # query (PgBouncer's transaction pooling keeps it on one server connection) and is deallocated
 # at its end; its name is unique, since a statement left by a failed batch outlives the rollback.
 PLACE_BATCH = 100
-_PREPARED_PARAMS = ("ref", "runtime", "selector", "tolerations", "multiplier")
+_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations")
+_PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
 _PREPARED_TYPES = "text, text, jsonb, jsonb, float8"
 
 CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
             "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")
-LOAD = f"(SELECT count(*) FROM {ASSIGNMENTS} AS a WHERE a.worker_id = w.id)"
 TAINTS = ("jsonb_array_elements(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' "
           "THEN w.capabilities -> 'taints' ELSE '[]'::jsonb END)")
 TOLERATES = """EXISTS (SELECT 1 FROM jsonb_array_elements(%(tolerations)s::jsonb) AS tol
@@ -65,7 +65,7 @@ CHECKS = {
                 "ELSE '{{}}'::jsonb END) @> %(selector)s::jsonb",
     "tolerated": f"NOT EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE coalesce(t ->> 'effect', 'no_schedule') = "
                  f"'no_schedule' AND NOT {TOLERATES})",
-    "capacity": f"{LOAD} < {CAPACITY}",
+    "capacity": f"{PLACED_SENSORS} < {CAPACITY}",
 }
 WHY_NOT = {
     "alive": "no live sensor worker",
@@ -146,11 +146,11 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 """
 
 # Assignments whose worker is gone, inactive or stale go back to pending (never deleted).
-RELEASE_SQL = """
+RELEASE_SQL = f"""
 SELECT pg_advisory_xact_lock(%(lock)s);
-UPDATE {assignments} AS a SET worker_id = NULL, assigned_at = NULL
+UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL
  WHERE a.worker_id IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {stale})
+   AND NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR})
 RETURNING a.sensor_ref
 """
 
@@ -237,7 +237,7 @@ class Scheduler:
         self._prepared_place = self._place.split(";", 1)[1]  # without the lock, $n for %(name)s
         for n, key in enumerate(_PREPARED_PARAMS, 1):
             self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
-        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=LOAD, roles=LISTED_ROLES, worker_load=WORKER_LOAD,
+        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=LISTED_ROLES, worker_load=WORKER_LOAD,
                                      stale=STALE_EXPR)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
@@ -289,8 +289,7 @@ class Scheduler:
         sensors it did not try."""
         deadline = None if budget is None else self.clock() + budget
         released = [row[0] for row in self.db.execute(
-            RELEASE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR),
-            {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})]
+            RELEASE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})]
         self.sync()
         pending = self.db.execute(PENDING_SQL, {"limit": limit})
         placed = {}
@@ -318,11 +317,10 @@ class Scheduler:
         statements = ["SELECT pg_advisory_xact_lock(%(lock)s)", "SET LOCAL plan_cache_mode = force_generic_plan",
                       f"PREPARE {name}({_PREPARED_TYPES}) AS {self._prepared_place}"]
         for n, sensor in enumerate(sensors):
-            for key, value in self._params(*sensor).items():
-                if key in ("ref", "runtime", "selector", "tolerations"):
-                    params[f"{key}_{n}"] = value
-            statements.append(f"EXECUTE {name}(%(ref_{n})s, %(runtime_{n})s, %(selector_{n})s, "
-                              f"%(tolerations_{n})s, %(multiplier)s)")
+            one = self._params(*sensor)
+            params.update((f"{key}_{n}", one[key]) for key in _PER_SENSOR_PARAMS)
+            arguments = [f"%({key}_{n})s" if key in _PER_SENSOR_PARAMS else f"%({key})s" for key in _PREPARED_PARAMS]
+            statements.append(f"EXECUTE {name}({', '.join(arguments)})")
         statements += [f"DEALLOCATE {name}", PLACED_SQL]
         return dict(self.db.execute(";\n".join(statements), params))
 
