@@ -377,15 +377,12 @@ def load(path=None, environ=None):
 
 
 def _check_runtimes_variable(environ):
-    from .runtimes import ENV_VAR, normalise
+    from .runtimes import from_environment
 
-    raw = environ.get(ENV_VAR, "")
-    if len(raw) > 4096:
-        raise ConfigError(f"{ENV_VAR}: is longer than 4096 characters")
     try:
-        normalise(raw.split(","))
+        from_environment(environ)
     except ValueError as exc:
-        raise ConfigError(f"{ENV_VAR}: {exc}") from None
+        raise ConfigError(str(exc)) from None
 
 
 def _build(clean, path):

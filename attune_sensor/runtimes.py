@@ -118,6 +118,21 @@ def _version_key(version):
     return tuple(int(part) for part in version.split("."))
 
 
+MAX_ENV_CHARS = 4096
+
+
+def from_environment(environ):
+    """The runtimes ATTUNE_SENSOR_RUNTIMES names, normalised ([] when unset or blank). Raises
+    ValueError naming the variable for a bad name or a value longer than MAX_ENV_CHARS."""
+    raw = environ.get(ENV_VAR, "")
+    if len(raw) > MAX_ENV_CHARS:
+        raise ValueError(f"{ENV_VAR}: is longer than {MAX_ENV_CHARS} characters")
+    try:
+        return normalise(raw.split(","))
+    except ValueError as exc:
+        raise ValueError(f"{ENV_VAR}: {exc}") from None
+
+
 def resolve(config_runtimes, environ=None):
     """Returns (runtimes, source, interpreters) where source is 'environment', 'config' or
     'detected'; interpreters (from probing) is empty unless detected.
@@ -126,14 +141,9 @@ def resolve(config_runtimes, environ=None):
     variable that is set but empty counts as unset.
     """
     environ = os.environ if environ is None else environ
-    raw = environ.get(ENV_VAR, "")
-    if raw.strip():
-        try:
-            names = normalise(raw.split(","))
-        except ValueError as exc:
-            raise ValueError(f"{ENV_VAR}: {exc}") from None
-        if names:
-            return names, "environment", []
+    names = from_environment(environ)
+    if names:
+        return names, "environment", []
     if config_runtimes:
         return list(config_runtimes), "config", []
     names, interpreters = probe(environ)
