@@ -128,9 +128,13 @@ def ensure_own_objects(cursor):
     worker's load (scheduler.py) and the fleet's gauges (fleet.metrics), in schema
     attune_sensor. In this order: the load's trigger is on the assignments."""
     for name, sql in OWN_OBJECTS.items():
-        cursor.execute("SELECT to_regclass(%s)", (name,))
-        if cursor.fetchone()[0] is None:
+        if not _exists(cursor, name):
             cursor.execute(sql)
+
+
+def _exists(cursor, relation):
+    cursor.execute("SELECT to_regclass(%s)", (relation,))
+    return cursor.fetchone()[0] is not None
 
 
 def grant_daemon_role(cursor, table):
@@ -155,13 +159,12 @@ def grant_daemon_role(cursor, table):
         cursor.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO {ROLE}")
     if table.has_history:
         cursor.execute(f"GRANT INSERT ON {quote_ident(table.schema)}.worker_history TO {ROLE}")
-    for name, privileges in OWN_GRANTS.items():
-        cursor.execute("SELECT to_regclass(%s)", (name,))
-        if cursor.fetchone()[0]:
-            cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")
-            cursor.execute(f"GRANT {privileges} ON {name} TO {ROLE}")
-    cursor.execute("SELECT to_regclass(%s)", (f"{quote_ident(table.schema)}.attune_sensor_migrations",))
-    if cursor.fetchone()[0]:
+    own = [name for name in OWN_GRANTS if _exists(cursor, name)]
+    if own:
+        cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")
+    for name in own:
+        cursor.execute(f"GRANT {OWN_GRANTS[name]} ON {name} TO {ROLE}")
+    if _exists(cursor, f"{quote_ident(table.schema)}.attune_sensor_migrations"):
         cursor.execute(f"GRANT SELECT ON {quote_ident(table.schema)}.attune_sensor_migrations TO {ROLE}")
     return []
 
