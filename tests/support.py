@@ -80,6 +80,12 @@ def worker_row(url, name):
     return dict(zip(keys, rows[0]))
 
 
+def add_pending_sensors(url, count, runtime, prefix="s."):
+    """`count` sensors waiting for a worker, as `place` leaves them when none can take them."""
+    query(url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
+               "SELECT %s || n, %s FROM generate_series(1, %s) AS n", (prefix, runtime, count))
+
+
 def base_env(extra=None):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ATTUNE") and k not in ("DATABASE_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC",

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from pgcluster import ADMIN_PASSWORD, ADMIN_USER, free_port
-from support import config_for, query, run_cli, wait_for, worker_row
+from support import add_pending_sensors, config_for, query, run_cli, wait_for, worker_row
 
 
 @pytest.fixture
@@ -58,8 +58,7 @@ def pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons):
                       max_concurrent_sensors=300)
     # pending sensors: the daemon places them when it registers, in batches whose placement
     # statement is prepared and executed inside one pooled transaction
-    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
-                  "SELECT 'pooled.' || n, 'shell' FROM generate_series(1, 150) AS n")
+    add_pending_sensors(db_url, 150, "shell", prefix="pooled.")
     daemon = daemons(path)
     daemon.wait_for_line("heartbeat: worker", count=3)
     assert query(db_url, "SET search_path TO public, attune; "

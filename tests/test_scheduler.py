@@ -9,7 +9,7 @@ import sys
 from attune_sensor import schema
 from attune_sensor.db import Database
 from attune_sensor.scheduler import Scheduler
-from support import base_env, config_for, query, run_cli, wait_for
+from support import add_pending_sensors, base_env, config_for, query, run_cli, wait_for
 
 
 def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None, taints=None, **columns):
@@ -216,9 +216,7 @@ def test_the_counter_is_built_from_sensors_placed_before_it_existed(db_url):
 
 
 def test_a_placement_pass_out_of_time_leaves_the_rest_for_the_next(db_url):
-    # 250 pending sensors, as `place` leaves them when no worker can take them
-    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
-                  "SELECT 's.' || lpad(n::text, 3, '0'), 'python' FROM generate_series(0, 249) AS n")
+    add_pending_sensors(db_url, 250, "python")
     add_worker(db_url, "big", capacity=300)
     db = Database(db_url)
     try:

@@ -8,7 +8,7 @@ from attune_sensor import config
 from attune_sensor import service as service_module
 from attune_sensor.service import SensorService
 from pgcluster import free_port
-from support import query, run_cli, worker_row, write_config
+from support import add_pending_sensors, run_cli, worker_row, write_config
 
 
 class Clock:
@@ -206,8 +206,7 @@ def test_a_worker_sees_a_new_sensor_at_its_next_slower_read_not_its_next_beat(db
 
 def test_placement_that_runs_out_of_time_goes_on_at_the_next_beats(db_url, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(service_module, "RECONCILE_SHARE", 0)  # no time at all: one batch per pass
-    query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) "
-                  "SELECT 's.' || n, 'shell' FROM generate_series(1, 250) AS n")  # pending sensors
+    add_pending_sensors(db_url, 250, "shell")
 
     def on_sleep(service, _):
         if service.notifier.sent.count("WATCHDOG=1") >= 4:
