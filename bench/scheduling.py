@@ -25,14 +25,20 @@ PLACERS = int(os.environ.get("BENCH_PLACERS", "4"))
 CAPACITY = 12
 
 
-def placer(url, first, last):
+def scheduler_for(url):
+    """(db, Scheduler) as a placer or an operator's command gets them: the project's own code."""
     from attune_sensor import config, schema
     from attune_sensor.db import Database
-    from attune_sensor.scheduler import NoEligibleWorker, Scheduler
+    from attune_sensor.scheduler import Scheduler
 
-    cfg = config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
-    db = Database.from_config(cfg)
-    scheduler = Scheduler(db, schema.attach(db))
+    db = Database.from_config(config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}))
+    return db, Scheduler(db, schema.attach(db))
+
+
+def placer(url, first, last):
+    from attune_sensor.scheduler import NoEligibleWorker
+
+    db, scheduler = scheduler_for(url)
     for n in range(first, last):
         try:
             scheduler.place(f"sensor.{n}", ("python", "node", "shell")[n % 3], explain=False)
@@ -100,13 +106,8 @@ def ours(url):
     rate = per * PLACERS / (time.perf_counter() - started)
     ratio, over = balance(loads(cursor))
     # online least-loaded cannot foresee later sensors' constraints; rebalance evens out the rest
-    from attune_sensor import config, schema
-    from attune_sensor.db import Database
-    from attune_sensor.scheduler import Scheduler
-
-    db = Database.from_config(config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}))
+    db, scheduler = scheduler_for(url)
     db.statement_timeout = 600
-    scheduler = Scheduler(db, schema.attach(db))
     started = time.perf_counter()
     rebalance_moves = len(scheduler.rebalance())
     rebalance_seconds = time.perf_counter() - started
@@ -224,7 +225,8 @@ def main():
     seconds = "not within 300 s" if daemon["seconds"] is None else f"{daemon['seconds']:.1f} s"
     print(f"\nanother {daemon['dead']:,} workers stop heartbeating, holding {daemon['held']:,} sensors: a real daemon "
           f"(heartbeat 10 s) made its last placement {seconds} after it started, in {daemon['passes']} pass(es) "
-          f"(its start-up included); {daemon['pending']:,} stay pending: no eligible worker has room")
+          "(its start-up included)" + (f"; {daemon['pending']:,} stay pending: no eligible worker has room"
+                                        if daemon["pending"] else "; none pending"))
 
 
 if __name__ == "__main__":
