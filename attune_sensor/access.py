@@ -47,89 +47,15 @@ def role_state(cursor):
     return f"{ROLE} present, {members} member role(s)"
 
 
-# attune-sensor's own schema: the same on both flavours, never the platform's. Each object is
-# created only when missing (even IF NOT EXISTS needs CREATE rights a daemon role lacks).
-OWN_OBJECTS = {
-    "attune_sensor.reaper_gate": """
-CREATE SCHEMA IF NOT EXISTS attune_sensor;
-CREATE TABLE IF NOT EXISTS attune_sensor.reaper_gate (
-    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
-    last_scan TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
-    scanned_by TEXT
-);
-INSERT INTO attune_sensor.reaper_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
-""",
-    "attune_sensor.assignment": """
-CREATE SCHEMA IF NOT EXISTS attune_sensor;
-CREATE TABLE IF NOT EXISTS attune_sensor.assignment (
-    sensor_ref TEXT PRIMARY KEY CHECK (length(sensor_ref) BETWEEN 1 AND 255),
-    runtime TEXT NOT NULL,
-    selector JSONB NOT NULL DEFAULT '{}',
-    tolerations JSONB NOT NULL DEFAULT '[]',
-    worker_id BIGINT,
-    assigned_at TIMESTAMPTZ,
-    created TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS assignment_by_worker ON attune_sensor.assignment (worker_id) WHERE worker_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS assignment_pending ON attune_sensor.assignment (created) WHERE worker_id IS NULL;
-""",
-    # The order in which a placement tries workers: one row per live worker and runtime it
-    # offers, indexed by runtime and load ratio, so a placement walks the workers offering the
-    # sensor's runtime from the least loaded and stops at the first eligible one (scheduler.py).
-    # A trigger on the assignments keeps `load` current; Scheduler.sync recounts it and copies
-    # capacities and runtimes from the workers. It only orders: capacity is checked against the
-    # assignments themselves, so a count that drifted can cost balance, never over-fill a worker.
-    "attune_sensor.worker_load": """
-CREATE SCHEMA IF NOT EXISTS attune_sensor;
-CREATE TABLE IF NOT EXISTS attune_sensor.worker_load (
-    worker_id BIGINT NOT NULL,
-    runtime TEXT NOT NULL,
-    load INTEGER NOT NULL DEFAULT 0,
-    capacity INTEGER NOT NULL DEFAULT 0,
-    ratio FLOAT8 GENERATED ALWAYS AS
-        (CASE WHEN capacity > 0 THEN load::float8 / capacity ELSE 'Infinity'::float8 END) STORED,
-    PRIMARY KEY (worker_id, runtime)
-);
-CREATE INDEX IF NOT EXISTS worker_load_walk ON attune_sensor.worker_load (runtime, ratio, worker_id);
-CREATE OR REPLACE FUNCTION attune_sensor.count_worker_load() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.worker_id IS NOT NULL THEN
-        UPDATE attune_sensor.worker_load SET load = load - 1 WHERE worker_id = OLD.worker_id;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.worker_id IS NOT NULL THEN
-        UPDATE attune_sensor.worker_load SET load = load + 1 WHERE worker_id = NEW.worker_id;
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER count_worker_load AFTER INSERT OR DELETE OR UPDATE OF worker_id ON attune_sensor.assignment
-    FOR EACH ROW EXECUTE FUNCTION attune_sensor.count_worker_load();
-""",
-    "attune_sensor.fleet_gauges": """
-CREATE SCHEMA IF NOT EXISTS attune_sensor;
-CREATE TABLE IF NOT EXISTS attune_sensor.fleet_gauges (
-    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
-    computed_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
-    multiplier FLOAT8,
-    gauges JSONB
-);
-INSERT INTO attune_sensor.fleet_gauges DEFAULT VALUES ON CONFLICT DO NOTHING;
-""",
-}
+# What the daemon role may do on attune-sensor's own tables (made by migrations/own/).
 OWN_GRANTS = {
+    "attune_sensor.schema_migrations": "SELECT",
     "attune_sensor.reaper_gate": "SELECT, UPDATE",
     "attune_sensor.assignment": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.worker_load": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
+    "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
 }
-
-
-def ensure_own_objects(cursor):
-    """The reaper's one-row gate (fleet.GATED_REAP_CTES), the sensors' assignments and each
-    worker's load (scheduler.py) and the fleet's gauges (fleet.metrics), in schema
-    attune_sensor. In this order: the load's trigger is on the assignments."""
-    for name, sql in OWN_OBJECTS.items():
-        if not _exists(cursor, name):
-            cursor.execute(sql)
 
 
 def _exists(cursor, relation):

@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from . import config as config_module
-from .errors import AttuneSensorError, ConfigError, DatabaseUrlMissing
+from .errors import AttuneSensorError, ConfigError, DatabaseUrlMissing, UsageError
 
 CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
 EX_SOFTWARE = 70
@@ -77,6 +77,12 @@ def _parser():
                        help="a label the worker must have (repeatable)")
     place.add_argument("--tolerate", action="append", default=[], metavar="TAINT",
                        help="a taint the sensor tolerates, key[=value][:effect] (repeatable)")
+    place.add_argument("--entrypoint", metavar="PATH",
+                       help="the script the worker runs, relative to its packs_base_dir (an absolute path only "
+                            "inside it); without it the placement runs nothing (an external runtime's)")
+    place.add_argument("--env", action="append", default=[], metavar="K=V",
+                       help="an environment variable for the sensor (repeatable; not PATH, LD_*, PYTHON*, "
+                            "NODE_OPTIONS or ATTUNE_*)")
     commands.add_parser("rebalance", help="even out sensors over the eligible workers, moving as few as it can",
                         description="Move sensors from the most loaded workers (sensors / max_concurrent_sensors) to "
                                     "eligible less loaded ones, one at a time, only while a move makes the fleet "
@@ -276,10 +282,30 @@ def cmd_check(args):
     if worker["stale"]:
         print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
         return CHECK_CRITICAL
+    failed = _failed_sensors(config)
+    if failed:
+        shown = "; ".join(f"{ref}: {detail}" for ref, detail in failed[:3])
+        print(f"CRITICAL: worker {name} (id {worker['id']}): {len(failed)} placed sensor(s) failed ({shown})")
+        return CHECK_CRITICAL
     cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
     sensors = "" if worker["sensors"] is None else f", {worker['sensors']} of {worker['capacity']} sensors placed"
     print(f"OK: worker {name} (id {worker['id']}) active{cordoned}{sensors}, last heartbeat {age}")
     return CHECK_OK
+
+
+def _failed_sensors(config):
+    """[(ref, detail)] of this worker's sensors in state failed, as it last reported them."""
+    try:
+        scheduler, db = _scheduler(config)
+    except AttuneSensorError:
+        return []  # a role that may not read the assignments: check still judges the worker
+    try:
+        rows = scheduler.assignments(worker=config.sensor.worker_name)
+    except AttuneSensorError:
+        return []
+    finally:
+        db.close()
+    return [(r["sensor_ref"], " ".join(str(r["detail"] or "").split())[:200]) for r in rows if r["state"] == "failed"]
 
 
 def cmd_metrics(args):
@@ -333,13 +359,20 @@ def cmd_place(args):
     for item in args.selector:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--selector {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--selector {item[:60]!r}: expected KEY=VALUE")
         selector[key] = value
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--env {item[:60]!r}: expected K=V")
+        env[key] = value
     scheduler, db = _scheduler(config)
     try:
-        print(scheduler.place(args.sensor_ref, args.runtime.strip().lower(), selector, args.tolerate))
+        print(scheduler.place(args.sensor_ref, args.runtime.strip().lower(), selector, args.tolerate,
+                              entrypoint=args.entrypoint, env=env))
     except ValueError as exc:
-        raise ConfigError(f"place: {exc}") from None
+        raise UsageError(f"place: {exc}") from None
     finally:
         db.close()
     return 0
@@ -380,9 +413,19 @@ def cmd_assignments(args):
         json.dump(rows, sys.stdout, indent=2, default=str)
         print()
         return 0
-    _print_table(("SENSOR", "RUNTIME", "WORKER"),
-                 [(r["sensor_ref"], r["runtime"], r["worker"] or "(pending)") for r in rows])
+    _print_table(("SENSOR", "RUNTIME", "WORKER", "STATE", "PID"),
+                 [(r["sensor_ref"], r["runtime"], r["worker"] or "(pending)", _state(r), str(r["pid"] or "-"))
+                  for r in rows])
     return 0
+
+
+def _state(row):
+    """A placement's state for people: the process's, as its worker last reported it."""
+    if not row["worker"]:
+        return "pending"
+    if not row["entrypoint"]:
+        return "placed (no entrypoint)"
+    return row["state"] or "starting"
 
 
 def _print_table(header, rows):

@@ -176,6 +176,60 @@ def _assignments_file(value):
     return value
 
 
+def _absolute_dir(value):
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > 4096 \
+            or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"must be an absolute directory path without control characters, got {_describe(value)}")
+    return os.path.normpath(value)
+
+
+def _optional_url(schemes):
+    def check(value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return ""
+        if not isinstance(value, str) or len(value) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must be a URL on one line, at most 4096 characters")
+        if value.split("://", 1)[0].lower() not in schemes or "://" not in value:
+            raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+        return value.strip()
+
+    return check
+
+
+def _token_file(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be an absolute path, auto or none, got {_describe(value)}")
+    if value.strip().lower() in ("auto", "none"):
+        return value.strip().lower()
+    return _absolute_dir(value)
+
+
+def _exchange(value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,255}", value):
+        raise ValueError(f"must be an exchange name (letters, digits, . _ : -), got {_describe(value)}")
+    return value
+
+
+def _runtimes_exec(value):
+    """{runtime: absolute path of the interpreter}, e.g. {python: /opt/venv/bin/python3}."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of runtime names to interpreter paths, got {_describe(value)}")
+    if len(value) > 32:
+        raise ValueError(f"has {len(value)} entries; at most 32")
+    from .runtimes import normalise
+
+    clean = {}
+    for runtime, path in value.items():
+        names = normalise([runtime]) if isinstance(runtime, str) else None
+        if not names:
+            raise ValueError(f"has an invalid runtime name {_describe(runtime)}")
+        try:
+            clean[names[0]] = _absolute_dir(path)
+        except ValueError:
+            raise ValueError(f"{names[0]}: must be the absolute path of an interpreter, got {_describe(path)}") from None
+    return clean
+
+
 def _labels(value):
     from . import placement
 
@@ -254,8 +308,24 @@ class SensorConfig:
     # the platform's placement labels and taints ({key, value?, effect}), placement.py
     labels: dict = setting(_labels, factory=dict, show=dict)
     taints: tuple = setting(_taints, (), show=lambda taints: [dict(t) for t in taints])
+    # the interpreter per runtime for running sensors, over the detected ones (runner/launch.py)
+    runtimes_exec: dict = setting(_runtimes_exec, factory=dict, show=dict)
     runtimes: tuple = ()  # from sensor.capabilities.runtimes; empty means detect
     capabilities: dict = setting(_capabilities, factory=dict, show=dict)  # custom keys, without runtimes
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    # What a sensor child gets as ATTUNE_API_URL / ATTUNE_API_TOKEN (the platform's contract).
+    url: str = setting(_optional_url(("http", "https")), "")
+    # auto: $CREDENTIALS_DIRECTORY/attune-api-token (the units' LoadCredential=), else none
+    token_file: str = setting(_token_file, "auto")
+
+
+@dataclass(frozen=True)
+class MessageQueueConfig:
+    url: str = setting(_optional_url(("amqp", "amqps")), "", show=redact_dsn)
+    exchange: str = setting(_exchange, "attune.events")
 
 
 @dataclass(frozen=True)
@@ -263,13 +333,23 @@ class Config:
     database: DatabaseConfig
     log: LogConfig
     sensor: SensorConfig
+    api: ApiConfig = field(default_factory=ApiConfig)
+    message_queue: MessageQueueConfig = field(default_factory=MessageQueueConfig)
+    # the platform's top-level key: where pack scripts live; a placement's entrypoint must
+    # resolve inside it (runner/launch.py)
+    packs_base_dir: str = "/opt/attune/packs"
     source: str = ""  # the file it came from, for messages
 
     def with_sensor(self, **changes):
         return replace(self, sensor=replace(self.sensor, **changes))
 
 
-SECTIONS = {"database": DatabaseConfig, "log": LogConfig, "sensor": SensorConfig}
+SECTIONS = {"database": DatabaseConfig, "log": LogConfig, "sensor": SensorConfig, "api": ApiConfig,
+            "message_queue": MessageQueueConfig}
+# Keys at the top level of the file, as the platform's own configuration has them.
+TOP_LEVEL = {"packs_base_dir": _absolute_dir}
+# The platform's own environment names for them (its sensor service reads these).
+TOP_LEVEL_ENV = {"packs_base_dir": "ATTUNE_PACKS_BASE_DIR"}
 
 
 def _keys(section):
@@ -323,6 +403,11 @@ def _env_overrides(environ):
         if not name.startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            if len(raw) > boundedyaml.MAX_VALUE_BYTES:
+                raise ConfigError(f"{name}: is longer than {boundedyaml.MAX_VALUE_BYTES} bytes")
+            found[("", parts[0])] = (raw, name)
+            continue
         if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
             raise ConfigError(f"{name}: unknown setting (expected ATTUNE__<SECTION>__<KEY>, e.g. ATTUNE__SENSOR__HEARTBEAT_INTERVAL)")
         if parts == ["database", "url"]:
@@ -347,8 +432,14 @@ def load(path=None, environ=None):
     # The default file may be absent when the environment carries the URL (containers).
     data = _read_file(path, required=explicit or not has_env_url)
 
-    values = {}  # (section, key) -> (value, label naming where it came from)
+    values = {}  # (section, key) -> (value, label naming where it came from); section "" is the top level
+    for key, variable in TOP_LEVEL_ENV.items():
+        if environ.get(variable):
+            values[("", key)] = (environ[variable], variable)
     for section, body in data.items():
+        if section in TOP_LEVEL:
+            values[("", section)] = (body, f"{section} (in {path})")
+            continue
         if section not in SCHEMA:
             raise ConfigError(f"config file {path}: unknown section {_describe(section)} (known: {', '.join(SCHEMA)})")
         if body is None:
@@ -366,7 +457,7 @@ def load(path=None, environ=None):
     clean = {}
     for (section, key), (value, label) in values.items():
         try:
-            clean[(section, key)] = SCHEMA[section][key](value)
+            clean[(section, key)] = (TOP_LEVEL[key] if section == "" else SCHEMA[section][key])(value)
         except ValueError as exc:
             raise ConfigError(f"{label}: {exc}") from None
 
@@ -408,6 +499,9 @@ def _build(clean, path):
         database=DatabaseConfig(**section("database")),
         log=LogConfig(**section("log")),
         sensor=SensorConfig(runtimes=runtimes, capabilities=capabilities, **sensor),
+        api=ApiConfig(**section("api")),
+        message_queue=MessageQueueConfig(**section("message_queue")),
+        **section(""),
         source=path,
     )
 
@@ -430,8 +524,9 @@ def for_reload(running, new):
 def describe(config):
     """The effective configuration as plain data, password masked, for `attune-sensor config`:
     every key with its value, in declaration order, which loads back unchanged."""
-    described = {section: {f.name: f.metadata["show"](getattr(getattr(config, section), f.name)) for f in _keys(section)}
-                 for section in SECTIONS}
+    described = {key: getattr(config, key) for key in TOP_LEVEL}
+    described.update({section: {f.name: f.metadata["show"](getattr(getattr(config, section), f.name))
+                                for f in _keys(section)} for section in SECTIONS})
     if config.sensor.runtimes:
         described["sensor"]["capabilities"]["runtimes"] = list(config.sensor.runtimes)
     return described

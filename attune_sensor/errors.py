@@ -20,6 +20,12 @@ class ConfigError(AttuneSensorError):
     exit_code = EX_CONFIG
 
 
+class UsageError(AttuneSensorError):
+    """A command-line argument is wrong (as argparse's own errors): exit 2."""
+
+    exit_code = EX_USAGE
+
+
 class DatabaseUrlMissing(ConfigError):
     """No database URL anywhere: the state of a fresh package install."""
 

@@ -174,6 +174,8 @@ class SensorWorkerRegistration:
             max_concurrent_sensors=sensor.max_concurrent_sensors,
             sensor_version=__version__,
             heartbeat_interval=heartbeat_interval,
+            # the window this worker promises to stop its sensors in (runner/fence.py)
+            stale_multiplier=sensor.stale_multiplier,
             runtime_versions=runtime_versions(interpreters),
             detected_interpreters=[dict(i) for i in interpreters],
         )
@@ -183,6 +185,10 @@ class SensorWorkerRegistration:
             capabilities["taints"] = [dict(t) for t in sensor.taints]
         self._capabilities = capabilities
         self.stale_multiplier = sensor.stale_multiplier
+
+    def stored_capabilities(self):
+        """The capabilities as the database last returned them (None before registering)."""
+        return self._row.get("capabilities")
 
     def add_capability(self, key, value):
         self._capabilities[key] = value

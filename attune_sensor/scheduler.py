@@ -24,9 +24,10 @@ import time
 import uuid
 
 from . import placement
+from .runner import launch
 from .errors import AttuneSensorError
 from .fleet import LISTED_ROLES, PLACED_SENSORS, STALE_EXPR
-from .schema import ASSIGNMENTS, WORKER_LOAD
+from .schema import ASSIGNMENTS, SENSOR_RUNS, WORKER_LOAD, stale_condition
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
 # How long a long-lived Scheduler walks the worker_load rows as they are before syncing them
@@ -41,9 +42,14 @@ SYNC_RETRY_AFTER = 1.0
 # query (PgBouncer's transaction pooling keeps it on one server connection) and is deallocated
 # at its end; its name is unique, since a statement left by a failed batch outlives the rollback.
 PLACE_BATCH = 100
-_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations")
+_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "entrypoint", "env")
 _PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
-_PREPARED_TYPES = "text, text, jsonb, jsonb, float8"
+_PREPARED_TYPES = "text, text, jsonb, jsonb, text, jsonb, float8"
+# Sensor processes a worker reported running (runner/report.py): a sensor placed again after
+# `unplace` waits for that worker as a moved one does (docs/design.md, "At most one copy").
+_STILL_RUNNING = f"""(SELECT r.worker_id FROM {SENSOR_RUNS} AS r JOIN worker AS p ON p.id = r.worker_id
+                      WHERE r.sensor_ref = %(ref)s AND r.status IN ('starting', 'running', 'backoff', 'stopping')
+                        AND NOT {stale_condition("p", "%(multiplier)s")} LIMIT 1)"""
 
 CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
             "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")
@@ -97,11 +103,14 @@ WITH chosen AS (
     ({walk_penalized})
     LIMIT 1
 ), placed AS (
-    INSERT INTO {assignments} AS a (sensor_ref, runtime, selector, tolerations, worker_id, assigned_at)
-    VALUES (%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, (SELECT id FROM chosen),
-            CASE WHEN EXISTS (SELECT 1 FROM chosen) THEN now() END)
+    INSERT INTO {assignments} AS a (sensor_ref, runtime, selector, tolerations, entrypoint, env, worker_id,
+                                    assigned_at, previous_worker_id)
+    VALUES (%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, %(entrypoint)s::text,
+            %(env)s::jsonb, (SELECT id FROM chosen), CASE WHEN EXISTS (SELECT 1 FROM chosen) THEN now() END,
+            {still_running})
     ON CONFLICT (sensor_ref) DO UPDATE
        SET runtime = EXCLUDED.runtime, selector = EXCLUDED.selector, tolerations = EXCLUDED.tolerations,
+           entrypoint = EXCLUDED.entrypoint, env = EXCLUDED.env,
            worker_id = EXCLUDED.worker_id, assigned_at = EXCLUDED.assigned_at
      WHERE a.worker_id IS NULL
     RETURNING a.worker_id
@@ -145,17 +154,55 @@ WITH workers AS (
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 """
 
-# Assignments whose worker is gone, inactive or stale go back to pending (never deleted).
+# Assignments whose worker is gone, inactive or stale go back to pending (never deleted). A
+# worker that is inactive but not stale may still run them (an operator set its status): it
+# stays their previous worker until it stops them or turns stale (docs/design.md, "At most one
+# copy"); a stopping daemon has stopped its sensors before it says so (hand_over).
 RELEASE_SQL = f"""
 SELECT pg_advisory_xact_lock(%(lock)s);
-UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL
+UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL,
+       previous_worker_id = coalesce(a.previous_worker_id,
+           (SELECT w.id FROM worker AS w WHERE w.id = a.worker_id AND NOT {STALE_EXPR}))
  WHERE a.worker_id IS NOT NULL
    AND NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR})
 RETURNING a.sensor_ref
 """
 
-PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations FROM {ASSIGNMENTS} WHERE worker_id IS NULL " \
-              "ORDER BY created, sensor_ref LIMIT %(limit)s"
+PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, entrypoint, env FROM {ASSIGNMENTS} " \
+              "WHERE worker_id IS NULL ORDER BY created, sensor_ref LIMIT %(limit)s"
+
+# The worker's side (the service, at its assignments cadence): the sensors placed on it, each
+# with whether it may start now, in the same statement as its word that the sensors moved away
+# from it which it no longer holds are stopped (the handover of a planned move). A sensor may
+# start when no previous worker is named, or that worker is this one, gone, or stale (it stops
+# its sensors before that: runner/fence.py).
+MINE_SQL = f"""
+WITH stopped AS (
+    UPDATE {ASSIGNMENTS} SET previous_worker_id = NULL
+     WHERE previous_worker_id = %(me)s AND worker_id IS DISTINCT FROM %(me)s AND NOT (sensor_ref = ANY(%(held)s))
+    RETURNING sensor_ref
+)
+SELECT a.sensor_ref, a.runtime, a.entrypoint, a.env, a.assigned_at,
+       a.previous_worker_id IS NULL OR a.previous_worker_id = a.worker_id
+         OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {STALE_EXPR}),
+       (SELECT w.name FROM worker AS w WHERE w.id = a.previous_worker_id),
+       (SELECT count(*) FROM stopped)
+  FROM {ASSIGNMENTS} AS a
+ WHERE a.worker_id = %(me)s
+ ORDER BY a.sensor_ref
+"""
+
+# A stopping worker, its sensors stopped: they go back to pending with no previous worker to
+# wait for, and it is no longer the previous worker of any sensor.
+HAND_OVER_SQL = f"""
+SELECT pg_advisory_xact_lock(%(lock)s);
+UPDATE {ASSIGNMENTS}
+   SET worker_id = CASE WHEN worker_id = %(me)s THEN NULL ELSE worker_id END,
+       assigned_at = CASE WHEN worker_id = %(me)s THEN NULL ELSE assigned_at END,
+       previous_worker_id = CASE WHEN previous_worker_id = %(me)s THEN NULL ELSE previous_worker_id END
+ WHERE worker_id = %(me)s OR previous_worker_id = %(me)s
+RETURNING sensor_ref
+"""
 
 PLACED_SQL = f"""
 SELECT a.sensor_ref, w.name FROM {ASSIGNMENTS} AS a JOIN worker AS w ON w.id = a.worker_id
@@ -163,8 +210,10 @@ SELECT a.sensor_ref, w.name FROM {ASSIGNMENTS} AS a JOIN worker AS w ON w.id = a
 """
 
 LIST_SQL = f"""
-SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at
+SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at, a.entrypoint,
+       r.status, r.pid, r.detail
   FROM {ASSIGNMENTS} AS a LEFT JOIN worker AS w ON w.id = a.worker_id
+  LEFT JOIN {SENSOR_RUNS} AS r ON r.worker_id = a.worker_id AND r.sensor_ref = a.sensor_ref
  WHERE (%(worker)s::text IS NULL OR w.name = %(worker)s::text)
    AND (NOT %(pending)s OR a.worker_id IS NULL)
  ORDER BY a.sensor_ref
@@ -206,7 +255,8 @@ WITH sources AS (
      ORDER BY s.ratio DESC, dst.ratio_after, a.sensor_ref
      LIMIT 1
 )
-UPDATE {assignments} AS a SET worker_id = move.target_id, assigned_at = now()
+UPDATE {assignments} AS a SET worker_id = move.target_id, assigned_at = now(),
+       previous_worker_id = coalesce(a.previous_worker_id, move.source_id)
   FROM move WHERE a.sensor_ref = move.sensor_ref
 RETURNING a.sensor_ref, (SELECT name FROM worker WHERE id = move.source_id),
           (SELECT name FROM worker WHERE id = move.target_id)
@@ -233,7 +283,7 @@ class Scheduler:
         walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=LISTED_ROLES, eligible=eligible,
                                     penalized_or_not=condition)
                  for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
-        self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, **walks)
+        self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING, **walks)
         self._prepared_place = self._place.split(";", 1)[1]  # without the lock, $n for %(name)s
         for n, key in enumerate(_PREPARED_PARAMS, 1):
             self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
@@ -246,11 +296,12 @@ class Scheduler:
             worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS,
             eligible_for_a=for_a)
 
-    def place(self, ref, runtime, selector=None, tolerations=(), explain=True):
+    def place(self, ref, runtime, selector=None, tolerations=(), explain=True, entrypoint=None, env=None):
         """Places one sensor and returns its worker's name (where it already is, if placed
         before). Raises NoEligibleWorker and records the sensor as pending; with `explain`, the
-        message says which test no worker passed (one more statement over the fleet)."""
-        params = self._params(ref, runtime, selector, tolerations)
+        message says which test no worker passed (one more statement over the fleet).
+        `entrypoint` (under the worker's packs_base_dir) and `env` are what the worker runs."""
+        params = self._params(ref, runtime, selector, tolerations, entrypoint, env)
         self._sync_if_due(SYNC_PERIOD)
         worker = self.db.execute(self._place, params)[0][0]
         if not worker and self._sync_if_due(SYNC_RETRY_AFTER):
@@ -266,8 +317,21 @@ class Scheduler:
 
     def assignments(self, worker=None, pending=False):
         rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
-        keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at")
+        keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at", "entrypoint",
+                "state", "pid", "detail")
         return [dict(zip(keys, row)) for row in rows]
+
+    def mine(self, worker_id, held=()):
+        """The worker's read: [{sensor_ref, runtime, entrypoint, env, assigned_at, startable,
+        previous_worker}] placed on `worker_id`, and how many moved-away sensors it released
+        (those not in `held`, the refs it may still be running)."""
+        rows = self.db.execute(MINE_SQL, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
+        keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker")
+        return [dict(zip(keys, row)) for row in rows], (rows[0][-1] if rows else 0)
+
+    def hand_over(self, worker_id):
+        """A stopping worker whose sensors are stopped releases them; returns their refs."""
+        return [row[0] for row in self.db.execute(HAND_OVER_SQL, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id})]
 
     def rebalance(self, limit=100_000):
         """Evens out a skewed fleet (new workers joined, say) one move at a time, each making
@@ -310,14 +374,16 @@ class Scheduler:
     # --- helpers ------------------------------------------------------------------------
 
     def _place_batch(self, sensors):
-        """[(ref, runtime, selector, tolerations)] -> {ref: worker} of those placed; the others
-        stay pending. One round trip, one transaction, the same statement as place()."""
+        """[(ref, runtime, selector, tolerations, entrypoint, env)] as PENDING_SQL reads them ->
+        {ref: worker} of those placed; the others stay pending. One round trip, one transaction,
+        the same statement as place(). What the row says it runs is kept as it is: the worker
+        checks it (runner/launch.py)."""
         name = "attune_place_" + uuid.uuid4().hex
         params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier, "refs": [ref for ref, *_ in sensors]}
         statements = ["SELECT pg_advisory_xact_lock(%(lock)s)", "SET LOCAL plan_cache_mode = force_generic_plan",
                       f"PREPARE {name}({_PREPARED_TYPES}) AS {self._prepared_place}"]
-        for n, sensor in enumerate(sensors):
-            one = self._params(*sensor)
+        for n, (*sensor, entrypoint, env) in enumerate(sensors):
+            one = dict(self._params(*sensor), entrypoint=entrypoint, env=json.dumps(env))
             params.update((f"{key}_{n}", one[key]) for key in _PER_SENSOR_PARAMS)
             arguments = [f"%({key}_{n})s" if key in _PER_SENSOR_PARAMS else f"%({key})s" for key in _PREPARED_PARAMS]
             statements.append(f"EXECUTE {name}({', '.join(arguments)})")
@@ -330,12 +396,21 @@ class Scheduler:
         self.sync()
         return True
 
-    def _params(self, ref, runtime, selector, tolerations):
+    def _params(self, ref, runtime, selector, tolerations, entrypoint=None, env=None):
         if not isinstance(ref, str) or not 0 < len(ref) <= 255 or any(ord(c) < 32 for c in ref):
             raise ValueError("a sensor ref is 1-255 characters without control characters")
+        if entrypoint is not None:
+            try:
+                launch.check_entrypoint_text(entrypoint)
+                env = launch.check_env(dict(env or {}))
+            except launch.LaunchRefused as exc:
+                raise ValueError(str(exc)) from None
+        elif env:
+            raise ValueError("--env needs --entrypoint: a placement without one runs nothing")
         return {"lock": PLACEMENT_LOCK_KEY, "ref": ref, "runtime": runtime, "multiplier": self.multiplier,
                 "selector": json.dumps(placement.labels(dict(selector or {}))),
-                "tolerations": json.dumps([toleration(t) for t in tolerations])}
+                "tolerations": json.dumps([toleration(t) for t in tolerations]),
+                "entrypoint": entrypoint, "env": json.dumps(dict(env or {}))}
 
     def _why_not(self, params):
         counts = ", ".join(

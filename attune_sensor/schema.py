@@ -18,14 +18,16 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, SchemaMissing
 
-# attune-sensor's own tables, in its own schema on both flavours (access.OWN_OBJECTS makes them):
+# attune-sensor's own tables, in its own schema on both flavours (migrations/own/ makes them):
 # the reaper's gate (fleet.py), the sensors' assignments and each worker's load (scheduler.py),
-# the fleet's gauges (fleet.py)
+# the fleet's gauges (fleet.py), the sensor processes each worker reports (runner/)
 REAPER_GATE = "attune_sensor.reaper_gate"
 ASSIGNMENTS = "attune_sensor.assignment"
 WORKER_LOAD = "attune_sensor.worker_load"
 FLEET_GAUGES = "attune_sensor.fleet_gauges"
-OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES)
+SENSOR_RUNS = "attune_sensor.sensor_run"
+OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS)
+OWN_VERSIONS = "attune_sensor.schema_migrations"  # the own series' bookkeeping (migrations/)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
 
@@ -63,7 +65,11 @@ SELECT n.nspname,
                          WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false
                          WHEN to_regclass(own) IS NULL THEN false
                          ELSE has_table_privilege(own, 'UPDATE') END
-       ) AS usable
+       ) AS usable,
+       CASE WHEN to_regnamespace('attune_sensor') IS NULL THEN false
+            WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false
+            WHEN to_regclass(%(versions)s) IS NULL THEN false
+            ELSE has_table_privilege(%(versions)s, 'SELECT') END AS versioned
   FROM found
   JOIN pg_class c ON c.oid = found.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -112,6 +118,7 @@ class WorkerTable:
     enums: dict             # column -> tuple of labels, for enum columns
     has_history: bool = False
     usable: frozenset = frozenset()  # of OWN_TABLES: those that exist and this role may update
+    own_version: int = 0  # the newest migration of attune-sensor's own schema applied (0: none)
 
     @property
     def reaper_gate(self):
@@ -153,17 +160,20 @@ def discover(db, configured_schema=None):
     """Finds the worker table through `db` (a db.Database). Raises SchemaMissing when there is
     none, or when it cannot hold a sensor worker."""
     rows = db.execute(DISCOVER_SQL, {"schema": configured_schema, "fallback": f"{PLATFORM_SCHEMA}.worker",
-                                     "own": list(OWN_TABLES)}, plain=True)
+                                     "own": list(OWN_TABLES), "versions": OWN_VERSIONS}, plain=True)
     if not rows:
         where = f"schema {configured_schema!r} (database.schema)" if configured_schema else \
             f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
         raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
                             + ("" if configured_schema else " or set database.schema"))
-    schema, on_path, columns, has_history, usable = rows[0]
+    schema, on_path, columns, has_history, usable, versioned = rows[0]
     columns = columns or {}
+    own_version = 0
+    if versioned:  # a second statement: a table that may not exist cannot be named in the first
+        own_version = db.execute(f"SELECT coalesce(max(version), 0) FROM {OWN_VERSIONS}", plain=True)[0][0]
     table = WorkerTable(schema=schema, on_search_path=bool(on_path), columns=tuple(columns),
                         enums={k: tuple(v) for k, v in columns.items() if v is not None},
-                        has_history=bool(has_history), usable=frozenset(usable))
+                        has_history=bool(has_history), usable=frozenset(usable), own_version=own_version)
     missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
                if c not in table.columns]
     if missing:
@@ -173,6 +183,20 @@ def discover(db, configured_schema=None):
         raise SchemaMissing(f"{schema}.worker's worker_role type has no 'sensor' value "
                             f"(it holds {', '.join(table.enums['worker_role'])})")
     return table
+
+
+def check_own_schema(table, needed_version):
+    """SchemaMissing (exit 78) unless attune-sensor's own schema is at `needed_version` or newer
+    and this role may use every table of it: the daemon needs all of them (docs/design.md,
+    "Own schema")."""
+    if table.own_version < needed_version:
+        have = f"at version {table.own_version}" if table.own_version else "missing (or not readable by this role)"
+        raise SchemaMissing(f"attune-sensor's own schema (attune_sensor) is {have}, this version needs "
+                            f"{needed_version}: run 'attune-sensor migrate run' as the schema owner")
+    unusable = [name for name in OWN_TABLES if name not in table.usable]
+    if unusable:
+        raise SchemaMissing(f"this role may not use {', '.join(unusable)}: run 'attune-sensor migrate run' as the "
+                            "schema owner (it grants attune_sensor_daemon) and put this role in attune_sensor_daemon")
 
 
 def check_worker_type(table, worker_type):

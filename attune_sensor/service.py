@@ -5,9 +5,12 @@ One thread. Signals arrive as flags that cut a sleep short (signals.py), so ever
 happens between two bounded database calls:
 
     register (retrying while the database is away) -> READY=1
-    every heartbeat_interval: heartbeat -> WATCHDOG=1 -> (reaper, when due)
+    every heartbeat_interval: heartbeat (carrying the gated reaper) -> WATCHDOG=1
+    every max(10 s, interval): read this worker's sensors -> the supervisor runs them
+    between: the sensors' output, exits and restarts (runner/), and the fence: no heartbeat
+        for too long stops every sensor before peers may call this worker dead
     SIGHUP: RELOADING=1 -> reload config -> READY=1
-    SIGTERM/SIGINT: STOPPING=1 -> deregister -> close -> exit 0
+    SIGTERM/SIGINT: STOPPING=1 -> stop sensors -> deregister -> hand them over -> exit 0
 """
 
 import os
@@ -15,11 +18,14 @@ import time
 from dataclasses import replace
 
 from . import config as config_module
-from . import assignments_file, fleet, logs, runtimes, schema
+from . import assignments_file, logs, runtimes, schema
 from .db import Backoff, Database
 from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
+from .migrations import OWN_SCHEMA_VERSION
 from .notify import Notifier, check_watchdog_fits
 from .registration import SensorWorkerRegistration
+from .runner import fence, launch, report
+from .runner.supervisor import SensorSpec, Supervisor
 from .scheduler import Scheduler
 from .signals import SignalFlags
 
@@ -59,16 +65,24 @@ class SensorService:
         # Until the worker table is found, the spec's default; then schema.choose_interval().
         self.interval = config.sensor.heartbeat_interval or schema.DEFAULT_RECORDED_INTERVAL
         self.table = None
-        self.scheduler = None  # placement (scheduler.py), where the database has the assignments table
+        self.scheduler = None  # placement (scheduler.py), once the worker table is found
         self.registration = SensorWorkerRegistration(self.db, config, detected, self.environ,
                                                      interpreters=interpreters)
         self.signals = SignalFlags()
         self._capabilities_pending = False
         self._database_down = False
-        self._next_reap = 0.0
         self._next_assignment_read = 0.0
         self._placement_unfinished = False  # the last pass ran out of time with sensors pending
-        self._my_sensors = None  # {ref: runtime} last read; None before the first read
+        self._my_sensors = None  # {ref: row} last read; None before the first read
+        self._api_token = ""
+        self.supervisor = Supervisor(self._launch, config.sensor.max_concurrent_sensors,
+                                     config.sensor.sensor_timeout, clock=clock)
+        self._last_ok = None  # clock() when the last heartbeat that succeeded was sent
+        self._fenced = False  # sensors stopped for lack of heartbeats, until one succeeds
+        self._reported = None  # the sensor states last written (runner/report.py)
+        # (running, monitored) as capabilities last say: 0 from the registration on, so that a
+        # worker running nothing never rewrites its row for them (the platform's history)
+        self._counts = (0, 0)
 
     # --- public -------------------------------------------------------------------------
 
@@ -76,6 +90,7 @@ class SensorService:
         sensor = self.config.sensor
         if sensor.heartbeat_interval is not None:
             check_watchdog_fits(sensor.heartbeat_interval, self.environ)
+        self._api_token = self._read_token(self.config)
         previous = self.signals.install()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
@@ -109,7 +124,9 @@ class SensorService:
             try:
                 if self.table is None:
                     self._find_worker_table()
+                sent = self.clock()
                 worker_id = self.registration.register()
+                self._last_ok = sent
             except DatabaseUnavailable as exc:
                 delay = backoff.next_delay()
                 bound = self.db.connect_timeout + self.db.statement_timeout
@@ -128,15 +145,22 @@ class SensorService:
     def _find_worker_table(self):
         """Where the worker table is and what it is decides the interval and capabilities."""
         table = schema.attach(self.db, self.config.database.schema)
+        schema.check_own_schema(table, OWN_SCHEMA_VERSION)
         schema.check_worker_type(table, self.registration.worker_type)
         self.table = table
         interval = self._interval_for(self.config)
         check_watchdog_fits(interval, self.environ)
         self.interval = interval
-        self.registration.set_capabilities(self.config, self.runtimes, interval, self.interpreters)
+        self._set_capabilities(self.config, self.runtimes, interval, self.interpreters)
         self.registration.reap_multiplier = self._reap_multiplier()
-        self.scheduler = Scheduler(self.db, table, self.config.sensor.stale_multiplier) if table.assignments else None
+        self.scheduler = Scheduler(self.db, table, self.config.sensor.stale_multiplier)
         log.info("Using the %s; interval %gs", table.describe(), interval)
+
+    def _set_capabilities(self, config, detected, interval, interpreters):
+        """The registration's capabilities, with the sensor process counts as last reported."""
+        self.registration.set_capabilities(config, detected, interval, interpreters)
+        self.registration.add_capability("sensor_processes_running", self._counts[0])
+        self.registration.add_capability("sensor_processes_monitored", self._counts[1])
 
     def _interval_for(self, config):
         """The heartbeat interval `config` asks for, under the worker table's rules once known."""
@@ -145,10 +169,9 @@ class SensorService:
         return schema.choose_interval(config.sensor.heartbeat_interval, self.table, config.database.statement_timeout)
 
     def _reap_multiplier(self):
-        """With the gate, the reaper rides on every heartbeat; without it (a database not migrated
-        by this version), the periodic reaper of _maybe_reap does the work (None)."""
-        gate = self.table is not None and self.table.reaper_gate
-        return self.config.sensor.stale_multiplier if self.config.sensor.reaper and gate else None
+        """The reaper rides on every heartbeat (through the gate of the own schema, which the
+        daemon requires), unless sensor.reaper is false (None)."""
+        return self.config.sensor.stale_multiplier if self.config.sensor.reaper else None
 
     def _wait_until(self, deadline):
         """Sleeps until `deadline`, applying reloads on the way: signals never shorten a backoff,
@@ -158,6 +181,7 @@ class SensorService:
             if remaining <= 0:
                 return
             self._sleep(remaining)
+            self._supervise()
             if self.signals.take_reload():
                 self._apply_reload()
 
@@ -169,10 +193,13 @@ class SensorService:
             self._sleep(max(0.0, next_beat - self.clock()))
             if self.signals.stop_requested:
                 break
+            self._supervise()
             if self.signals.take_reload():
                 self._apply_reload()
             now = self.clock()
             if now < next_beat:
+                if self._next_assignment_read == 0.0:
+                    self._maybe_read_assignments()  # asked for now: a handover to confirm
                 continue
             self._heartbeat()
             interval = self.interval
@@ -185,7 +212,14 @@ class SensorService:
     def _heartbeat(self):
         registration = self.registration
         try:
+            sent = self.clock()
             beat = registration.heartbeat()
+            self._last_ok = sent
+            if self._fenced:
+                # Proven alive again: the sensors start once the read says they are still ours.
+                self._fenced = False
+                self._next_assignment_read = 0.0
+                log.info("heartbeat succeeded again: sensors start again where they are still placed here")
             if self._database_down:
                 # Said before the beat's own line: the beat is what proved it.
                 self._database_down = False
@@ -216,23 +250,50 @@ class SensorService:
         self._maybe_read_assignments()
 
     def _maybe_reap(self):
-        """Reaps (or collects what the heartbeat reaped) and re-places the dead workers'
-        sensors. Returns True when a placement pass ran."""
-        sensor = self.config.sensor
-        if self.registration.reap_multiplier is not None:
-            reaped, self.registration.reaped = self.registration.reaped, []
-            return self._after_reaping(reaped)
-        if (not sensor.reaper or self._database_down or self.signals.stop_requested
-                or self.clock() < self._next_reap):
-            return False
-        try:
-            reaped, active = fleet.reap_stale(self.db, sensor.worker_name, sensor.stale_multiplier, self.table)
-        except DATABASE_TROUBLE as exc:
-            self._next_reap = self.clock() + fleet.reaper_delay(self.interval, 1)
-            log.warning("stale worker reaper skipped: %s", exc)
-            return False
-        self._next_reap = self.clock() + fleet.reaper_delay(self.interval, active)
+        """Re-places the sensors of the workers the last heartbeat reaped. Returns True when a
+        placement pass ran."""
+        reaped, self.registration.reaped = self.registration.reaped, []
         return self._after_reaping(reaped)
+
+    # --- the sensors: supervision and the fence ------------------------------------------
+
+    def _supervise(self):
+        """Between two database calls: the children's output and exits, and the fence."""
+        self.supervisor.poll()
+        if self._last_ok is None or self._fenced or not self.supervisor.children:
+            return
+        sensor = self.config.sensor
+        term_at, kill_at = fence.deadlines(self._last_ok, self._fence_interval(), sensor.stale_multiplier,
+                                           sensor.sensor_timeout)
+        if self.clock() >= term_at:
+            self._fenced = True
+            log.warning("no heartbeat has succeeded for %.1fs: stopping %d sensor(s) before peers may call this "
+                        "worker dead and run them elsewhere; they start again after a heartbeat succeeds",
+                        self.clock() - self._last_ok, len(self.supervisor.children))
+            self.supervisor.stop_all(kill_by=kill_at)
+
+    def _fence_interval(self):
+        """The interval peers judge this worker by: the one stored in its row, or the new one
+        if a reload shortened it and the row does not say so yet."""
+        stored = (self.registration.stored_capabilities() or {}).get("heartbeat_interval")
+        if isinstance(stored, (int, float)) and not isinstance(stored, bool) and stored > 0:
+            return min(stored, self.interval)
+        return self.interval
+
+    def _launch(self, spec):
+        """Supervisor's launcher: (argv, env, cwd) for a placed sensor (runner/launch.py)."""
+        script = launch.resolve_entrypoint(spec.entrypoint, self.config.packs_base_dir)
+        argv = launch.command(spec.runtime, script, self.interpreters, self.config.sensor.runtimes_exec,
+                              self.environ)
+        contract = launch.contract_from(self.config, self._api_token, self.environ)
+        return argv, launch.environment(contract, spec.ref, spec.sensor_id, spec.triggers, spec.env), \
+            os.path.dirname(script)
+
+    def _read_token(self, config, environ=None):
+        try:
+            return launch.api_token(config.api.token_file, self.environ if environ is None else environ)
+        except launch.LaunchRefused as exc:
+            raise ConfigError(str(exc)) from None
 
     def _after_reaping(self, reaped):
         for worker_id, name, host in reaped:
@@ -242,35 +303,72 @@ class SensorService:
         return bool(reaped) and self._reconcile("reaping " + ", ".join(names[:5]) + more)
 
     def _maybe_read_assignments(self, force=False):
-        """Logs `assigned sensor REF` / `released sensor REF` as this worker's placements change,
-        and keeps the assignments file (config sensor.assignments_file) for a local runtime."""
+        """This worker's sensors, at most every max(10 s, interval) and never on the heartbeat
+        path: logs `assigned sensor REF` / `released sensor REF`, hands the supervisor what it
+        runs, reports the sensors' states, and keeps the assignments file (config
+        sensor.assignments_file) for a local runtime."""
         if (self.scheduler is None or self._database_down or self.signals.stop_requested
+                or self.registration.worker_id is None
                 or (not force and self.clock() < self._next_assignment_read)):
             return
         self._next_assignment_read = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
+        worker_id = self.registration.worker_id
         try:
-            rows = self.scheduler.assignments(worker=self.registration.worker_name)
+            rows, handed_over = self.scheduler.mine(worker_id, self.supervisor.held())
         except DATABASE_TROUBLE as exc:
             log.warning("could not read this worker's sensor assignments: %s", exc)
             return
         current = {row["sensor_ref"]: row for row in rows}
         previous = self._my_sensors or {}
-        if current.keys() != previous.keys() or self._my_sensors is None:
-            self._write_assignments(current)  # before the log lines: whoever reads them finds the file
         for ref in sorted(set(current) - set(previous)):
             log.info("assigned sensor %s (runtime %s)", ref, current[ref]["runtime"])
         for ref in sorted(set(previous) - set(current)):
             log.info("released sensor %s", ref)
+        if handed_over:
+            log.info("handed over %d sensor(s) moved to other workers: stopped here", handed_over)
         self._my_sensors = current
+        if not self._fenced:  # after a fence only a heartbeat that succeeded lets them start
+            self.supervisor.set_desired({ref: self._spec(row) for ref, row in current.items() if row["entrypoint"]})
+        self._report(worker_id, current)
 
-    def _write_assignments(self, current):
+    def _spec(self, row):
+        waiting = f"waiting for {row['previous_worker'] or 'the previous worker'} to stop it (planned move)"
+        return SensorSpec(ref=row["sensor_ref"], runtime=row["runtime"], entrypoint=row["entrypoint"],
+                          env=dict(row["env"] or {}) if isinstance(row["env"], dict) else {"": ""},
+                          startable=bool(row["startable"]), waiting_for=waiting)
+
+    def _report(self, worker_id, current):
+        """The sensors' states where operators look: attune_sensor.sensor_run, capabilities'
+        sensor_processes_running/monitored, the assignments file. Each only when changed."""
+        states = self.supervisor.states()
+        shown = {ref: {k: v for k, v in state.items() if k != "restart_in"} for ref, state in states.items()}
+        try:
+            if shown != self._reported:
+                report.report(self.db, worker_id, states)
+                self._reported = shown
+            counts = self.supervisor.counts()
+            if counts != self._counts:
+                self.registration.add_capability("sensor_processes_running", counts[0])
+                self.registration.add_capability("sensor_processes_monitored", counts[1])
+                self.registration.update_capabilities()
+                self._counts = counts
+        except DATABASE_TROUBLE as exc:
+            log.warning("could not report this worker's sensor states: %s", exc)
+        self._write_assignments(current, states)
+
+    def _write_assignments(self, current, states):
         sensor = self.config.sensor
         path = assignments_file.path_for(sensor.assignments_file, sensor.worker_name, self.environ)
         if path is None:
             return
+        document = (sorted(current), {ref: (s["status"], s["pid"]) for ref, s in states.items()})
+        if document == getattr(self, "_written", None):
+            return
         try:
-            assignments_file.write(path, self.registration.worker_name, self.registration.worker_id, current)
+            assignments_file.write(path, self.registration.worker_name, self.registration.worker_id, current, states)
+            self._written = document
         except OSError as exc:
+            self._written = None  # written again at the next read
             log.warning("could not write the assignments file %s: %s", path, exc.strerror)
 
     def _reconcile(self, why, budget=None):
@@ -317,6 +415,7 @@ class SensorService:
             # database settings wait for a restart: the running statement bound still applies
             interval = self._interval_for(replace(new, database=self.config.database))
             check_watchdog_fits(interval, self.environ)
+            token = self._read_token(new, self.environ)
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             return
@@ -329,7 +428,10 @@ class SensorService:
         self.registration.reap_multiplier = self._reap_multiplier()
         if self.scheduler is not None:
             self.scheduler.multiplier = self.config.sensor.stale_multiplier
-        self.registration.set_capabilities(self.config, detected, interval, interpreters)
+        self.supervisor.max_running = self.config.sensor.max_concurrent_sensors
+        self.supervisor.sensor_timeout = self.config.sensor.sensor_timeout
+        self._api_token = token  # a running sensor keeps its environment until it restarts
+        self._set_capabilities(self.config, detected, interval, interpreters)
         self.runtime_source = source
         if self.registration.worker_id is None:
             log.info("Reloaded configuration: runtimes %s from %s, used at registration", ",".join(detected), source)
@@ -345,8 +447,23 @@ class SensorService:
 
     # --- shutdown -----------------------------------------------------------------------
 
+    def _stop_sensors(self):
+        """Every sensor stopped (SIGTERM, SIGKILL after sensor_timeout) before the row says this
+        worker is gone: then no peer can start one while it still runs here."""
+        if not self.supervisor.children:
+            return
+        timeout = self.config.sensor.sensor_timeout
+        # the unit's TimeoutStopSec covers the default; a longer sensor_timeout asks for more
+        self.notifier.extend_timeout(timeout + STOP_CONNECT_TIMEOUT + STOP_STATEMENT_TIMEOUT * 3
+                                     + STOP_RECONCILE_BUDGET + 5, "Stopping sensors")
+        log.info("Stopping %d sensor(s)", len(self.supervisor.children))
+        self.supervisor.stop_all()
+        self.supervisor.wait_stopped(self.clock() + timeout + 2.0,
+                                     lambda seconds, fds: self.signals.wait(seconds, fds, flags_end_it=False))
+
     def _shutdown(self):
         self.notifier.stopping()
+        self._stop_sensors()
         registration = self.registration
         if registration.worker_id is not None:
             self.db.connect_timeout = min(self.db.connect_timeout, STOP_CONNECT_TIMEOUT)
@@ -355,8 +472,12 @@ class SensorService:
                 if registration.deregister():
                     log.info("Deregistered sensor worker %s (id %s): status inactive",
                              registration.worker_name, registration.worker_id)
-                    # its sensors move to the living now, not when a reaper would notice
-                    self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET)
+                    if self.scheduler is not None:
+                        # stopped, so nobody need wait for this worker; they move to the living
+                        # now, not when a reaper would notice
+                        self.scheduler.hand_over(registration.worker_id)
+                        report.clear(self.db, registration.worker_id)
+                        self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET)
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",
                                 registration.worker_name)
@@ -373,4 +494,7 @@ class SensorService:
                 f"heartbeat every {self.interval:g}s")
 
     def _sleep(self, seconds):
-        self.signals.sleep(seconds)
+        """Until `seconds` pass, a signal comes, a sensor writes or exits, or the supervisor has
+        a restart or a SIGKILL due."""
+        due = self.supervisor.next_due() - self.clock()
+        self.signals.wait(min(seconds, max(0.0, due)), self.supervisor.fds())

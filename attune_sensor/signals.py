@@ -64,6 +64,19 @@ class SignalFlags:
             except BlockingIOError:
                 pass
 
+    def wait(self, seconds, fds=(), flags_end_it=True):
+        """sleep() that also ends when one of `fds` (the sensors' pipes) is readable. With
+        `flags_end_it` False (stopping: the stop flag is already set) only time and fds end it."""
+        if flags_end_it and (self.stop_requested or self.reload_requested):
+            return
+        ready, _, _ = select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
     def _wake(self):
         try:
             os.write(self._wake_w, b"\0")

@@ -38,6 +38,10 @@ def yaml_block_keys(text):
     nested keys (deeper indentation) are not settings."""
     keys, section = set(), None
     for line in text.splitlines():
+        scalar = re.match(r"^(?:# )?([a-z_]+): \S", line)
+        if scalar:
+            keys.add(scalar.group(1))  # a top-level key with a value (packs_base_dir)
+            continue
         top = re.match(r"^([a-z_]+):\s*$", line)
         if top:
             section = top.group(1)
@@ -49,9 +53,9 @@ def yaml_block_keys(text):
 
 
 def declared_keys():
-    from attune_sensor.config import SCHEMA
+    from attune_sensor.config import SCHEMA, TOP_LEVEL
 
-    return {f"{section}.{key}" for section, body in SCHEMA.items() for key in body}
+    return {f"{section}.{key}" for section, body in SCHEMA.items() for key in body} | set(TOP_LEVEL)
 
 
 def test_the_readme_example_names_every_config_key():

@@ -1,11 +1,13 @@
 """Schema migrations against a real PostgreSQL: empty, legacy and concurrent cases."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from attune_sensor import migrations
 from support import attune_database, ATTUNE_SENSOR, base_env, query, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LEGACY_SCHEMA = """
 CREATE TYPE worker_type_enum AS ENUM ('local', 'remote', 'container');
@@ -44,10 +46,18 @@ def test_empty_database_gets_the_spec_schema(empty_db_url):
     assert "20260131000001_add_worker_role.sql  applied" in info.stdout
 
 
+MIGRATION_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "migrations").glob("*.sql"))
+OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "migrations" / "own").glob("2*.sql"))
+
+
 def test_info_lists_pending_before_run(empty_db_url):
     info = migrate(empty_db_url, "info")
     assert info.returncode == 0
-    assert info.stdout.count("pending") == len(migrations.available())
+    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 2
+    for name in MIGRATION_FILES:
+        assert f"\n{name}  pending" in info.stdout
+    for name in OWN_FILES:
+        assert f"\nown/{name}  pending" in info.stdout
 
 
 def test_second_run_changes_nothing(empty_db_url):
@@ -95,7 +105,7 @@ def test_concurrent_migrate_runs_build_one_schema(empty_db_url):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
     results = [(p.wait(60), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _ in results), results
-    assert query(empty_db_url, "SELECT count(*) FROM attune_sensor_migrations")[0][0] == len(migrations.available())
+    assert query(empty_db_url, "SELECT count(*) FROM attune_sensor_migrations")[0][0] == len(MIGRATION_FILES)
 
 
 def test_unreachable_database_exits_69(cluster):
@@ -183,3 +193,44 @@ def test_the_shipped_heartbeat_is_fenced(db_url):
     assert db.execute(HEARTBEAT_SQL, stale_fence) == []
     assert db.execute(REAPING_HEARTBEAT_SQL, dict(stale_fence, name="fenced", multiplier=3.0)) == []
     db.close()
+
+
+def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(empty_db_url):
+    """A database set up by the version that made attune_sensor's tables "when missing": the
+    first own migration adopts them, keeping every assignment, and the next adds the runner's
+    columns."""
+    assert migrate(empty_db_url).returncode == 0
+    # back to what that version left: its tables and rows, without the own series' bookkeeping
+    query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run; "
+                        "DROP INDEX attune_sensor.assignment_handover; "
+                        "ALTER TABLE attune_sensor.assignment DROP COLUMN entrypoint, DROP COLUMN env, "
+                        "DROP COLUMN previous_worker_id; "
+                        "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) VALUES ('kept.1', 'python')")
+    result = migrate(empty_db_url)
+    assert result.returncode == 0, result.stderr
+    assert "applied own/20261201000001_own_schema.sql" in result.stdout
+    assert "applied own/20261201000002_sensor_runner.sql" in result.stdout
+    assert query(empty_db_url, "SELECT sensor_ref, runtime, entrypoint, env FROM attune_sensor.assignment") == \
+        [("kept.1", "python", None, {})]
+    info = migrate(empty_db_url, "info")
+    assert "own/20261201000002_sensor_runner.sql  applied" in info.stdout
+
+
+def test_a_daemon_refuses_a_database_whose_own_schema_is_behind(spec_db_url, tmp_path):
+    query(spec_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"database: {{url: '{spec_db_url}'}}\nsensor: {{worker_name: sensor-behind}}\n")
+    result = run_cli("--config", str(path), "run", env={"ATTUNE_SENSOR_RUNTIMES": "shell"}, timeout=30)
+    assert result.returncode == 78
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("attune-sensor: attune-sensor's own schema (attune_sensor) is at version 20261201000001, "
+                           "this version needs 20261201000002: run 'attune-sensor migrate run'")
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_run_restores_a_dropped_load_trigger(spec_db_url):
+    query(spec_db_url, "DROP TRIGGER count_worker_load ON attune_sensor.assignment")
+    result = migrate(spec_db_url)
+    assert result.returncode == 0 and "repaired trigger count_worker_load (it was missing)" in result.stdout
+    assert query(spec_db_url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'count_worker_load'") == [(1,)]
+    assert "repaired" not in migrate(spec_db_url).stdout
