@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the daemon against a throwaway local PostgreSQL that this script starts, so a newcomer
-# sees a worker register and heartbeat within a minute. Ctrl-C stops the daemon (which
+# sees a worker register and heartbeat, and a sample sensor placed on it and running, within a
+# minute. Ctrl-C stops the daemon (which
 # deregisters), then the database, and removes everything it created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,15 +29,30 @@ trap 'exit 0' INT TERM
 echo "--- starting a throwaway PostgreSQL in $state/pg"
 DATABASE_URL=$("$BIN/python" packaging/pgcluster.py start "$state/pg")
 export DATABASE_URL
+# A pack with one shell sensor, as the platform lays packs out: {packs_base_dir}/{pack}/sensors/
+mkdir -p "$state/packs/demo/sensors"
+cat > "$state/packs/demo/sensors/hello.sh" <<'SH'
+# A sample sensor: what it prints reaches the daemon's log, tagged with its ref.
+echo "hello from $ATTUNE_SENSOR_REF (pid $$), polling every ${ATTUNE_SENSOR_POLL_INTERVAL}s"
+while true; do sleep 5; echo "still watching (pid $$)"; done
+SH
 cat > "$state/config.yaml" <<YAML
 log:
   level: info
+packs_base_dir: $state/packs
+api:
+  token_file: none
 sensor:
   worker_name: sensor-demo
   heartbeat_interval: ${DEMO_HEARTBEAT_INTERVAL:-5}
+  poll_interval: 5
 YAML
 echo "--- attune-sensor migrate run"
 "$BIN/attune-sensor" --config "$state/config.yaml" migrate run
+echo "--- attune-sensor place demo.hello --runtime shell --entrypoint demo/sensors/hello.sh"
+echo "    (no worker yet: it waits as pending and is placed, then started, when the worker registers)"
+"$BIN/attune-sensor" --config "$state/config.yaml" place demo.hello --runtime shell \
+  --entrypoint demo/sensors/hello.sh || true
 echo "--- attune-sensor run (Ctrl-C to stop; the worker is then marked inactive)"
 "$BIN/attune-sensor" --config "$state/config.yaml" run &
 daemon_pid=$!
@@ -44,6 +60,8 @@ if [ -n "${DEMO_SECONDS:-}" ]; then
   sleep "$DEMO_SECONDS"
   echo "--- attune-sensor workers"
   "$BIN/attune-sensor" --config "$state/config.yaml" workers
+  echo "--- attune-sensor assignments"
+  "$BIN/attune-sensor" --config "$state/config.yaml" assignments
   exit 0
 fi
 wait "$daemon_pid"
