@@ -117,6 +117,7 @@ def main(argv=None):
     import signal
 
     previous_hup = signal.signal(signal.SIGHUP, _remember_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since signals.entry_point
     args = _parser().parse_args(argv)
     if args.command != "run":
         signal.signal(signal.SIGHUP, previous_hup)

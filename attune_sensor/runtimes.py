@@ -6,9 +6,10 @@ so a broken interpreter on PATH is not reported as available.
 
 import os
 import re
+import selectors
 import shutil
+import signal
 import subprocess
-import tempfile
 import time
 
 ENV_VAR = "ATTUNE_SENSOR_RUNTIMES"
@@ -44,61 +45,121 @@ def _child_environment(environ):
     return {k: v for k, v in environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 
-def _start(binary, environ, child_env):
-    path = shutil.which(binary, path=environ.get("PATH", os.defpath))
-    if not path:
-        return None
-    # A file, not a pipe: a binary that prints without end cannot fill our memory, and every
-    # probe runs at once without a reader each. Only the first VERSION_BYTES are read.
-    output = tempfile.TemporaryFile()
+class _Probe:
+    """One `BINARY --version` running, its output on a pipe we read without blocking. A probe
+    that prints more than VERSION_BYTES is killed: what it can write is bounded by that and
+    the pipe's buffer, wherever it is pointed (a temporary file once took 8 GB in 5 s)."""
+
+    def __init__(self, path, proc):
+        self.path, self.proc = path, proc
+        self.output = bytearray()
+        self.reading = True
+        self.too_long = False
+        os.set_blocking(proc.stdout.fileno(), False)
+
+    def fileno(self):
+        return self.proc.stdout.fileno()
+
+    def read(self):
+        try:
+            data = os.read(self.fileno(), VERSION_BYTES + 1 - len(self.output))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.output += data
+        if not data or len(self.output) > VERSION_BYTES:
+            self.reading = False
+            self.too_long = len(self.output) > VERSION_BYTES
+            if self.too_long:
+                self._kill()  # now, not at the deadline: nothing reads its pipe any more
+
+    def finish(self, deadline):
+        """(path, version) when it exited 0 in time without printing too much, else None;
+        the process is gone after."""
+        try:
+            code = None if self.too_long else self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            self._kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        if code != 0:
+            return None
+        match = VERSION_RE.search(self.output.decode("utf-8", "replace"))
+        return self.path, match.group(1) if match else None
+
+    def _kill(self):
+        # its own process group (start_new_session), so what it started goes too; the leader is
+        # not reaped yet, so the group id is still its own
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _identity(path):
+    """Which file a path is: python and python3 are often one file (a symlink or a hardlink)."""
     try:
-        proc = subprocess.Popen([path, "--version"], stdin=subprocess.DEVNULL, stdout=output,
-                                stderr=subprocess.STDOUT, env=child_env)
+        found = os.stat(path)
     except OSError:
-        output.close()
-        return None
-    return path, proc, output
+        return os.path.realpath(path)
+    return found.st_dev, found.st_ino
 
 
-def _version(output):
-    output.seek(0)
-    text = output.read(VERSION_BYTES).decode("utf-8", "replace")
-    match = VERSION_RE.search(text)
-    return match.group(1) if match else None
-
-
-def _finish(started, deadline):
-    """An Interpreter when the probe exited 0 in time, else None; the process is gone after."""
-    if started is None:
-        return None
-    path, proc, output = started
+def _start(path, child_env):
     try:
-        code = proc.wait(max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        code = None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    try:
-        return (path, _version(output)) if code == 0 else None
-    finally:
-        output.close()
+        proc = subprocess.Popen([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+    except OSError:
+        return None
+    return _Probe(path, proc)
+
+
+def _read_all(probes, deadline):
+    """Reads every probe's output until each has ended it (or printed too much), or the deadline."""
+    with selectors.DefaultSelector() as selector:
+        for probe_ in probes:
+            selector.register(probe_, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for key, _events in selector.select(remaining):
+                key.fileobj.read()
+                if not key.fileobj.reading:
+                    selector.unregister(key.fileobj)
 
 
 def probe(environ=None):
     """Runs every candidate at once (start-up time is what an operator waits for), then keeps
     each candidate that exited 0 within PROBE_TIMEOUT. Returns (runtime names, interpreters)
-    where each interpreter is {name, path, version} as the platform reports it."""
+    where each interpreter is {name, path, version} as the platform reports it; one file found
+    under two names (python3, python) is probed and reported once, by its first name."""
     environ = os.environ if environ is None else environ
     child_env = _child_environment(environ)
-    started = [(name, [_start(b, environ, child_env) for b in binaries]) for name, binaries in PROBES]
+    search = environ.get("PATH", os.defpath)
+    seen, started = set(), []
+    for name, binaries in PROBES:
+        for binary in binaries:
+            path = shutil.which(binary, path=search)
+            if path and _identity(path) not in seen:
+                seen.add(_identity(path))
+                started.append((name, _start(path, child_env)))
     deadline = time.monotonic() + PROBE_TIMEOUT
+    try:
+        _read_all([p for _name, p in started if p], deadline)
+    except BaseException:
+        deadline = 0.0  # interrupted: no probe outlives this call, none is waited for
+        raise
+    finally:
+        results = [(name, p.finish(deadline)) for name, p in started if p]
     names, interpreters = [], []
-    for name, candidates in started:
-        for path, version in filter(None, [_finish(c, deadline) for c in candidates]):
-            if any(i["path"] == path for i in interpreters):
-                continue  # python and python3 may be one file
+    for name, result in results:
+        if result:
+            path, version = result
             interpreters.append({"name": name, "path": path, "version": version})
             if name not in names:
                 names.append(name)

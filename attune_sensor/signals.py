@@ -7,7 +7,18 @@ signal between two bounded database calls, never inside one (docs/design.md, "Sh
 import os
 import select
 import signal
-import threading
+
+
+def entry_point():
+    """The `attune-sensor` console script (setup.cfg). Its first act holds SIGHUP back: this
+    module imports little, while the CLI and its configuration code take tens of milliseconds
+    to import, and `systemctl reload` may come that early; SIGHUP's default action would end
+    the process. cli.main installs its handler and lets the signal through, so one that came
+    in between is acted on then, not lost (docs/design.md, "Readiness")."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    from .cli import main
+
+    return main()
 
 
 class SignalFlags:
@@ -34,6 +45,8 @@ class SignalFlags:
     def install(self):
         """SIGTERM and SIGINT ask to stop, SIGHUP to reload. Returns what to restore(); outside
         the main thread (embedded use) nothing is installed and the caller uses request_*()."""
+        import threading  # here: this module is on the console script's path to blocking SIGHUP
+
         if threading.current_thread() is not threading.main_thread():
             return None
         previous = {

@@ -305,12 +305,56 @@ def test_json_logs_carry_journal_priorities_under_systemd(db_url, tmp_path, daem
     assert json.loads(first[3:])["message"].startswith("Registering sensor worker sensor-jsonj")
 
 
-def test_sighup_right_after_start_reloads_instead_of_killing(db_url, tmp_path, daemons):
-    daemon = daemons(config_for(tmp_path, db_url, "sensor-early-hup"))
-    time.sleep(0.2)  # inside start-up: runtime probes, connecting, before the service's handlers
-    daemon.signal(signal.SIGHUP)
+# Loaded by the daemon's interpreter (PYTHONPATH) before the console script runs: when the CLI
+# module starts to load, it says so (with whether SIGHUP is held or handled by then, and which
+# of our modules came before) and makes that import take 0.2 s, so that SIGHUPs sent from that
+# line on land inside it every time, not by luck of timing.
+SLOW_CLI_IMPORT = """\
+import signal, sys, time
+
+class SlowCli:
+    def find_spec(self, name, path=None, target=None):
+        if name == "attune_sensor.cli":
+            held = signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            handled = signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)
+            ours = sorted(m for m in sys.modules if m.startswith("attune_sensor"))
+            sys.stderr.write(f"loading the CLI: sighup held={held} handled={handled} after={','.join(ours)}\\n")
+            sys.stderr.flush()
+            time.sleep(0.2)
+        return None
+
+sys.meta_path.insert(0, SlowCli())
+"""
+
+
+def test_sighups_from_the_start_of_our_code_reload_instead_of_killing(db_url, tmp_path, daemons):
+    # Nothing can take SIGHUP during the interpreter's own start-up (~10 ms: the default action
+    # ends the process; systemd starts us with it unblocked), nor during the `import re` of the
+    # console script setup.cfg generates. From the entry point's first line on it must be
+    # taken: so SIGHUPs come without pause from the moment the CLI starts loading (imports,
+    # config load, runtime probes, connecting, registering), for 0.6 s.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_CLI_IMPORT)
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-early-hup"), env={"PYTHONPATH": str(hook)})
+    started = time.monotonic()
+    while not any("loading the CLI" in line for line in daemon.lines):
+        assert daemon.proc.poll() is None and time.monotonic() - started < 20, daemon.output
+        time.sleep(0.001)
+    flood_started, sent = time.monotonic(), 0
+    while time.monotonic() - flood_started < 0.6 and daemon.proc.poll() is None:
+        daemon.signal(signal.SIGHUP)
+        sent += 1
+    assert daemon.proc.poll() is None, f"killed after {sent} SIGHUPs: {daemon.proc.returncode}\n{daemon.output}"
+    loading = next(line for line in daemon.lines if "loading the CLI" in line)
+    assert "after=attune_sensor,attune_sensor.signals" in loading  # held as the very first thing
     daemon.wait_for_line("heartbeat: worker", count=2)
-    assert daemon.proc.poll() is None and worker_row(db_url, "sensor-early-hup")["status"] == "active"
+    daemon.wait_for_line("Reloaded configuration")  # the SIGHUPs were acted on, not held for good
+    assert worker_row(db_url, "sensor-early-hup")["status"] == "active"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert worker_row(db_url, "sensor-early-hup")["status"] == "inactive"
+    assert "Traceback" not in daemon.output
 
 
 def test_a_burst_of_sighups_while_waiting_does_not_bypass_the_backoff(tmp_path, daemons):

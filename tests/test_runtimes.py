@@ -90,3 +90,48 @@ def test_a_binary_printing_without_end_is_read_only_in_part(tmp_path, monkeypatc
     monkeypatch.setattr(runtimes, "PROBE_TIMEOUT", 0.5)
     names, _, interpreters = runtimes.resolve((), {"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert "node" not in names and not any(i["name"] == "node" for i in interpreters)
+
+
+def test_a_probe_printing_without_end_writes_and_is_read_only_a_bounded_amount(tmp_path):
+    import sys
+    import tracemalloc
+
+    counter = os.path.join(tmp_path, "written")
+    path = os.path.join(tmp_path, "python3")
+    with open(path, "w") as handle:
+        # as fast as it can; before each write it records the total it is about to reach (so
+        # a kill between the two counts high, never low). It stops by itself at 64 MiB, so that
+        # a reader without a bound fails this test without filling a disk.
+        handle.write(f"#!{sys.executable}\n"
+                     "import os, time\n"
+                     f"count = os.open({counter!r}, os.O_WRONLY)\n"
+                     "chunk, total = b'Python 3.11.2\\n' * 4681, 0\n"
+                     "while total < 64 << 20:\n"
+                     "    os.pwrite(count, str(total + len(chunk)).encode().ljust(20), 0)\n"
+                     "    total += os.write(1, chunk)\n"
+                     "time.sleep(60)\n")
+    with open(counter, "w") as handle:
+        handle.write("0")
+    os.chmod(path, 0o755)
+    tracemalloc.start()
+    try:
+        names, _, interpreters = runtimes.resolve((), {"PATH": str(tmp_path)})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    with open(counter) as handle:
+        written = int(handle.read())
+    # VERSION_BYTES read, then the pipe's buffer (64 KiB; at most fs.pipe-max-size, 1 MiB),
+    # and the one write it had announced
+    assert written <= runtimes.VERSION_BYTES + (1 << 20) + (64 << 10), written
+    assert peak < 1 << 20, peak  # and only a bounded part of it was ever in our memory
+    assert "python" not in names and interpreters == []  # too much output: not an interpreter
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_one_interpreter_under_two_names_is_listed_once(tmp_path, link):
+    fake_bin(tmp_path, "python3", prints="Python 3.11.2")
+    link(os.path.join(tmp_path, "python3"), os.path.join(tmp_path, "python"))
+    names, _, interpreters = runtimes.resolve((), {"PATH": str(tmp_path)})
+    assert names == ["python", "shell", "native"]
+    assert interpreters == [{"name": "python", "path": os.path.join(tmp_path, "python3"), "version": "3.11.2"}]
