@@ -85,6 +85,15 @@ def grant_daemon_role(cursor, table):
         cursor.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO {ROLE}")
     if table.has_history:
         cursor.execute(f"GRANT INSERT ON {quote_ident(table.schema)}.worker_history TO {ROLE}")
+    platform_schema = quote_ident(table.schema)
+    if _exists(cursor, f"{platform_schema}.sensor") and _exists(cursor, f"{platform_schema}.sensor_process"):
+        # the platform's record of sensor processes, which the runner keeps (runner/report.py)
+        cursor.execute(f"GRANT SELECT ON {platform_schema}.sensor TO {ROLE}")
+        cursor.execute(f"GRANT SELECT, INSERT, UPDATE ON {platform_schema}.sensor_process TO {ROLE}")
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", (f"{platform_schema}.sensor_process",))
+        sequence = cursor.fetchone()[0]
+        if sequence:
+            cursor.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO {ROLE}")
     own = [name for name in OWN_GRANTS if _exists(cursor, name)]
     if own:
         cursor.execute(f"GRANT USAGE ON SCHEMA attune_sensor TO {ROLE}")

@@ -176,21 +176,24 @@ PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, entrypoint, e
 # from it which it no longer holds are stopped (the handover of a planned move). A sensor may
 # start when no previous worker is named, or that worker is this one, gone, or stale (it stops
 # its sensors before that: runner/fence.py).
-MINE_SQL = f"""
+MINE_SQL = """
 WITH stopped AS (
-    UPDATE {ASSIGNMENTS} SET previous_worker_id = NULL
+    UPDATE {assignments} SET previous_worker_id = NULL
      WHERE previous_worker_id = %(me)s AND worker_id IS DISTINCT FROM %(me)s AND NOT (sensor_ref = ANY(%(held)s))
     RETURNING sensor_ref
 )
 SELECT a.sensor_ref, a.runtime, a.entrypoint, a.env, a.assigned_at,
        a.previous_worker_id IS NULL OR a.previous_worker_id = a.worker_id
-         OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {STALE_EXPR}),
+         OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {stale}),
        (SELECT w.name FROM worker AS w WHERE w.id = a.previous_worker_id),
+       {sensor_id} AS sensor_id,
        (SELECT count(*) FROM stopped)
-  FROM {ASSIGNMENTS} AS a
+  FROM {assignments} AS a
  WHERE a.worker_id = %(me)s
  ORDER BY a.sensor_ref
 """
+# On the platform's database a sensor it knows by ref runs with its id (ATTUNE_SENSOR_ID).
+PLATFORM_SENSOR_ID = "(SELECT s.id FROM sensor AS s WHERE s.ref = a.sensor_ref)"
 
 # A stopping worker, its sensors stopped: they go back to pending with no previous worker to
 # wait for, and it is no longer the previous worker of any sensor.
@@ -292,6 +295,8 @@ class Scheduler:
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
                  .replace("%(tolerations)s::jsonb", "a.tolerations"))
+        self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR,
+                                     sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
         self._rebalance_step = REBALANCE_STEP_SQL.format(
             worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS,
             eligible_for_a=for_a)
@@ -325,8 +330,8 @@ class Scheduler:
         """The worker's read: [{sensor_ref, runtime, entrypoint, env, assigned_at, startable,
         previous_worker}] placed on `worker_id`, and how many moved-away sensors it released
         (those not in `held`, the refs it may still be running)."""
-        rows = self.db.execute(MINE_SQL, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
-        keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker")
+        rows = self.db.execute(self._mine, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
+        keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker", "sensor_id")
         return [dict(zip(keys, row)) for row in rows], (rows[0][-1] if rows else 0)
 
     def hand_over(self, worker_id):

@@ -16,7 +16,7 @@ per-session state: PgBouncer's transaction pooling keeps working.
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError, SchemaMissing
+from .errors import ConfigError, DatabasePermissionDenied, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (migrations/own/ makes them):
 # the reaper's gate (fleet.py), the sensors' assignments and each worker's load (scheduler.py),
@@ -69,7 +69,14 @@ SELECT n.nspname,
        CASE WHEN to_regnamespace('attune_sensor') IS NULL THEN false
             WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false
             WHEN to_regclass(%(versions)s) IS NULL THEN false
-            ELSE has_table_privilege(%(versions)s, 'SELECT') END AS versioned
+            ELSE has_table_privilege(%(versions)s, 'SELECT') END AS versioned,
+       to_regnamespace('attune_sensor') IS NOT NULL AS own_schema,
+       -- the platform's sensors and its record of their processes, where this role may use them
+       CASE WHEN to_regclass(format('%%I.sensor', n.nspname)) IS NULL
+              OR to_regclass(format('%%I.sensor_process', n.nspname)) IS NULL THEN false
+            ELSE has_table_privilege(format('%%I.sensor', n.nspname), 'SELECT')
+             AND has_table_privilege(format('%%I.sensor_process', n.nspname), 'INSERT')
+             AND has_table_privilege(format('%%I.sensor_process', n.nspname), 'UPDATE') END AS sensor_processes
   FROM found
   JOIN pg_class c ON c.oid = found.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -119,6 +126,9 @@ class WorkerTable:
     has_history: bool = False
     usable: frozenset = frozenset()  # of OWN_TABLES: those that exist and this role may update
     own_version: int = 0  # the newest migration of attune-sensor's own schema applied (0: none)
+    own_denied: bool = False  # schema attune_sensor exists, but this role may not read its versions
+    # the platform's `sensor` and `sensor_process` beside the worker table, usable by this role
+    sensor_processes: bool = False
 
     @property
     def reaper_gate(self):
@@ -166,14 +176,16 @@ def discover(db, configured_schema=None):
             f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
         raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
                             + ("" if configured_schema else " or set database.schema"))
-    schema, on_path, columns, has_history, usable, versioned = rows[0]
+    schema, on_path, columns, has_history, usable, versioned, own_schema, sensor_processes = rows[0]
     columns = columns or {}
     own_version = 0
     if versioned:  # a second statement: a table that may not exist cannot be named in the first
         own_version = db.execute(f"SELECT coalesce(max(version), 0) FROM {OWN_VERSIONS}", plain=True)[0][0]
     table = WorkerTable(schema=schema, on_search_path=bool(on_path), columns=tuple(columns),
                         enums={k: tuple(v) for k, v in columns.items() if v is not None},
-                        has_history=bool(has_history), usable=frozenset(usable), own_version=own_version)
+                        has_history=bool(has_history), usable=frozenset(usable), own_version=own_version,
+                        own_denied=bool(own_schema) and not versioned,
+                        sensor_processes=bool(sensor_processes))
     missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
                if c not in table.columns]
     if missing:
@@ -189,8 +201,12 @@ def check_own_schema(table, needed_version):
     """SchemaMissing (exit 78) unless attune-sensor's own schema is at `needed_version` or newer
     and this role may use every table of it: the daemon needs all of them (docs/design.md,
     "Own schema")."""
+    if table.own_denied:
+        raise DatabasePermissionDenied(
+            "permission denied for attune-sensor's own schema (attune_sensor): put this login role in the group "
+            "role (GRANT attune_sensor_daemon TO <role>), and run 'attune-sensor migrate run' as the schema owner")
     if table.own_version < needed_version:
-        have = f"at version {table.own_version}" if table.own_version else "missing (or not readable by this role)"
+        have = f"at version {table.own_version}" if table.own_version else "missing"
         raise SchemaMissing(f"attune-sensor's own schema (attune_sensor) is {have}, this version needs "
                             f"{needed_version}: run 'attune-sensor migrate run' as the schema owner")
     unusable = [name for name in OWN_TABLES if name not in table.usable]

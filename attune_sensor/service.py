@@ -334,6 +334,7 @@ class SensorService:
     def _spec(self, row):
         waiting = f"waiting for {row['previous_worker'] or 'the previous worker'} to stop it (planned move)"
         return SensorSpec(ref=row["sensor_ref"], runtime=row["runtime"], entrypoint=row["entrypoint"],
+                          sensor_id=row["sensor_id"],
                           env=dict(row["env"] or {}) if isinstance(row["env"], dict) else {"": ""},
                           startable=bool(row["startable"]), waiting_for=waiting)
 
@@ -344,7 +345,8 @@ class SensorService:
         shown = {ref: {k: v for k, v in state.items() if k != "restart_in"} for ref, state in states.items()}
         try:
             if shown != self._reported:
-                report.report(self.db, worker_id, states)
+                report.report(self.db, worker_id, states, self.registration.worker_name,
+                              platform=self.table.sensor_processes)
                 self._reported = shown
             counts = self.supervisor.counts()
             if counts != self._counts:
@@ -476,7 +478,7 @@ class SensorService:
                         # stopped, so nobody need wait for this worker; they move to the living
                         # now, not when a reaper would notice
                         self.scheduler.hand_over(registration.worker_id)
-                        report.clear(self.db, registration.worker_id)
+                        report.clear(self.db, registration.worker_id, platform=self.table.sensor_processes)
                         self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET)
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",

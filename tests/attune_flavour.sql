@@ -27,7 +27,11 @@ CREATE TABLE identity (
 
 CREATE TABLE runtime (
     id BIGSERIAL PRIMARY KEY,
-    ref TEXT NOT NULL UNIQUE
+    ref TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    aliases TEXT[] NOT NULL DEFAULT '{}'::text[],
+    distributions JSONB NOT NULL,
+    execution_config JSONB NOT NULL DEFAULT '{}'::jsonb
 );
 
 CREATE FUNCTION touch_updated() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -126,3 +130,48 @@ SELECT w.id, w.name, w.worker_type, w.worker_role, w.status, w.capabilities, w.l
    AND w.last_heartbeat > now() - interval '30 seconds'
    AND (w.capabilities -> 'health' IS NULL
         OR w.capabilities -> 'health' ->> 'status' IN ('healthy', 'degraded'));
+
+-- The platform's sensors and its record of their processes (what the runner reports into):
+-- `sensor` with the columns a sensor worker reads, `sensor_process` as the platform has it,
+-- one row per (sensor, worker), keyed both ways, removed with its worker or its sensor.
+CREATE TYPE sensor_process_status_enum AS ENUM ('starting', 'running', 'stopped', 'failed', 'backoff');
+
+CREATE TABLE sensor (
+    id BIGSERIAL PRIMARY KEY,
+    ref TEXT NOT NULL UNIQUE CHECK (ref = lower(ref) AND ref ~ '^[^.]+\.[^.]+$'),
+    pack_ref TEXT,
+    label TEXT NOT NULL,
+    entrypoint TEXT NOT NULL,
+    runtime BIGINT NOT NULL REFERENCES runtime(id) ON DELETE CASCADE,
+    runtime_ref TEXT NOT NULL,
+    enabled BOOLEAN NOT NULL,
+    worker_selector JSONB NOT NULL DEFAULT '{}'::jsonb,
+    worker_tolerations JSONB NOT NULL DEFAULT '[]'::jsonb,
+    worker_affinity JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE sensor_process (
+    id BIGSERIAL PRIMARY KEY,
+    sensor BIGINT NOT NULL REFERENCES sensor(id) ON DELETE CASCADE,
+    sensor_ref TEXT NOT NULL,
+    worker BIGINT NOT NULL REFERENCES worker(id) ON DELETE CASCADE,
+    worker_name TEXT NOT NULL,
+    status sensor_process_status_enum NOT NULL DEFAULT 'starting',
+    pid INTEGER CHECK (pid IS NULL OR pid > 0),
+    consecutive_failures INTEGER NOT NULL DEFAULT 0 CHECK (consecutive_failures >= 0),
+    last_exit_code INTEGER,
+    last_signal INTEGER,
+    last_started_at TIMESTAMPTZ,
+    last_stopped_at TIMESTAMPTZ,
+    next_restart_at TIMESTAMPTZ,
+    stderr_excerpt TEXT,
+    meta JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX ux_sensor_process_sensor_worker ON sensor_process (sensor, worker);
+CREATE UNIQUE INDEX ux_sensor_process_sensor_ref_worker_name ON sensor_process (sensor_ref, worker_name);
+CREATE TRIGGER sensor_process_touch BEFORE UPDATE ON sensor_process
+    FOR EACH ROW EXECUTE FUNCTION touch_updated();

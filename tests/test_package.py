@@ -115,6 +115,28 @@ def test_reload_updates_capabilities_without_restart(box, pkg_db):
     assert show(box, "MainPID") == pid and show(box, "ActiveState") == "active"
 
 
+def test_a_placed_sensor_runs_inside_the_unit_with_the_token_from_its_credential(box, pkg_db):
+    # the package installed an empty token file, root-only; the operator writes the token
+    assert box.run("stat", "-c", "%U:%G %a %s", "/etc/attune/api-token").stdout.strip() == "root:root 600 0"
+    box.write("/etc/attune/api-token", "box-token-7\n")
+    box.run("mkdir", "-p", "/opt/attune/packs/demo/sensors")
+    box.write("/opt/attune/packs/demo/sensors/env.sh",
+              'echo "token=$ATTUNE_API_TOKEN user=$(id -un) ref=$ATTUNE_SENSOR_REF"\nwhile true; do sleep 1; done\n')
+    box.run("systemctl", "restart", UNIT)  # credentials are read at start
+    placed = box.run("attune-sensor", "place", "demo.env", "--runtime", "shell", "--entrypoint", "demo/sensors/env.sh")
+    assert placed.stdout.strip() == "sensor-box"
+    box.run("systemctl", "reload", UNIT)  # at once, not at the next read
+    wait_for(lambda: "sensor demo.env: token=box-token-7 user=attune ref=demo.env" in journal(box), 20,
+             what="the sensor's line in the journal")
+    listing = box.run("attune-sensor", "assignments").stdout
+    assert "demo.env" in listing and "running" in listing
+    # the credential, not the file: the daemon's user cannot read /etc/attune/api-token itself
+    assert box.run("runuser", "-u", "attune", "--", "cat", "/etc/attune/api-token", check=False).returncode != 0
+    box.run("attune-sensor", "unplace", "demo.env")
+    box.run("systemctl", "reload", UNIT)
+    wait_for(lambda: "sensor demo.env stopped" in journal(box), 20, what="the sensor stopped")
+
+
 def test_frozen_process_is_killed_by_the_watchdog_and_comes_back(box, pkg_db):
     worker_id = worker_row(pkg_db, "sensor-box")["id"]
     restarts = int(show(box, "NRestarts"))

@@ -5,12 +5,11 @@ timestamped line per tick to files; real signals; a real partition through tcppr
 import json
 import os
 import signal
-import stat
 import time
 
 import pytest
 
-from support import Daemon, query, run_cli, wait_for, worker_row, write_config
+from support import Daemon, attune_database, query, run_cli, wait_for, worker_row, write_config
 from tcpproxy import TcpProxy
 
 PY_SENSOR = """\
@@ -342,3 +341,41 @@ def test_a_partitioned_worker_stops_its_sensor_before_a_peer_starts_it(cluster, 
         assert last_a < first_b, f"two copies ran at once: {runs}"
     back = next(i for i, line in enumerate(a.lines) if "heartbeat succeeded again" in line)
     assert not any("sensor part.py started" in line for line in a.lines[back:])
+
+
+@pytest.fixture(params=["fixture", "platform"])
+def platform_url(request, cluster, attune_templates):
+    """An Attune database built from the project's fixture and from the platform's migrations."""
+    return attune_database(cluster, attune_templates(request.param))
+
+
+def test_a_platform_sensor_runs_with_its_id_and_its_sensor_process_row(platform_url, tmp_path):
+    """On an Attune database a sensor the platform knows by ref runs with its id, and its state
+    is in the platform's own sensor_process, written by the least-privilege daemon role."""
+    db_url = platform_url
+    sensor_id = query(db_url, "SET search_path TO attune, public; "
+                              "INSERT INTO runtime (ref, name, distributions) VALUES ('core.python', 'Python', '{}'); "
+                              "INSERT INTO sensor (ref, label, entrypoint, runtime, runtime_ref, enabled) "
+                              "SELECT 'demo.ticker', 'Ticker', 'ticker.py', id, ref, true FROM runtime "
+                              "RETURNING id")[0][0]
+    dbname = db_url.rsplit("/", 1)[1]
+    role = f"runner_{dbname}"
+    query(db_url, f"CREATE ROLE {role} LOGIN PASSWORD 'runner-pw' IN ROLE attune_sensor_daemon")
+    daemon_url = db_url.replace("attune_admin:throwaway-admin-secret", f"{role}:runner-pw")
+    base = packs(tmp_path, **{"py.py": PY_SENSOR})
+    out = tmp_path / "ticker.out"
+    place(db_url, "demo.ticker", "demo/sensors/py.py", "python", f"OUT={out}")
+    daemon = start(tmp_path, daemon_url, "sensor-platform", base)
+    try:
+        daemon.wait_for_line("sensor demo.ticker: tick")
+        seen = json.loads(wait_for(lambda: (tmp_path / "ticker.out.seen.json").exists()
+                                   and (tmp_path / "ticker.out.seen.json").read_text()))
+        assert seen["env"]["ATTUNE_SENSOR_ID"] == str(sensor_id)
+        row = wait_for(lambda: query(db_url, "SELECT status::text, pid, worker_name, sensor_ref "
+                                             "FROM attune.sensor_process"), what="a sensor_process row")
+        assert row == [("running", seen["pid"], "sensor-platform", "demo.ticker")]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        daemon.stop()
+    assert query(db_url, "SELECT status::text, pid FROM attune.sensor_process") == [("stopped", None)]
