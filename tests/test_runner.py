@@ -379,3 +379,45 @@ def test_a_platform_sensor_runs_with_its_id_and_its_sensor_process_row(platform_
     finally:
         daemon.stop()
     assert query(db_url, "SELECT status::text, pid FROM attune.sensor_process") == [("stopped", None)]
+
+
+SLOW_TO_STOP = """\
+import os, signal, sys, time
+out = os.environ["OUT"]
+def stop(*_):
+    time.sleep(1.0)  # a sensor that takes its time to stop: a copy elsewhere must still wait
+    with open(out, "a") as f:
+        f.write(f"{time.time():.6f} {os.getpid()}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    with open(out, "a") as f:
+        f.write(f"{time.time():.6f} {os.getpid()}\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_a_rebalanced_sensor_starts_on_its_new_worker_only_after_the_old_one_stopped_it(db_url, tmp_path):
+    base = packs(tmp_path, **{"slow.py": SLOW_TO_STOP})
+    for n in (1, 2):
+        place(db_url, f"mv{n}", "demo/sensors/slow.py", "python", f"OUT={tmp_path / f'mv{n}.out'}")
+    a = start(tmp_path, db_url, "sensor-move-a", base, env={"DATABASE_URL": db_url}, max_concurrent_sensors=2)
+    b = None
+    try:
+        a.wait_for_line("sensor mv2 started")
+        b = start(tmp_path, db_url, "sensor-move-b", base, env={"DATABASE_URL": db_url}, max_concurrent_sensors=2)
+        b.wait_for_line("heartbeat: worker", count=2)
+        moved = run_cli("rebalance", env={"DATABASE_URL": db_url})
+        assert moved.returncode == 0 and "1 sensor(s) moved" in moved.stdout, moved.stdout
+        ref = moved.stdout.split()[1].rstrip(":")
+        b.signal(signal.SIGHUP)  # B reads at once: the sensor is its, but A still runs it
+        b.wait_for_line(f"assigned sensor {ref}")
+        a.signal(signal.SIGHUP)  # A learns it moved, stops it (slowly), says so
+        b.wait_for_line(f"sensor {ref} started", timeout=30)
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+    runs = sorted(_runs(tmp_path / f"{ref}.out").values())
+    assert len(runs) == 2, runs
+    assert runs[0][1] < runs[1][0], f"two copies ran at once: {runs}"
