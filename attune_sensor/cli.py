@@ -362,6 +362,14 @@ def cmd_place(args):
         if not sep:
             raise UsageError(f"--selector {item[:60]!r}: expected KEY=VALUE")
         selector[key] = value
+    from .runtimes import normalise
+
+    try:
+        runtime = normalise([args.runtime])
+    except ValueError as exc:
+        raise UsageError(f"--runtime: {exc}") from None
+    if not runtime:
+        raise UsageError("--runtime: a runtime name is needed (e.g. python, shell)")
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -370,7 +378,7 @@ def cmd_place(args):
         env[key] = value
     scheduler, db = _scheduler(config)
     try:
-        print(scheduler.place(args.sensor_ref, args.runtime.strip().lower(), selector, args.tolerate,
+        print(scheduler.place(args.sensor_ref, runtime[0], selector, args.tolerate,
                               entrypoint=args.entrypoint, env=env))
     except ValueError as exc:
         raise UsageError(f"place: {exc}") from None
@@ -431,6 +439,8 @@ def _state(row):
 
 def _print_table(header, rows):
     """Columns of text, each as wide as its widest cell, two spaces apart."""
+    # cells may come from rows anyone wrote: no control character reaches the terminal
+    rows = [tuple("".join(c if c.isprintable() else "?" for c in cell) for cell in row) for row in rows]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

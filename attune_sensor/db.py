@@ -50,6 +50,9 @@ class Database:
         self.search_path = None
         self._conn = None
         self._abandoned = None  # (backend pid, statement text) of a call we gave up waiting for
+        # A monotonic time no call may outlast, whatever its own timeout: while sensors run, the
+        # fence's next action (runner/fence.py), so that a hung call never delays stopping them.
+        self.deadline = None
 
     @classmethod
     def from_config(cls, config, application_name=APPLICATION_NAME):
@@ -62,7 +65,7 @@ class Database:
 
     def connect(self):
         self.close()
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = self._bounded(time.monotonic() + self.connect_timeout)
         try:
             conn = psycopg2.connect(self.url, async_=True, application_name=self.application_name, **KEEPALIVES)
             self._conn = conn
@@ -83,7 +86,7 @@ class Database:
         try:
             cursor = self._conn.cursor()
             cursor.execute(CANCEL_ABANDONED_SQL, (pid, sent))
-            _wait(self._conn, max(deadline, time.monotonic() + self.statement_timeout))
+            _wait(self._conn, self._bounded(max(deadline, time.monotonic() + self.statement_timeout)))
             cursor.close()
         except Exception:
             self.close()
@@ -95,7 +98,7 @@ class Database:
         session state is needed and PgBouncer's transaction pooling is fine."""
         if not self.connected:
             self.connect()
-        deadline = time.monotonic() + self.statement_timeout
+        deadline = self._bounded(time.monotonic() + self.statement_timeout)
         try:
             cursor = self._conn.cursor()
             if self.search_path and not plain:
@@ -134,6 +137,9 @@ class Database:
                     "attune_sensor_daemon what the daemon needs on this database, and the login role must be "
                     "in it (GRANT attune_sensor_daemon TO <role>)") from None
             raise DatabaseError("database refused the statement: " + detail) from None
+
+    def _bounded(self, deadline):
+        return deadline if self.deadline is None else min(deadline, self.deadline)
 
     def close(self):
         if self._conn is not None:

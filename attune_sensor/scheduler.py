@@ -182,7 +182,12 @@ WITH stopped AS (
      WHERE previous_worker_id = %(me)s AND worker_id IS DISTINCT FROM %(me)s AND NOT (sensor_ref = ANY(%(held)s))
     RETURNING sensor_ref
 )
-SELECT a.sensor_ref, a.runtime, a.entrypoint, a.env, a.assigned_at,
+SELECT a.sensor_ref, left(a.runtime, 64),
+       -- what the worker may read of a row anyone could have written: bounded here, checked there
+       CASE WHEN octet_length(a.entrypoint) <= 4096 THEN a.entrypoint
+            WHEN a.entrypoint IS NOT NULL THEN '(entrypoint too long)' END,
+       CASE WHEN octet_length(a.env::text) <= 300000 THEN a.env ELSE '{{"(env too large)": ""}}'::jsonb END,
+       a.assigned_at,
        a.previous_worker_id IS NULL OR a.previous_worker_id = a.worker_id
          OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {stale}),
        (SELECT w.name FROM worker AS w WHERE w.id = a.previous_worker_id),

@@ -211,6 +211,7 @@ class SensorService:
 
     def _heartbeat(self):
         registration = self.registration
+        self._supervise()  # the fence's deadline for this call, as of now
         try:
             sent = self.clock()
             beat = registration.heartbeat()
@@ -258,19 +259,26 @@ class SensorService:
     # --- the sensors: supervision and the fence ------------------------------------------
 
     def _supervise(self):
-        """Between two database calls: the children's output and exits, and the fence."""
+        """Between two database calls: the children's output and exits, and the fence. Bounds
+        the database calls that follow by the fence's next action."""
         self.supervisor.poll()
-        if self._last_ok is None or self._fenced or not self.supervisor.children:
+        if self.supervisor.take_released():
+            self._next_assignment_read = 0.0  # say so now: a handover or a new placement waits on it
+        if self._last_ok is None or not self.supervisor.children:
+            self.db.deadline = None
             return
         sensor = self.config.sensor
         term_at, kill_at = fence.deadlines(self._last_ok, self._fence_interval(), sensor.stale_multiplier,
                                            sensor.sensor_timeout)
-        if self.clock() >= term_at:
+        if not self._fenced and self.clock() >= term_at:
             self._fenced = True
             log.warning("no heartbeat has succeeded for %.1fs: stopping %d sensor(s) before peers may call this "
                         "worker dead and run them elsewhere; they start again after a heartbeat succeeds",
                         self.clock() - self._last_ok, len(self.supervisor.children))
             self.supervisor.stop_all(kill_by=kill_at)
+        # a call that hangs must not hold the loop past the SIGTERM (or, fenced, the SIGKILL) due
+        due = kill_at if self._fenced else term_at
+        self.db.deadline = time.monotonic() + max(0.0, due - self.clock())
 
     def _fence_interval(self):
         """The interval peers judge this worker by: the one stored in its row, or the new one
@@ -466,6 +474,7 @@ class SensorService:
     def _shutdown(self):
         self.notifier.stopping()
         self._stop_sensors()
+        self.db.deadline = None  # no sensor runs any more: the stop's own bounds apply
         registration = self.registration
         if registration.worker_id is not None:
             self.db.connect_timeout = min(self.db.connect_timeout, STOP_CONNECT_TIMEOUT)

@@ -204,7 +204,8 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
     query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run; "
                         "DROP INDEX attune_sensor.assignment_handover; "
                         "ALTER TABLE attune_sensor.assignment DROP COLUMN entrypoint, DROP COLUMN env, "
-                        "DROP COLUMN previous_worker_id; "
+                        "DROP COLUMN previous_worker_id, DROP CONSTRAINT assignment_ref_printable, "
+                        "DROP CONSTRAINT assignment_runtime_name; "
                         "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) VALUES ('kept.1', 'python')")
     result = migrate(empty_db_url)
     assert result.returncode == 0, result.stderr

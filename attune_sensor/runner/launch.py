@@ -15,15 +15,21 @@ MAX_ENTRYPOINT = 4096
 MAX_ENV_ENTRIES = 64
 MAX_ENV_VALUE = 4096
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-# Names that change what code runs or how: the loader, the interpreters' own start-up hooks,
-# the shell's, and the platform's contract, which only the daemon sets.
+# Names that change what code runs or where the sensor's traffic and secrets go: the loader, the
+# interpreters' start-up hooks and search paths (HOME holds Python's user site-packages), the
+# shell's, proxies and TLS trust (which would hand the API token to someone else), and the
+# platform's contract and the daemon's own, which only the daemon sets (docs/operations.md,
+# "What the database may choose").
 FORBIDDEN_ENV_RE = re.compile(
-    r"^(PATH|IFS|ENV|BASH_ENV|SHELLOPTS|BASHOPTS|PS4|GCONV_PATH|LOCPATH|GLIBC_TUNABLES|HOSTALIASES|"
-    r"LD_.*|MALLOC_.*|PYTHON.*|NODE_.*|PERL5.*|PERLLIB|RUBY.*|ATTUNE_.*|NOTIFY_SOCKET|WATCHDOG_.*|"
-    r"CREDENTIALS_DIRECTORY|DATABASE_URL)$", re.IGNORECASE)
+    r"^(PATH|IFS|ENV|BASH_ENV|SHELLOPTS|BASHOPTS|PS4|CDPATH|GCONV_PATH|LOCPATH|GLIBC_TUNABLES|HOSTALIASES|"
+    r"RESOLV_HOST_CONF|HOME|USER|LOGNAME|SHELL|TMPDIR|XDG_.*|LD_.*|MALLOC_.*|PYTHON.*|NODE_.*|NPM_.*|PERL.*|"
+    r"RUBY.*|GEM_.*|BUNDLE_.*|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|CLASSPATH|LUA_.*|TCL.*|"
+    r".*_PROXY|SSL_.*|OPENSSL_.*|.*_CA_BUNDLE|.*_CA_CERTS?|CURL_.*|GIT_.*|KRB5.*|PG.*|"
+    r"ATTUNE.*|NOTIFY_SOCKET|WATCHDOG_.*|CREDENTIALS_DIRECTORY|INVOCATION_ID|JOURNAL_STREAM|DATABASE_URL)$",
+    re.IGNORECASE)
 # From the daemon's own environment, a child keeps only these (never the database URL, the
-# ATTUNE__ overrides, the notify socket or the credentials directory).
-INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR")
+# ATTUNE__ overrides, the notify socket or the credentials directory), and the LC_* ones.
+INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SHELL = "/bin/sh"
 MQ_EXCHANGE_DEFAULT = "attune.events"  # what the platform's sensor service passes
@@ -173,7 +179,8 @@ def contract_from(config, api_token, environ):
     return Contract(api_url=config.api.url, api_token=api_token, mq_url=config.message_queue.url,
                     mq_exchange=config.message_queue.exchange, log_level=config.log.level,
                     poll_interval=config.sensor.poll_interval,
-                    inherited={k: environ[k] for k in INHERITED_ENV if environ.get(k)})
+                    inherited={k: v for k, v in environ.items()
+                               if v and (k in INHERITED_ENV or re.fullmatch(r"LC_[A-Z]+", k))})
 
 
 def environment(contract, sensor_ref, sensor_id=None, triggers="[]", extra=None):
@@ -219,14 +226,18 @@ def api_token(setting, environ):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LaunchRefused(f"api.token_file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(handle.fileno())
+    try:
+        st = os.fstat(fd)  # before reading: a directory, a FIFO or a device is refused unread
         if not stat.S_ISREG(st.st_mode):
             raise LaunchRefused(f"api.token_file {path}: not a regular file")
         if st.st_mode & 0o004:
             raise LaunchRefused(f"api.token_file {path}: readable by every user (mode {stat.S_IMODE(st.st_mode):o}); "
                                 "make it chmod 600 or 640, or pass it with LoadCredential=")
-        data = handle.read(MAX_TOKEN_BYTES + 1)
+        data = os.read(fd, MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise LaunchRefused(f"api.token_file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_TOKEN_BYTES:
         raise LaunchRefused(f"api.token_file {path}: larger than {MAX_TOKEN_BYTES} bytes")
     try:

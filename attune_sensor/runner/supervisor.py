@@ -111,9 +111,15 @@ def _signal_name(number):
         return str(number)
 
 
+# What a sensor's line may not carry into the journal or a terminal: C0 and C1 controls, DEL,
+# and the bidirectional overrides that reorder what an operator reads.
+_UNSAFE = {c for c in range(0x20) if c != 0x09} | set(range(0x7F, 0xA0)) | set(range(0x202A, 0x202F)) \
+    | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x061C}
+_SAFE = {c: "?" for c in _UNSAFE}
+
+
 def _text(line):
-    text = line.decode("utf-8", "replace").rstrip("\r")
-    return "".join(c if c >= " " or c == "\t" else "?" for c in text)
+    return line.decode("utf-8", "replace").rstrip("\r").translate(_SAFE)
 
 
 class _Child:
@@ -133,6 +139,7 @@ class _Child:
         self.stderr_tail = deque()
         self.stderr_bytes = 0
         self.release = False  # forget once stopped
+        self.refused = None  # the last launch refusal logged
 
     @property
     def alive(self):
@@ -254,8 +261,9 @@ class Supervisor:
         now = self.clock()
         shown = {}
         for ref, child in sorted(self.children.items()):
-            if child.release:
-                continue
+            if child.release and not child.alive:
+                continue  # stopped: gone with the next poll
+            # a released sensor still stopping is reported as such: `place` elsewhere waits for it
             shown[ref] = {
                 "status": child.state, "pid": child.proc.pid if child.alive else None,
                 "consecutive_failures": child.failures, "last_exit_code": child.last_exit_code,
@@ -309,12 +317,13 @@ class Supervisor:
                                     preexec_fn=_die_with(os.getpid()))
         except (LaunchRefused, OSError, subprocess.SubprocessError) as exc:
             reason = str(exc) if isinstance(exc, LaunchRefused) else f"cannot start: {getattr(exc, 'strerror', None) or exc}"
-            if child.detail != reason or child.state != "failed":
+            reason = reason[:1000]
+            if reason != child.refused:  # said once, not at every read that tries again
                 log.error("sensor %s failed: %s", spec.ref, reason, extra={"sensor_ref": spec.ref})
-            child.state, child.detail = "failed", reason
+            child.state, child.detail, child.refused = "failed", reason, reason
             return False
         child.proc, child.started_at, child.kill_at = proc, now, None
-        child.state, child.detail = "running", ""
+        child.state, child.detail, child.refused = "running", "", None
         child.streams = []
         for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
             fd = pipe.fileno()

@@ -14,6 +14,14 @@ ALTER TABLE attune_sensor.assignment
 CREATE INDEX assignment_handover ON attune_sensor.assignment (previous_worker_id)
     WHERE previous_worker_id IS NOT NULL;
 
+-- Bounds on what anyone who may write an assignment can make a worker read: a sensor ref of
+-- one printable line, a runtime name, an env of at most 64 short variables. NOT VALID: rows
+-- made before are kept as they are (the worker bounds what it reads too: scheduler.MINE_SQL).
+ALTER TABLE attune_sensor.assignment
+    ADD CONSTRAINT assignment_ref_printable CHECK (sensor_ref !~ '[[:cntrl:]]') NOT VALID,
+    ADD CONSTRAINT assignment_runtime_name CHECK (runtime ~ '^[a-z0-9][a-z0-9_.+-]{0,31}$') NOT VALID,
+    ADD CONSTRAINT assignment_env_bounded CHECK (octet_length(env::text) <= 300000) NOT VALID;
+
 -- Each worker's report of the sensor processes it supervises, written at its assignments
 -- cadence (never on the heartbeat path); `assignments` and `check` read it.
 CREATE TABLE attune_sensor.sensor_run (
