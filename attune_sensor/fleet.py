@@ -22,6 +22,14 @@ EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
 
 STALE_EXPR = stale_condition("w", "%(multiplier)s")
+
+
+def seconds_since(timestamp):
+    """SQL: seconds from `timestamp` to now(), NULL for an infinite one (whose difference
+    PostgreSQL refuses to compute: 'cannot subtract infinite timestamps')."""
+    return f"CASE WHEN isfinite({timestamp}) THEN extract(epoch FROM now() - {timestamp})::float8 END"
+
+
 LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
@@ -92,7 +100,7 @@ WORKERS_SQL = """
 SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
        coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),
        coalesce((w.capabilities ->> 'max_concurrent_sensors')::int, 0),
-       extract(epoch FROM now() - w.last_heartbeat)::float8,
+       {age},
        (w.status = 'active' AND {stale}) AS stale,
        {interval},
        coalesce(w.meta ? 'reaped_at', false) AS reaped,
@@ -136,7 +144,8 @@ def workers_sql(table):
     cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
     # sensors placed on it, where this database has the assignments table
     sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
-    return WORKERS_SQL.format(stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
+    return WORKERS_SQL.format(age=seconds_since("w.last_heartbeat"), stale=STALE_EXPR,
+                              interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
                               cordoned=cordoned, sensors=sensors)
 
 
@@ -152,7 +161,7 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
 
 # The fleet's gauges in one aggregate statement: no row leaves the server (bench/queries.py).
 # Numbers read from capabilities are guarded: a junk value counts as 0, it does not fail the
-# scrape.
+# scrape; a heartbeat at +-infinity has no age.
 GAUGES_SQL = f"""
 SELECT jsonb_build_object(
     'active', jsonb_build_object(
@@ -160,8 +169,8 @@ SELECT jsonb_build_object(
         'hybrid', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid')),
     'stale', count(*) FILTER (WHERE w.status = 'active' AND {STALE_EXPR}),
     'reaped', count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
-    'max_heartbeat_lag',
-        coalesce(extract(epoch FROM now() - min(w.last_heartbeat) FILTER (WHERE w.status = 'active'))::float8, 0),
+    'max_heartbeat_lag', coalesce({seconds_since(
+        "min(w.last_heartbeat) FILTER (WHERE w.status = 'active' AND isfinite(w.last_heartbeat))")}, 0),
     'capacity', coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
                                   THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
                          FILTER (WHERE w.status = 'active'), 0),

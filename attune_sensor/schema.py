@@ -16,6 +16,7 @@ per-session state: PgBouncer's transaction pooling keeps working.
 import re
 from dataclasses import dataclass
 
+from .config import MIN_HEARTBEAT_INTERVAL
 from .errors import ConfigError, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (access.OWN_OBJECTS makes them):
@@ -75,15 +76,23 @@ CURRENT_SCHEMA_SQL = "SELECT current_schema()"
 # older than a multiple of its own recorded heartbeat_interval (30 s when it recorded none, or
 # junk). Inline SQL rather than a database function, so it works on a schema we do not own.
 DEFAULT_RECORDED_INTERVAL = 30
+# Any program may write a worker row, so what a row recorded is bounded to what our own config
+# accepts before it reaches arithmetic: a recorded 1e308 s would push now() - 3 x interval out
+# of the timestamp range and fail every statement that reads the row (the heartbeat with it).
+MIN_RECORDED_INTERVAL = MIN_HEARTBEAT_INTERVAL
+MAX_RECORDED_INTERVAL = 86400  # config's largest number of seconds (config._positive_number)
 
 
 def heartbeat_interval_of(alias):
-    """SQL for the heartbeat interval a worker row recorded in its capabilities."""
+    """SQL for the heartbeat interval a worker row recorded in its capabilities: a number above
+    0, clamped to [MIN_RECORDED_INTERVAL, MAX_RECORDED_INTERVAL]; DEFAULT_RECORDED_INTERVAL for
+    anything else. Never raises, whatever the row holds."""
     value = f"{alias}.capabilities -> 'heartbeat_interval'"
-    # CASE, not AND: only a CASE guarantees the cast never sees a string.
-    return (f"coalesce(nullif(greatest(CASE WHEN jsonb_typeof({value}) = 'number' "
-            f"THEN ({alias}.capabilities ->> 'heartbeat_interval')::float8 END, 0), 0), "
-            f"{DEFAULT_RECORDED_INTERVAL})")
+    # CASE, not AND or OR: only a CASE guarantees the cast never sees a string. The clamp is done in
+    # numeric (what a jsonb number is), so no value reaches float8 out of its range.
+    return (f"(CASE WHEN jsonb_typeof({value}) IS DISTINCT FROM 'number' THEN {DEFAULT_RECORDED_INTERVAL} "
+            f"WHEN ({value})::numeric <= 0 THEN {DEFAULT_RECORDED_INTERVAL} "
+            f"ELSE least(greatest(({value})::numeric, {MIN_RECORDED_INTERVAL}), {MAX_RECORDED_INTERVAL})::float8 END)")
 
 
 def stale_condition(alias, multiplier):

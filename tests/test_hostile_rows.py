@@ -1,0 +1,87 @@
+"""Rows that other programs wrote, holding anything: recorded intervals out of every range or of
+the wrong type, heartbeats at infinity. None of them may stop a heartbeat, the reaper or a
+command of the fleet (docs/design.md, "Staleness")."""
+
+import json
+
+import pytest
+
+from attune_sensor import config, fleet, schema
+from attune_sensor.db import Database
+from attune_sensor.errors import ConfigError
+from support import config_for, query, run_cli, worker_row
+
+INSERT = ("INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+          "VALUES (%s, 'local', 'sensor', %s, 'active', %s, '{{}}', {})")
+
+
+def add_row(url, name, capabilities, last_heartbeat="now()"):
+    """A worker row as another program might write it: capabilities as raw JSON text (so numbers
+    beyond float8, like 1e400, reach the database as they are)."""
+    query(url, INSERT.format(last_heartbeat), (name, name, capabilities))
+
+
+def cli(url, *args):
+    return run_cli(*args, env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
+
+
+def open_db(url):
+    db = Database.from_config(config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}))
+    return db, schema.attach(db)
+
+
+# --- recorded heartbeat intervals ----------------------------------------------------------
+
+
+HUGE_INTERVALS = ("1e12", "1e13", "1e308", "1e400")
+
+
+def test_huge_recorded_intervals_stop_no_heartbeat_reap_or_command(db_url, tmp_path, daemons):
+    for value in HUGE_INTERVALS:
+        # live an hour ago: not stale once its interval is bounded to a day
+        add_row(db_url, f"hostile-{value}", f'{{"heartbeat_interval": {value}, "runtimes": ["python"], '
+                                            f'"max_concurrent_sensors": 5}}', "now() - interval '1 hour'")
+    add_row(db_url, "hostile-old", '{"heartbeat_interval": 1e308}', "now() - interval '4 days'")
+    add_row(db_url, "hostile-future", '{"heartbeat_interval": 1e308}', "'infinity'")
+    add_row(db_url, "sensor-dead", '{"heartbeat_interval": 1}', "now() - interval '10 seconds'")
+    daemon = daemons(config_for(tmp_path, db_url, "sensor-among-hostiles"))
+    daemon.wait_for_line("Marked stale worker sensor-dead")
+    daemon.wait_for_line("Marked stale worker hostile-old")
+    beats = sum("heartbeat: worker" in line for line in daemon.lines)
+    daemon.wait_for_line("heartbeat: worker", count=beats + 2)
+    assert "heartbeat failed" not in daemon.output
+    for value in HUGE_INTERVALS:
+        assert worker_row(db_url, f"hostile-{value}")["status"] == "active"
+    assert worker_row(db_url, "hostile-future")["status"] == "active"
+    for command in (["workers"], ["workers", "--json"], ["workers", "--stale"], ["metrics"],
+                    ["place", "s.hostile", "--runtime", "python"], ["rebalance"]):
+        result = cli(db_url, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    listed = {w["name"]: w for w in json.loads(cli(db_url, "workers", "--json").stdout)["workers"]}
+    assert {listed[f"hostile-{v}"]["heartbeat_interval"] for v in HUGE_INTERVALS} == {86400}
+    assert listed["hostile-future"]["heartbeat_age"] is None
+
+
+@pytest.mark.parametrize("recorded, used", [
+    ("1e308", 86400), ("1e400", 86400), ("86401", 86400), ("45", 45), ("1e-400", 0.1), ("0.01", 0.1),
+    ("0", 30), ("-5", 30), ('"abc"', 30),
+    ("true", 30), ("null", 30), ("[60]", 30), ('{"s": 60}', 30)])
+def test_the_stale_rule_bounds_what_a_row_recorded(db_url, recorded, used):
+    add_row(db_url, "recorded", f'{{"heartbeat_interval": {recorded}}}')
+    db, table = open_db(db_url)
+    try:
+        [worker] = fleet.list_workers(db, 3.0, table=table)
+        assert worker["heartbeat_interval"] == used
+        reaped, _ = fleet.reap_stale(db, "me", 3.0, table)  # the reaper reads it without failing
+        assert reaped == [] or used < 1
+    finally:
+        db.close()
+
+
+def test_the_bound_is_what_config_accepts():
+    environ = {"DATABASE_URL": "postgresql://x@localhost/x", "ATTUNE_CONFIG": "/dev/null"}
+    for value in (schema.MAX_RECORDED_INTERVAL, schema.MIN_RECORDED_INTERVAL):
+        config.load(None, dict(environ, ATTUNE__SENSOR__HEARTBEAT_INTERVAL=str(value)))
+    for value in (schema.MAX_RECORDED_INTERVAL + 0.5, schema.MIN_RECORDED_INTERVAL / 2):
+        with pytest.raises(ConfigError):
+            config.load(None, dict(environ, ATTUNE__SENSOR__HEARTBEAT_INTERVAL=str(value)))
