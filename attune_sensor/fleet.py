@@ -16,12 +16,19 @@ import psycopg2
 from .db import connect_blocking
 from .dsn import scrub
 from .errors import DatabaseUnavailable
-from .schema import ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, heartbeat_interval_of, stale_condition
+from .schema import (ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, capacity_of, heartbeat_interval_of,
+                     stale_condition)
 
 EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
 
 STALE_EXPR = stale_condition("w", "%(multiplier)s")
+# A worker's capacity (schema.capacity_of): what `workers`, `metrics` and placement count.
+CAPACITY = capacity_of("w")
+# The runtimes a worker offers, as `workers` lists them: the strings of its runtimes array.
+RUNTIMES = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array' THEN "
+            "(SELECT coalesce(jsonb_agg(r ORDER BY n), '[]') FROM jsonb_array_elements(w.capabilities -> 'runtimes') "
+            "WITH ORDINALITY AS e(r, n) WHERE jsonb_typeof(r) = 'string') ELSE '[]'::jsonb END)")
 
 
 def seconds_since(timestamp):
@@ -96,10 +103,12 @@ reaped AS (
     RETURNING w.id, w.name, w.host
 )"""
 
+# Every value read from a row's capabilities is typed and bounded (schema.py): a row that any
+# program wrote must not fail the listing of the whole fleet.
 WORKERS_SQL = """
 SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
-       coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),
-       coalesce((w.capabilities ->> 'max_concurrent_sensors')::int, 0),
+       {runtimes},
+       {capacity},
        {age},
        (w.status = 'active' AND {stale}) AS stale,
        {interval},
@@ -144,8 +153,8 @@ def workers_sql(table):
     cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
     # sensors placed on it, where this database has the assignments table
     sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
-    return WORKERS_SQL.format(age=seconds_since("w.last_heartbeat"), stale=STALE_EXPR,
-                              interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
+    return WORKERS_SQL.format(runtimes=RUNTIMES, capacity=CAPACITY, age=seconds_since("w.last_heartbeat"),
+                              stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
                               cordoned=cordoned, sensors=sensors)
 
 
@@ -160,8 +169,8 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
 
 
 # The fleet's gauges in one aggregate statement: no row leaves the server (bench/queries.py).
-# Numbers read from capabilities are guarded: a junk value counts as 0, it does not fail the
-# scrape; a heartbeat at +-infinity has no age.
+# Numbers read from capabilities are guarded (schema.capacity_of): a junk value counts as 0, it
+# does not fail the scrape; a heartbeat at +-infinity has no age.
 GAUGES_SQL = f"""
 SELECT jsonb_build_object(
     'active', jsonb_build_object(
@@ -171,9 +180,7 @@ SELECT jsonb_build_object(
     'reaped', count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
     'max_heartbeat_lag', coalesce({seconds_since(
         "min(w.last_heartbeat) FILTER (WHERE w.status = 'active' AND isfinite(w.last_heartbeat))")}, 0),
-    'capacity', coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
-                                  THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
-                         FILTER (WHERE w.status = 'active'), 0),
+    'capacity', coalesce(sum({CAPACITY}) FILTER (WHERE w.status = 'active'), 0),
     'runtimes', (SELECT coalesce(jsonb_object_agg(runtime, n ORDER BY runtime), '{{}}')
                    FROM (SELECT r AS runtime, count(*) AS n
                            FROM worker AS w,

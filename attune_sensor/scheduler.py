@@ -25,7 +25,7 @@ import uuid
 
 from . import placement
 from .errors import AttuneSensorError
-from .fleet import LISTED_ROLES, PLACED_SENSORS, STALE_EXPR
+from .fleet import CAPACITY, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
 from .schema import ASSIGNMENTS, WORKER_LOAD
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
@@ -45,8 +45,6 @@ _PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations")
 _PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
 _PREPARED_TYPES = "text, text, jsonb, jsonb, float8"
 
-CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
-            "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")
 TAINTS = ("jsonb_array_elements(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' "
           "THEN w.capabilities -> 'taints' ELSE '[]'::jsonb END)")
 TOLERATES = """EXISTS (SELECT 1 FROM jsonb_array_elements(%(tolerations)s::jsonb) AS tol

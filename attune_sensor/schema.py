@@ -81,6 +81,9 @@ DEFAULT_RECORDED_INTERVAL = 30
 # of the timestamp range and fail every statement that reads the row (the heartbeat with it).
 MIN_RECORDED_INTERVAL = MIN_HEARTBEAT_INTERVAL
 MAX_RECORDED_INTERVAL = 86400  # config's largest number of seconds (config._positive_number)
+# A worker's max_concurrent_sensors as placement and the read side count it: a whole number
+# within config's range (0 too: a worker that takes none), anything else 0.
+MAX_CAPACITY = 1_000_000
 
 
 def heartbeat_interval_of(alias):
@@ -99,6 +102,16 @@ def stale_condition(alias, multiplier):
     """SQL: the row `alias` is stale; `multiplier` is a SQL expression (usually a parameter)."""
     return (f"{alias}.last_heartbeat < now() - make_interval(secs => {multiplier} * "
             f"{heartbeat_interval_of(alias)})")
+
+
+def capacity_of(alias):
+    """SQL for a worker row's capacity (capabilities.max_concurrent_sensors), as an integer: a
+    whole number from 0 to MAX_CAPACITY, 0 for anything else. One definition for `workers`,
+    `metrics` and placement (scheduler.CAPACITY)."""
+    value = f"{alias}.capabilities -> 'max_concurrent_sensors'"
+    return (f"(CASE WHEN jsonb_typeof({value}) IS DISTINCT FROM 'number' THEN 0 "
+            f"WHEN ({value})::numeric BETWEEN 0 AND {MAX_CAPACITY} AND ({value})::numeric = trunc(({value})::numeric) "
+            f"THEN ({value})::numeric::int ELSE 0 END)")
 
 
 def check_schema_name(value):

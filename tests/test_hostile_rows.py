@@ -1,6 +1,6 @@
-"""Rows that other programs wrote, holding anything: recorded intervals out of every range or of
-the wrong type, heartbeats at infinity. None of them may stop a heartbeat, the reaper or a
-command of the fleet (docs/design.md, "Staleness")."""
+"""Rows that other programs wrote, holding anything: recorded intervals and capacities out of
+every range or of the wrong type. None of them may stop a heartbeat, the reaper or a command of
+the fleet (docs/design.md, "Staleness")."""
 
 import json
 
@@ -9,6 +9,7 @@ import pytest
 from attune_sensor import config, fleet, schema
 from attune_sensor.db import Database
 from attune_sensor.errors import ConfigError
+from attune_sensor.scheduler import NoEligibleWorker, Scheduler
 from support import config_for, query, run_cli, worker_row
 
 INSERT = ("INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
@@ -85,3 +86,46 @@ def test_the_bound_is_what_config_accepts():
     for value in (schema.MAX_RECORDED_INTERVAL + 0.5, schema.MIN_RECORDED_INTERVAL / 2):
         with pytest.raises(ConfigError):
             config.load(None, dict(environ, ATTUNE__SENSOR__HEARTBEAT_INTERVAL=str(value)))
+
+
+# --- capacity ------------------------------------------------------------------------------
+
+
+CAPACITIES = {"1.5": 0, "3e9": 0, '"abc"': 0, "1e308": 0, "1e400": 0, "-1": 0, "true": 0, "null": 0,
+              '"7"': 0, "1000001": 0, "2.0": 2, "7": 7, "0": 0}
+
+
+def test_a_workers_capacity_is_one_whole_number_for_workers_metrics_and_placement(db_url):
+    for n, value in enumerate(CAPACITIES):
+        add_row(db_url, f"cap-{n}", f'{{"max_concurrent_sensors": {value}, "runtimes": ["python"], '
+                                    '"heartbeat_interval": 30}')
+    expected = {f"cap-{n}": capacity for n, capacity in enumerate(CAPACITIES.values())}
+    listed = cli(db_url, "workers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    output = json.loads(listed.stdout)
+    assert {w["name"]: w["capacity"] for w in output["workers"]} == expected
+    assert output["summary"]["capacity"] == sum(expected.values()) == 9
+    metrics = cli(db_url, "metrics")
+    assert metrics.returncode == 0 and "attune_sensor_capacity_sensors 9\n" in metrics.stdout + "\n"
+    db, table = open_db(db_url)
+    try:
+        scheduler = Scheduler(db, table)
+        placed = [scheduler.place(f"s.{n}", "python") for n in range(9)]
+        with pytest.raises(NoEligibleWorker, match="full"):
+            scheduler.place("s.one-too-many", "python")
+    finally:
+        db.close()
+    # the 9 places of the two workers with a whole capacity, and no other
+    assert sorted(placed) == sorted([name for name, capacity in expected.items() for _ in range(capacity)])
+
+
+def test_runtimes_of_any_shape_are_listed_as_the_strings_they_hold(db_url):
+    shapes = {'"python"': [], "5": [], '{"python": 1}': [], "null": [], '[1, null, {"x": 1}, "python", ["shell"]]': ["python"]}
+    for n, value in enumerate(shapes):
+        add_row(db_url, f"rt-{n}", f'{{"runtimes": {value}, "max_concurrent_sensors": 1, "heartbeat_interval": 30}}')
+    assert cli(db_url, "workers").returncode == 0
+    listed = cli(db_url, "workers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    output = json.loads(listed.stdout)
+    assert [w["runtimes"] for w in output["workers"]] == list(shapes.values())
+    assert output["summary"]["runtimes"] == {"python": 1}
