@@ -37,6 +37,15 @@ def seconds_since(timestamp):
     return f"CASE WHEN isfinite({timestamp}) THEN extract(epoch FROM now() - {timestamp})::float8 END"
 
 
+def expired(timestamp, period):
+    """SQL: `timestamp` is older than `period` seconds, or in the future: written by a clock
+    that was stepped back since, or by someone else. now() is when our transaction began, so a
+    writer that committed after it may have stored a later now(); no committed now() is ever
+    ahead of clock_timestamp(), which is therefore the bound of "the future"."""
+    return (f"({timestamp} < now() - make_interval(secs => {period}) "
+            f"OR {timestamp} > clock_timestamp())")
+
+
 LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
@@ -83,12 +92,13 @@ SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.st
 # The gate row (attune_sensor.reaper_gate, made by 'migrate run') lets at most one scan through
 # per REAP_PERIOD fleet-wide: a heartbeat that finds the period not over reads one row and
 # nothing else (the scan's one-time filter stays false). The advisory lock keeps two heartbeats
-# of the same instant from both opening it, without waiting.
+# of the same instant from both opening it, without waiting. A last_scan in the future (a clock
+# stepped back, or any role that may update the gate) opens it too, or reaping would stop.
 REAP_PERIOD = 10.0
 GATED_REAP_CTES = f"""
 gate AS MATERIALIZED (
     UPDATE {REAPER_GATE} SET last_scan = now(), scanned_by = %(name)s
-     WHERE CASE WHEN last_scan < now() - make_interval(secs => {REAP_PERIOD})
+     WHERE CASE WHEN {expired("last_scan", REAP_PERIOD)}
                 THEN pg_try_advisory_xact_lock({REAPER_LOCK_KEY}) ELSE false END
     RETURNING 1
 ),
@@ -198,12 +208,25 @@ SELECT jsonb_build_object(
 # recomputes and stores them (the row lock with SKIP LOCKED lets one caller at a time do it,
 # the others read the row as it is), so the table is scanned at most once per period
 # fleet-wide, and a scrape reads one row (docs/design.md, "Fleet gauges").
+# Any role that may update the row may write anything into it, and a clock stepped back leaves
+# computed_at in the future: the stored gauges are served only when they are sound, that is
+# computed_at not in the future and every gauge present, a number, at least 0 and below 1e15
+# (a JSON 1e400 would be infinity in Python); otherwise they are due like old ones.
 GAUGES_PERIOD = 10.0
-_GAUGES_DUE = (f"(computed_at < now() - make_interval(secs => {GAUGES_PERIOD}) "
+_COUNTS = ("active", "runtimes")  # objects whose values are all gauges
+_NUMBERS = ("active.sensor", "active.hybrid", "stale", "reaped", "max_heartbeat_lag", "capacity")
+_GAUGE_OK = '(@.type() == "number" && @ >= 0 && @ < 1e15)'
+_GAUGES_WELL_FORMED = "coalesce(jsonb_path_match(gauges, 'strict {}'), false)".format(" && ".join(
+    [f"exists($.{path} ? {_GAUGE_OK})" for path in _NUMBERS]
+    + [f'$.{name}.type() == "object" && !exists($.{name}.* ? (!{_GAUGE_OK}))' for name in _COUNTS]))
+_GAUGES_DUE = (f"({expired('computed_at', GAUGES_PERIOD)} OR NOT {_GAUGES_WELL_FORMED} "
                "OR multiplier IS DISTINCT FROM %(multiplier)s)")
+# the gauges, whether they are fresh, whether they may stand in while another caller refreshes
+# them (sound, same multiplier, however old), their age
 READ_GAUGES_SQL = f"""
-SELECT gauges, NOT {_GAUGES_DUE}, multiplier = %(multiplier)s,
-       CASE WHEN isfinite(computed_at) THEN extract(epoch FROM now() - computed_at)::float8 END
+SELECT gauges, NOT {_GAUGES_DUE},
+       computed_at <= clock_timestamp() AND {_GAUGES_WELL_FORMED} AND multiplier = %(multiplier)s,
+       greatest({seconds_since("computed_at")}, 0)
   FROM {FLEET_GAUGES}
 """
 REFRESH_GAUGES_SQL = f"""
@@ -221,13 +244,13 @@ def metrics(db, multiplier, table=None):
         table = attach(db)
     params = {"multiplier": multiplier}
     if table.gauges:
-        stored, fresh, same_multiplier, age = db.execute(READ_GAUGES_SQL, params)[0]
+        stored, fresh, usable, age = db.execute(READ_GAUGES_SQL, params)[0]
         if fresh:
             return dict(stored, age=age)
         refreshed = db.execute(REFRESH_GAUGES_SQL, params)
         if refreshed:
             return dict(refreshed[0][0], age=0.0)
-        if stored is not None and same_multiplier:
+        if usable:
             return dict(stored, age=age)  # another caller is computing them right now
     return dict(db.execute(GAUGES_SQL, params)[0][0], age=0.0)
 

@@ -1,6 +1,8 @@
 """Rows that other programs wrote, holding anything: recorded intervals and capacities out of
-every range or of the wrong type. None of them may stop a heartbeat, the reaper or a command of
-the fleet (docs/design.md, "Staleness")."""
+every range or of the wrong type, a reaper gate and stored gauges set into the future (a clock
+stepped back, or any role that may update them), gauges of the wrong shape. None of them may
+stop a heartbeat, the reaper or a command of the fleet (docs/design.md, "Staleness", "Reaper",
+"Fleet gauges")."""
 
 import json
 
@@ -9,6 +11,7 @@ import pytest
 from attune_sensor import config, fleet, schema
 from attune_sensor.db import Database
 from attune_sensor.errors import ConfigError
+from attune_sensor.registration import SensorWorkerRegistration
 from attune_sensor.scheduler import NoEligibleWorker, Scheduler
 from support import config_for, query, run_cli, worker_row
 
@@ -129,3 +132,81 @@ def test_runtimes_of_any_shape_are_listed_as_the_strings_they_hold(db_url):
     output = json.loads(listed.stdout)
     assert [w["runtimes"] for w in output["workers"]] == list(shapes.values())
     assert output["summary"]["runtimes"] == {"python": 1}
+
+
+# --- the reaper's gate and the stored gauges in the future ---------------------------------
+
+
+FUTURE = ("now() + interval '1 year'", "'infinity'")
+
+
+@pytest.mark.parametrize("future", FUTURE)
+def test_a_gate_set_into_the_future_opens_at_the_next_heartbeat(db_url, future):
+    cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(
+        worker_name="gatekeeper", heartbeat_interval=30)
+    db = Database.from_config(cfg)
+    try:
+        registration = SensorWorkerRegistration(db, cfg, ["shell"])
+        registration.register()
+        registration.reap_multiplier = 3.0
+        query(db_url, f"UPDATE attune_sensor.reaper_gate SET last_scan = {future}, scanned_by = 'forger'")
+        add_row(db_url, "dead-1", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
+        assert registration.heartbeat() is True
+        assert [name for _, name, _ in registration.reaped] == ["dead-1"]
+        # opened, it keeps its period again: the next dead row waits for the next period
+        add_row(db_url, "dead-2", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
+        assert registration.heartbeat() is True and registration.reaped == []
+        assert query(db_url, "SELECT scanned_by, last_scan <= now() FROM attune_sensor.reaper_gate") == \
+            [("gatekeeper", True)]
+    finally:
+        db.close()
+
+
+FORGED = {"active": {"sensor": 1000, "hybrid": 0}, "stale": 0, "reaped": 0, "max_heartbeat_lag": 0,
+          "capacity": 1000, "runtimes": {"forged": 1000}}
+MALFORMED = [
+    "{}", "null", "[]", '"gauges"', '{"active": {"sensor": 1, "hybrid": 0}}',
+    json.dumps(dict(FORGED, stale="abc")), json.dumps(dict(FORGED, active=[1, 2])),
+    json.dumps(dict(FORGED, active={"sensor": 1, "hybrid": 0, "x": {}})),
+    json.dumps(dict(FORGED, runtimes=["python"])), json.dumps(dict(FORGED, runtimes={"python": "1"})),
+    json.dumps(dict(FORGED, capacity=-1)), json.dumps(dict(FORGED, reaped=[3])),
+    json.dumps(FORGED).replace('"capacity": 1000', '"capacity": 1e400'),
+]
+
+
+# what the fleet of these tests holds: one live sensor worker, 'real'
+ACTUAL = {"active": {"sensor": 1, "hybrid": 0}, "stale": 0, "reaped": 0, "capacity": 4, "runtimes": {"python": 1}}
+
+
+def check_recomputed(gauges):
+    assert {k: gauges[k] for k in ACTUAL} == ACTUAL
+    assert 0 <= gauges["age"] < fleet.GAUGES_PERIOD and 0 <= gauges["max_heartbeat_lag"] < 60
+
+
+@pytest.mark.parametrize("computed_at, gauges", [(f, json.dumps(FORGED)) for f in FUTURE]
+                         + [("now()", g) for g in MALFORMED])
+@pytest.mark.parametrize("locked", [False, True], ids=["free", "being-refreshed"])
+def test_forged_or_malformed_gauges_are_recomputed(db_url, computed_at, gauges, locked):
+    import psycopg2
+
+    add_row(db_url, "real", '{"runtimes": ["python"], "max_concurrent_sensors": 4, "heartbeat_interval": 30}')
+    query(db_url, f"UPDATE attune_sensor.fleet_gauges SET computed_at = {computed_at}, multiplier = 3, "
+                  "gauges = %s::jsonb", (gauges,))
+    locker = None
+    if locked:  # another caller holds the row, as while it refreshes it: nobody may wait for it
+        locker = psycopg2.connect(db_url)
+        locker.cursor().execute("SELECT 1 FROM attune_sensor.fleet_gauges FOR UPDATE")
+    db, table = open_db(db_url)
+    try:
+        check_recomputed(fleet.metrics(db, 3.0, table))
+        if not locked:  # and stored: the next caller reads them
+            assert query(db_url, "SELECT computed_at <= now() FROM attune_sensor.fleet_gauges") == [(True,)]
+            check_recomputed(fleet.metrics(db, 3.0, table))
+    finally:
+        db.close()
+        if locker is not None:
+            locker.rollback()
+            locker.close()
+    result = cli(db_url, "metrics")
+    assert result.returncode == 0, result.stderr
+    assert "forged" not in result.stdout and 'attune_sensor_workers_active{role="sensor"} 1' in result.stdout
