@@ -16,12 +16,36 @@ import psycopg2
 from .db import connect_blocking
 from .dsn import scrub
 from .errors import DatabaseUnavailable
-from .schema import ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, heartbeat_interval_of, stale_condition
+from .schema import (ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, capacity_of, heartbeat_interval_of,
+                     stale_condition)
 
 EVENT_CHANNEL = "attune_worker_events"
 REAPER_LOCK_KEY = 0x4174_7475_6E66  # one reaper at a time, fleet-wide
 
 STALE_EXPR = stale_condition("w", "%(multiplier)s")
+# A worker's capacity (schema.capacity_of): what `workers`, `metrics` and placement count.
+CAPACITY = capacity_of("w")
+# The runtimes a worker offers, as `workers` lists them: the strings of its runtimes array.
+RUNTIMES = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array' THEN "
+            "(SELECT coalesce(jsonb_agg(r ORDER BY n), '[]') FROM jsonb_array_elements(w.capabilities -> 'runtimes') "
+            "WITH ORDINALITY AS e(r, n) WHERE jsonb_typeof(r) = 'string') ELSE '[]'::jsonb END)")
+
+
+def seconds_since(timestamp):
+    """SQL: seconds from `timestamp` to now(), NULL for an infinite one (whose difference
+    PostgreSQL refuses to compute: 'cannot subtract infinite timestamps')."""
+    return f"CASE WHEN isfinite({timestamp}) THEN extract(epoch FROM now() - {timestamp})::float8 END"
+
+
+def expired(timestamp, period):
+    """SQL: `timestamp` is older than `period` seconds, or in the future: written by a clock
+    that was stepped back since, or by someone else. now() is when our transaction began, so a
+    writer that committed after it may have stored a later now(); no committed now() is ever
+    ahead of clock_timestamp(), which is therefore the bound of "the future"."""
+    return (f"({timestamp} < now() - make_interval(secs => {period}) "
+            f"OR {timestamp} > clock_timestamp())")
+
+
 LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
 # The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
 # platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
@@ -68,12 +92,13 @@ SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.st
 # The gate row (attune_sensor.reaper_gate, made by 'migrate run') lets at most one scan through
 # per REAP_PERIOD fleet-wide: a heartbeat that finds the period not over reads one row and
 # nothing else (the scan's one-time filter stays false). The advisory lock keeps two heartbeats
-# of the same instant from both opening it, without waiting.
+# of the same instant from both opening it, without waiting. A last_scan in the future (a clock
+# stepped back, or any role that may update the gate) opens it too, or reaping would stop.
 REAP_PERIOD = 10.0
 GATED_REAP_CTES = f"""
 gate AS MATERIALIZED (
     UPDATE {REAPER_GATE} SET last_scan = now(), scanned_by = %(name)s
-     WHERE CASE WHEN last_scan < now() - make_interval(secs => {REAP_PERIOD})
+     WHERE CASE WHEN {expired("last_scan", REAP_PERIOD)}
                 THEN pg_try_advisory_xact_lock({REAPER_LOCK_KEY}) ELSE false END
     RETURNING 1
 ),
@@ -88,11 +113,13 @@ reaped AS (
     RETURNING w.id, w.name, w.host
 )"""
 
+# Every value read from a row's capabilities is typed and bounded (schema.py): a row that any
+# program wrote must not fail the listing of the whole fleet.
 WORKERS_SQL = """
 SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status::text,
-       coalesce(w.capabilities -> 'runtimes', '[]'::jsonb),
-       coalesce((w.capabilities ->> 'max_concurrent_sensors')::int, 0),
-       extract(epoch FROM now() - w.last_heartbeat)::float8,
+       {runtimes},
+       {capacity},
+       {age},
        (w.status = 'active' AND {stale}) AS stale,
        {interval},
        coalesce(w.meta ? 'reaped_at', false) AS reaped,
@@ -136,7 +163,8 @@ def workers_sql(table):
     cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
     # sensors placed on it, where this database has the assignments table
     sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
-    return WORKERS_SQL.format(stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
+    return WORKERS_SQL.format(runtimes=RUNTIMES, capacity=CAPACITY, age=seconds_since("w.last_heartbeat"),
+                              stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
                               cordoned=cordoned, sensors=sensors)
 
 
@@ -151,8 +179,8 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
 
 
 # The fleet's gauges in one aggregate statement: no row leaves the server (bench/queries.py).
-# Numbers read from capabilities are guarded: a junk value counts as 0, it does not fail the
-# scrape.
+# Numbers read from capabilities are guarded (schema.capacity_of): a junk value counts as 0, it
+# does not fail the scrape; a heartbeat at +-infinity has no age.
 GAUGES_SQL = f"""
 SELECT jsonb_build_object(
     'active', jsonb_build_object(
@@ -160,11 +188,9 @@ SELECT jsonb_build_object(
         'hybrid', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid')),
     'stale', count(*) FILTER (WHERE w.status = 'active' AND {STALE_EXPR}),
     'reaped', count(*) FILTER (WHERE w.status = 'inactive' AND w.meta ? 'reaped_at'),
-    'max_heartbeat_lag',
-        coalesce(extract(epoch FROM now() - min(w.last_heartbeat) FILTER (WHERE w.status = 'active'))::float8, 0),
-    'capacity', coalesce(sum(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number'
-                                  THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric END)
-                         FILTER (WHERE w.status = 'active'), 0),
+    'max_heartbeat_lag', coalesce({seconds_since(
+        "min(w.last_heartbeat) FILTER (WHERE w.status = 'active' AND isfinite(w.last_heartbeat))")}, 0),
+    'capacity', coalesce(sum({CAPACITY}) FILTER (WHERE w.status = 'active'), 0),
     'runtimes', (SELECT coalesce(jsonb_object_agg(runtime, n ORDER BY runtime), '{{}}')
                    FROM (SELECT r AS runtime, count(*) AS n
                            FROM worker AS w,
@@ -182,12 +208,25 @@ SELECT jsonb_build_object(
 # recomputes and stores them (the row lock with SKIP LOCKED lets one caller at a time do it,
 # the others read the row as it is), so the table is scanned at most once per period
 # fleet-wide, and a scrape reads one row (docs/design.md, "Fleet gauges").
+# Any role that may update the row may write anything into it, and a clock stepped back leaves
+# computed_at in the future: the stored gauges are served only when they are sound, that is
+# computed_at not in the future and every gauge present, a number, at least 0 and below 1e15
+# (a JSON 1e400 would be infinity in Python); otherwise they are due like old ones.
 GAUGES_PERIOD = 10.0
-_GAUGES_DUE = (f"(computed_at < now() - make_interval(secs => {GAUGES_PERIOD}) "
+_COUNTS = ("active", "runtimes")  # objects whose values are all gauges
+_NUMBERS = ("active.sensor", "active.hybrid", "stale", "reaped", "max_heartbeat_lag", "capacity")
+_GAUGE_OK = '(@.type() == "number" && @ >= 0 && @ < 1e15)'
+_GAUGES_WELL_FORMED = "coalesce(jsonb_path_match(gauges, 'strict {}'), false)".format(" && ".join(
+    [f"exists($.{path} ? {_GAUGE_OK})" for path in _NUMBERS]
+    + [f'$.{name}.type() == "object" && !exists($.{name}.* ? (!{_GAUGE_OK}))' for name in _COUNTS]))
+_GAUGES_DUE = (f"({expired('computed_at', GAUGES_PERIOD)} OR NOT {_GAUGES_WELL_FORMED} "
                "OR multiplier IS DISTINCT FROM %(multiplier)s)")
+# the gauges, whether they are fresh, whether they may stand in while another caller refreshes
+# them (sound, same multiplier, however old), their age
 READ_GAUGES_SQL = f"""
-SELECT gauges, NOT {_GAUGES_DUE}, multiplier = %(multiplier)s,
-       CASE WHEN isfinite(computed_at) THEN extract(epoch FROM now() - computed_at)::float8 END
+SELECT gauges, NOT {_GAUGES_DUE},
+       computed_at <= clock_timestamp() AND {_GAUGES_WELL_FORMED} AND multiplier = %(multiplier)s,
+       greatest({seconds_since("computed_at")}, 0)
   FROM {FLEET_GAUGES}
 """
 REFRESH_GAUGES_SQL = f"""
@@ -205,13 +244,13 @@ def metrics(db, multiplier, table=None):
         table = attach(db)
     params = {"multiplier": multiplier}
     if table.gauges:
-        stored, fresh, same_multiplier, age = db.execute(READ_GAUGES_SQL, params)[0]
+        stored, fresh, usable, age = db.execute(READ_GAUGES_SQL, params)[0]
         if fresh:
             return dict(stored, age=age)
         refreshed = db.execute(REFRESH_GAUGES_SQL, params)
         if refreshed:
             return dict(refreshed[0][0], age=0.0)
-        if stored is not None and same_multiplier:
+        if usable:
             return dict(stored, age=age)  # another caller is computing them right now
     return dict(db.execute(GAUGES_SQL, params)[0][0], age=0.0)
 

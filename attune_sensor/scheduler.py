@@ -26,7 +26,7 @@ import uuid
 from . import placement
 from .runner import launch
 from .errors import AttuneSensorError
-from .fleet import LISTED_ROLES, PLACED_SENSORS, STALE_EXPR
+from .fleet import CAPACITY, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
 from .schema import ASSIGNMENTS, SENSOR_RUNS, WORKER_LOAD, stale_condition
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
@@ -51,8 +51,6 @@ _STILL_RUNNING = f"""(SELECT r.worker_id FROM {SENSOR_RUNS} AS r JOIN worker AS 
                       WHERE r.sensor_ref = %(ref)s AND r.status IN ('starting', 'running', 'backoff', 'stopping')
                         AND NOT {stale_condition("p", "%(multiplier)s")} LIMIT 1)"""
 
-CAPACITY = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'max_concurrent_sensors') = 'number' "
-            "THEN (w.capabilities ->> 'max_concurrent_sensors')::numeric ELSE 0 END)")
 TAINTS = ("jsonb_array_elements(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' "
           "THEN w.capabilities -> 'taints' ELSE '[]'::jsonb END)")
 TOLERATES = """EXISTS (SELECT 1 FROM jsonb_array_elements(%(tolerations)s::jsonb) AS tol

@@ -16,6 +16,7 @@ per-session state: PgBouncer's transaction pooling keeps working.
 import re
 from dataclasses import dataclass
 
+from .config import MIN_HEARTBEAT_INTERVAL
 from .errors import ConfigError, DatabasePermissionDenied, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (migrations/own/ makes them):
@@ -88,21 +89,42 @@ CURRENT_SCHEMA_SQL = "SELECT current_schema()"
 # older than a multiple of its own recorded heartbeat_interval (30 s when it recorded none, or
 # junk). Inline SQL rather than a database function, so it works on a schema we do not own.
 DEFAULT_RECORDED_INTERVAL = 30
+# Any program may write a worker row, so what a row recorded is bounded to what our own config
+# accepts before it reaches arithmetic: a recorded 1e308 s would push now() - 3 x interval out
+# of the timestamp range and fail every statement that reads the row (the heartbeat with it).
+MIN_RECORDED_INTERVAL = MIN_HEARTBEAT_INTERVAL
+MAX_RECORDED_INTERVAL = 86400  # config's largest number of seconds (config._positive_number)
+# A worker's max_concurrent_sensors as placement and the read side count it: a whole number
+# within config's range (0 too: a worker that takes none), anything else 0.
+MAX_CAPACITY = 1_000_000
 
 
 def heartbeat_interval_of(alias):
-    """SQL for the heartbeat interval a worker row recorded in its capabilities."""
+    """SQL for the heartbeat interval a worker row recorded in its capabilities: a number above
+    0, clamped to [MIN_RECORDED_INTERVAL, MAX_RECORDED_INTERVAL]; DEFAULT_RECORDED_INTERVAL for
+    anything else. Never raises, whatever the row holds."""
     value = f"{alias}.capabilities -> 'heartbeat_interval'"
-    # CASE, not AND: only a CASE guarantees the cast never sees a string.
-    return (f"coalesce(nullif(greatest(CASE WHEN jsonb_typeof({value}) = 'number' "
-            f"THEN ({alias}.capabilities ->> 'heartbeat_interval')::float8 END, 0), 0), "
-            f"{DEFAULT_RECORDED_INTERVAL})")
+    # CASE, not AND or OR: only a CASE guarantees the cast never sees a string. The clamp is done in
+    # numeric (what a jsonb number is), so no value reaches float8 out of its range.
+    return (f"(CASE WHEN jsonb_typeof({value}) IS DISTINCT FROM 'number' THEN {DEFAULT_RECORDED_INTERVAL} "
+            f"WHEN ({value})::numeric <= 0 THEN {DEFAULT_RECORDED_INTERVAL} "
+            f"ELSE least(greatest(({value})::numeric, {MIN_RECORDED_INTERVAL}), {MAX_RECORDED_INTERVAL})::float8 END)")
 
 
 def stale_condition(alias, multiplier):
     """SQL: the row `alias` is stale; `multiplier` is a SQL expression (usually a parameter)."""
     return (f"{alias}.last_heartbeat < now() - make_interval(secs => {multiplier} * "
             f"{heartbeat_interval_of(alias)})")
+
+
+def capacity_of(alias):
+    """SQL for a worker row's capacity (capabilities.max_concurrent_sensors), as an integer: a
+    whole number from 0 to MAX_CAPACITY, 0 for anything else. One definition for `workers`,
+    `metrics` and placement (scheduler.CAPACITY)."""
+    value = f"{alias}.capabilities -> 'max_concurrent_sensors'"
+    return (f"(CASE WHEN jsonb_typeof({value}) IS DISTINCT FROM 'number' THEN 0 "
+            f"WHEN ({value})::numeric BETWEEN 0 AND {MAX_CAPACITY} AND ({value})::numeric = trunc(({value})::numeric) "
+            f"THEN ({value})::numeric::int ELSE 0 END)")
 
 
 def check_schema_name(value):
