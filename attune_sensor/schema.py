@@ -111,9 +111,24 @@ def heartbeat_interval_of(alias):
             f"ELSE least(greatest(({value})::numeric, {MIN_RECORDED_INTERVAL}), {MAX_RECORDED_INTERVAL})::float8 END)")
 
 
+# The largest stale_multiplier a row may record for itself (capabilities.stale_multiplier).
+MAX_RECORDED_MULTIPLIER = 100
+
+
+def multiplier_of(alias):
+    """SQL for the stale_multiplier a worker row recorded: the window it promised to stop its
+    sensors in (runner/fence.py). A number in [1.5, MAX_RECORDED_MULTIPLIER], else NULL."""
+    value = f"{alias}.capabilities -> 'stale_multiplier'"
+    return (f"(CASE WHEN jsonb_typeof({value}) IS DISTINCT FROM 'number' THEN NULL "
+            f"WHEN ({value})::numeric BETWEEN 1.5 AND {MAX_RECORDED_MULTIPLIER} THEN ({value})::numeric::float8 END)")
+
+
 def stale_condition(alias, multiplier):
-    """SQL: the row `alias` is stale; `multiplier` is a SQL expression (usually a parameter)."""
-    return (f"{alias}.last_heartbeat < now() - make_interval(secs => {multiplier} * "
+    """SQL: the row `alias` is stale; `multiplier` is a SQL expression (usually a parameter).
+    A row is never stale before the window it recorded for itself: greatest() of the caller's
+    multiplier and the row's own, so a reaper configured with a smaller multiplier cannot call
+    a worker dead while its fence still lets its sensors run (docs/design.md, "At most one copy")."""
+    return (f"{alias}.last_heartbeat < now() - make_interval(secs => greatest({multiplier}, {multiplier_of(alias)}) * "
             f"{heartbeat_interval_of(alias)})")
 
 

@@ -268,7 +268,8 @@ class SensorService:
             self.db.deadline = None
             return
         sensor = self.config.sensor
-        term_at, kill_at = fence.deadlines(self._last_ok, self._fence_interval(), sensor.stale_multiplier,
+        term_at, kill_at = fence.deadlines(self._last_ok, self._fence_interval(),
+                                           min(sensor.stale_multiplier, schema.MAX_RECORDED_MULTIPLIER),
                                            sensor.sensor_timeout)
         if not self._fenced and self.clock() >= term_at:
             self._fenced = True

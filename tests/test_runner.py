@@ -421,3 +421,21 @@ def test_a_rebalanced_sensor_starts_on_its_new_worker_only_after_the_old_one_sto
     runs = sorted(_runs(tmp_path / f"{ref}.out").values())
     assert len(runs) == 2, runs
     assert runs[0][1] < runs[1][0], f"two copies ran at once: {runs}"
+
+
+def test_no_reaper_calls_a_worker_stale_inside_the_window_it_recorded_for_itself(db_url, tmp_path):
+    """A worker that promised to stop its sensors within 10 x its interval is not stale for a
+    peer configured with stale_multiplier 1.5 before then, and is after."""
+    query(db_url, "SET search_path TO public, attune; "
+                  "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('wide', 'local', 'sensor', 'h', 'active', "
+                  "'{\"heartbeat_interval\": 1, \"stale_multiplier\": 10}', '{}', now() - interval '5 seconds'), "
+                  "('narrow', 'local', 'sensor', 'h', 'active', '{\"heartbeat_interval\": 1}', '{}', "
+                  "now() - interval '5 seconds')")
+    config = write_config(tmp_path, {"database": {"url": db_url}, "sensor": {"stale_multiplier": 1.5}})
+    stale = json.loads(run_cli("--config", config, "workers", "--stale", "--json").stdout)
+    assert [w["name"] for w in stale["workers"]] == ["narrow"]
+    query(db_url, "SET search_path TO public, attune; "
+                  "UPDATE worker SET last_heartbeat = now() - interval '11 seconds' WHERE name = 'wide'")
+    stale = json.loads(run_cli("--config", config, "workers", "--stale", "--json").stdout)
+    assert sorted(w["name"] for w in stale["workers"]) == ["narrow", "wide"]
