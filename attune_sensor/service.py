@@ -80,6 +80,7 @@ class SensorService:
         self._last_ok = None  # clock() when the last heartbeat that succeeded was sent
         self._fenced = False  # sensors stopped for lack of heartbeats, until one succeeds
         self._reported = None  # the sensor states last written (runner/report.py)
+        self._ready = []  # the sensors' pipes the last wait found readable
         # (running, monitored) as capabilities last say: 0 from the registration on, so that a
         # worker running nothing never rewrites its row for them (the platform's history)
         self._counts = (0, 0)
@@ -261,7 +262,8 @@ class SensorService:
     def _supervise(self):
         """Between two database calls: the children's output and exits, and the fence. Bounds
         the database calls that follow by the fence's next action."""
-        self.supervisor.poll()
+        ready, self._ready = self._ready, []
+        self.supervisor.poll(ready)
         if self.supervisor.take_released():
             self._next_assignment_read = 0.0  # say so now: a handover or a new placement waits on it
         if self._last_ok is None or not self.supervisor.children:
@@ -509,4 +511,4 @@ class SensorService:
         """Until `seconds` pass, a signal comes, a sensor writes or exits, or the supervisor has
         a restart or a SIGKILL due."""
         due = self.supervisor.next_due() - self.clock()
-        self.signals.wait(min(seconds, max(0.0, due)), self.supervisor.fds())
+        self._ready = self.signals.wait(min(seconds, max(0.0, due)), self.supervisor.fds())

@@ -78,17 +78,24 @@ class SignalFlags:
                 pass
 
     def wait(self, seconds, fds=(), flags_end_it=True):
-        """sleep() that also ends when one of `fds` (the sensors' pipes) is readable. With
-        `flags_end_it` False (stopping: the stop flag is already set) only time and fds end it."""
+        """sleep() that also ends when one of `fds` (the sensors' pipes) is readable; returns
+        those that are. With `flags_end_it` False (stopping: the stop flag is already set) only
+        time and fds end it. poll(), not select(): no limit on descriptor numbers."""
         if flags_end_it and (self.stop_requested or self.reload_requested):
-            return
-        ready, _, _ = select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
+            return []
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(max(0.0, seconds) * 1000)]
         if self._wake_r in ready:
+            ready.remove(self._wake_r)
             try:
                 while os.read(self._wake_r, 512):
                     pass
             except BlockingIOError:
                 pass
+        return ready
 
     def _wake(self):
         try:

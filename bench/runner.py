@@ -8,7 +8,8 @@
 3. footprint: the daemon's RSS, CPU and threads while supervising 0, 10 and 100 idle sensors.
 
 Sizes: BENCH_SENSORS (latency samples, default 10), BENCH_FAILOVER (default 20),
-BENCH_IDLE ("0,10,100"), BENCH_WINDOW (seconds of CPU measured, default 20). Exits non-zero
+BENCH_IDLE ("0,10,100"), BENCH_WINDOW (seconds of CPU measured, default 20); BENCH_PARTS
+("latency,failover,footprint") picks parts. Exits non-zero
 when a daemon dies or anything it waits for never comes.
 """
 
@@ -27,6 +28,7 @@ SENSORS = int(os.environ.get("BENCH_SENSORS", "10"))
 FAILOVER = int(os.environ.get("BENCH_FAILOVER", "20"))
 IDLE = [int(n) for n in os.environ.get("BENCH_IDLE", "0,10,100").split(",")]
 WINDOW = float(os.environ.get("BENCH_WINDOW", "20"))
+PARTS = os.environ.get("BENCH_PARTS", "latency,failover,footprint").split(",")
 INTERVAL = 0.5
 MULTIPLIER = 3
 
@@ -190,8 +192,18 @@ def failover(url, workdir):
             log.close()
 
 
+def clear_assignments(url):
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cursor:
+        cursor.execute("DELETE FROM attune_sensor.assignment")
+    conn.close()
+
+
 def footprint(url, workdir):
     rows = []
+    clear_assignments(url)  # what the earlier parts left pending would run here too
     for count in IDLE:
         name = f"fp-{count}"
         config = setup(workdir, url, name)
@@ -216,12 +228,7 @@ def footprint(url, workdir):
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(60)
-        import psycopg2
-
-        conn = psycopg2.connect(url)
-        with conn, conn.cursor() as cursor:
-            cursor.execute("DELETE FROM attune_sensor.assignment")
-        conn.close()
+        clear_assignments(url)
     return rows
 
 
@@ -255,38 +262,43 @@ def proc_status(pid):
 
 def main():
     sys.path.insert(0, str(ROOT / "tests"))
-    import platform_db  # noqa: E402 (the suite's builder of Attune-flavour databases)
-
     with tempfile.TemporaryDirectory(prefix="bench-runner-") as workdir:
         os.chmod(workdir, 0o755)
         with database("bench_runner") as (cluster, url):
             setup(workdir, url, "lat-spec")  # the packs
-            baseline = direct_start_baseline(workdir, Path(workdir))
-            spec_now, spec_cadence = latency("spec", url, workdir)
-            cluster.psql("CREATE DATABASE bench_attune")
-            attune_url = cluster.url("bench_attune")
-            platform_db.build(attune_url, "fixture")
-            from attune_sensor import migrations
+            if "latency" in PARTS:
+                measure_latency(cluster, url, workdir)
+            if "failover" in PARTS:
+                took, _ = failover(url, workdir)
+                threshold = MULTIPLIER * INTERVAL
+                table("failover of a killed worker's running sensors (seconds)",
+                      ("sensors", "kill -> all running on the survivor", "target: threshold + 10 + 2"),
+                      [(FAILOVER, f"{took:.2f}", f"{threshold + 12:.1f}")])
+            if "footprint" in PARTS:
+                fp = footprint(url, workdir)
+                table(f"the daemon supervising idle sensors (CPU over {WINDOW:g} s; baseline: 0 sensors)",
+                      ("sensors", "child processes", "RSS", "threads", "CPU"), fp)
 
-            migrations.run(attune_url, log=lambda *_: None, warn=lambda *_: None)
-            attune_now, attune_cadence = latency("attune", attune_url, workdir)
-            rows = [("direct start of the same script (baseline)", len(baseline), f"{median(baseline):.3f}",
-                     f"{percentile(baseline, 99):.3f}")]
-            for flavour, now, cadence in (("spec", spec_now, spec_cadence), ("attune", attune_now, attune_cadence)):
-                rows.append((f"{flavour}: place + SIGHUP", len(now), f"{median(now):.3f}", f"{percentile(now, 99):.3f}"))
-                rows.append((f"{flavour}: place, read cadence", len(cadence), f"{median(cadence):.3f}",
-                             f"{percentile(cadence, 99):.3f}"))
-            table("placed -> running (seconds, target at the read cadence: max(interval, 10 s) + 2 s = 12 s)",
-                  ("path", "samples", "median", "p99"), rows)
-            took, _ = failover(url, workdir)
-            threshold = MULTIPLIER * INTERVAL
-            table("failover of a killed worker's running sensors (seconds)",
-                  ("sensors", "kill -> all running on the survivor", "target: threshold + 10 + 2"),
-                  [(FAILOVER, f"{took:.2f}", f"{threshold + 12:.1f}")])
-            fp = footprint(url, workdir)
-            table(f"the daemon supervising idle sensors (CPU over {WINDOW:g} s; baseline: 0 sensors)",
-                  ("sensors", "children", "RSS", "threads", "CPU"), fp)
 
+def measure_latency(cluster, url, workdir):
+    import platform_db  # the suite's builder of Attune-flavour databases (tests/)
+    from attune_sensor import migrations
+
+    baseline = direct_start_baseline(workdir, Path(workdir))
+    spec_now, spec_cadence = latency("spec", url, workdir)
+    cluster.psql("CREATE DATABASE bench_attune")
+    attune_url = cluster.url("bench_attune")
+    platform_db.build(attune_url, "fixture")
+    migrations.run(attune_url, log=lambda *_: None, warn=lambda *_: None)
+    attune_now, attune_cadence = latency("attune", attune_url, workdir)
+    rows = [("direct start of the same script (baseline)", len(baseline), f"{median(baseline):.3f}",
+             f"{percentile(baseline, 99):.3f}")]
+    for flavour, now, cadence in (("spec", spec_now, spec_cadence), ("attune", attune_now, attune_cadence)):
+        rows.append((f"{flavour}: place + SIGHUP", len(now), f"{median(now):.3f}", f"{percentile(now, 99):.3f}"))
+        rows.append((f"{flavour}: place, read cadence", len(cadence), f"{median(cadence):.3f}",
+                     f"{percentile(cadence, 99):.3f}"))
+    table("placed -> running (seconds, target at the read cadence: max(interval, 10 s) + 2 s = 12 s)",
+          ("path", "samples", "median", "p99"), rows)
 
 if __name__ == "__main__":
     try:

@@ -224,12 +224,13 @@ class Supervisor:
         """The next time poll() has something to do without any pipe becoming readable."""
         due = [c.kill_at for c in self.children.values() if c.alive and c.kill_at is not None]
         due += [c.restart_at for c in self.children.values() if not c.alive and c.state in ("backoff", "starting")]
-        if any(c.alive for c in self.children.values()):
-            due.append(self.clock() + 1.0)  # an exit whose SIGCHLD came during a database call
+        if not self._sigchld_installed and any(c.alive for c in self.children.values()):
+            due.append(self.clock() + 1.0)  # no SIGCHLD to wake the loop (not the main thread): look each second
         return min(due) if due else float("inf")
 
     def poll(self, ready=None):
-        """Reads output, reaps exits, escalates stops, starts what is due. Bounded work."""
+        """Reads output (of the `ready` pipes, or of all), reaps exits, escalates stops, starts
+        what is due. Bounded work."""
         budget = READ_BUDGET
         for fd in list(ready if ready is not None else self._by_fd):
             if fd in self._by_fd and budget > 0:
