@@ -230,6 +230,11 @@ class Daemon:
         self.poll()
         return self.proc.returncode
 
+    def stop_cleanly(self, timeout=30.0):
+        """stop(), and fail unless the daemon exited 0 (it deregisters on SIGTERM)."""
+        if self.stop(timeout) != 0:
+            fail(f"{self.name} exited with code {self.proc.returncode} on SIGTERM; its last lines:\n{self.tail()}")
+
 
 # --- client processes ----------------------------------------------------------------------
 

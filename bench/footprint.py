@@ -142,16 +142,14 @@ def main():
             daemon, ready = start_daemon(url, workdir, f"ready-{run}")
             with daemon:
                 d_ready.append(ready)
-                if daemon.stop() != 0:
-                    fail(f"{daemon.name} exited with code {daemon.proc.returncode} on SIGTERM:\n{daemon.tail()}")
+                daemon.stop_cleanly()
         # memory and CPU: the daemons side by side, each sampled at its own counts
         daemons = [start_daemon(url, workdir, f"bench-{run}")[0] for run in range(RUNS)]
         try:
             firsts = [sample(d, FIRST) for d in daemons]
             lasts = [sample(d, LAST) for d in daemons]
             for daemon in daemons:
-                if daemon.stop() != 0:
-                    fail(f"{daemon.name} exited with code {daemon.proc.returncode} on SIGTERM:\n{daemon.tail()}")
+                daemon.stop_cleanly()
         finally:
             for daemon in daemons:
                 daemon.__exit__(None, None, None)
