@@ -144,8 +144,10 @@ def main():
                 d_ready.append(ready)
                 daemon.stop_cleanly()
         # memory and CPU: the daemons side by side, each sampled at its own counts
-        daemons = [start_daemon(url, workdir, f"bench-{run}")[0] for run in range(RUNS)]
+        daemons = []
         try:
+            for run in range(RUNS):
+                daemons.append(start_daemon(url, workdir, f"bench-{run}")[0])
             firsts = [sample(d, FIRST) for d in daemons]
             lasts = [sample(d, LAST) for d in daemons]
             for daemon in daemons:
