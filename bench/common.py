@@ -7,6 +7,7 @@ early, or whose awaited event never comes, ends with a one-line reason and exit 
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -264,8 +265,9 @@ def run_processes(argvs, timeout, what="client"):
 
 
 def heartbeat_client(url, first, last, rate, seconds, count):
-    """One client process: workers first..last (rows made by insert_workers) heartbeat in turn
-    through the project's own code (SensorWorkerRegistration.heartbeat() over the bounded
+    """One client process: workers first..last (rows made by insert_workers) heartbeat in turn,
+    in a fixed random order (as hosts started at random moments do: each once per round, each
+    with its own phase, not in the order of their ids), through the project's own code (SensorWorkerRegistration.heartbeat() over the bounded
     Database: its statement, its fence), `rate` per second (0: as fast as possible), until
     `seconds` have passed or `count` heartbeats were sent (0: no count). Prints JSON."""
     from attune_sensor import config as config_module
@@ -283,6 +285,7 @@ def heartbeat_client(url, first, last, rate, seconds, count):
         registration.worker_id, registration.instance_id = n, f"bench-{n}"  # rows made by insert_workers
         registration._remember(rows[n])  # the fence: as if this process had written the row last
         workers.append(registration)
+    random.Random(first).shuffle(workers)
     latencies = []
     started = time.perf_counter()
     deadline = started + seconds
