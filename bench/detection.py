@@ -4,26 +4,27 @@ marked inactive, at 2, 50 and 10,000 simulated workers, with the reaper on the h
 
 Live workers heartbeat through SensorWorkerRegistration from a few client processes; a share of
 the rows never heartbeats after the start. Lateness is the time past each dead worker's own
-stale threshold (3 x its interval); the goal is at most max(interval, 10 s) at any size.
-Knobs: BENCH_DETECTION_FLEETS (e.g. "2:1,50:1,10000:10": size:interval), BENCH_PROCESSES.
+stale threshold (3 x its interval); the goal is at most max(interval, 10 s) at any size. Each
+run lasts the threshold + max(interval, the reaper's 10 s period) + a slack.
+Knobs: BENCH_DETECTION_FLEETS (e.g. "2:1,50:1,10000:10": size:interval), BENCH_DETECTION_SLACK
+(10 s), BENCH_PROCESSES (4); BENCH_QUICK=1: 2 workers at 0.1 s, no slack (about 25 s).
 """
 
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 
 import psycopg2
 
-from common import database, gate_scans, insert_workers, median, table
+from common import database, gate_scans, insert_workers, knob, median, run_processes, table
+from attune_sensor.fleet import REAP_PERIOD as PERIOD
 
 FLEETS = [tuple(float(x) for x in item.split(":"))
-          for item in os.environ.get("BENCH_DETECTION_FLEETS", "2:1,50:1,10000:10").split(",")]
-PROCESSES = int(os.environ.get("BENCH_PROCESSES", "4"))
+          for item in knob("BENCH_DETECTION_FLEETS", "2:1,50:1,10000:10", "2:0.1", str).split(",")]
+SLACK = knob("BENCH_DETECTION_SLACK", 10.0, 0.0, float)
+PROCESSES = knob("BENCH_PROCESSES", 4, 2)
 MULTIPLIER = 3.0
-PERIOD = 10.0
 
 
 def simulate(url, ids, interval, seconds, design):
@@ -74,12 +75,10 @@ def run(url, size, interval, design):
     cursor.execute("UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
     cursor.execute("SELECT pg_stat_force_next_flush()")
     gate_before = gate_scans(cursor)
-    seconds = MULTIPLIER * interval + max(interval, PERIOD) + 10
+    seconds = MULTIPLIER * interval + max(interval, PERIOD) + SLACK
     chunks = [live_ids[p::PROCESSES] for p in range(PROCESSES)]
-    procs = [subprocess.Popen([sys.executable, __file__, "client", url, json.dumps(chunk), str(interval),
-                               str(seconds), design]) for chunk in chunks if chunk]
-    for proc in procs:
-        proc.wait()
+    run_processes([[__file__, "client", url, json.dumps(chunk), str(interval), str(seconds), design]
+                   for chunk in chunks if chunk], timeout=seconds + 120)
     cursor.execute("SELECT extract(epoch FROM (meta ->> 'reaped_at')::timestamptz - last_heartbeat)::float8 "
                    "FROM worker WHERE id <= %s", (dead,))
     latencies = [r[0] for r in cursor.fetchall()]

@@ -1,81 +1,98 @@
-"""Cost of one heartbeat: statements and round trips per heartbeat in the steady state (counted
-by pg_stat_statements), the reaper's statements, and the latency of the daemon's heartbeat
-against the same statement sent raw with psycopg2 (the physical floor: one round trip)."""
+"""Cost of one heartbeat: the statements a daemon sends per heartbeat (counted by
+pg_stat_statements against the heartbeats it logged), the reaper's statements, and the latency
+of the daemon's heartbeat against the same statement sent raw with psycopg2 on a connection of
+its own (the physical floor: one round trip), interleaved in the same run.
 
-import os
-import subprocess
+Knobs: BENCH_COUNTED_HEARTBEATS (100 per daemon, at the 0.1 s floor), BENCH_REAPER_DAEMONS (5)
+and BENCH_REAPER_SECONDS (5), BENCH_HEARTBEATS (3000 timed heartbeats a side), BENCH_RUNS (3);
+BENCH_QUICK=1: 10 counted, 2 daemons for 2 s, 100 timed, one run.
+"""
+
+import math
 import tempfile
 import time
 
 import psycopg2
 
-from common import ATTUNE_SENSOR, RUNS, database, gate_scans, median, percentile, table
+from common import (RUNS, Daemon, database, fail, gate_scans, knob, median, percentile, table,
+                    write_config)
 from attune_sensor import config as config_module
 from attune_sensor.db import Database
+from attune_sensor.fleet import REAP_PERIOD
 from attune_sensor.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
-ITERATIONS = int(os.environ.get("BENCH_HEARTBEATS", "3000"))
+ITERATIONS = knob("BENCH_HEARTBEATS", 3000, 100)
+COUNTED = knob("BENCH_COUNTED_HEARTBEATS", 100, 10)
+REAPER_DAEMONS = knob("BENCH_REAPER_DAEMONS", 5, 2)
+REAPER_SECONDS = knob("BENCH_REAPER_SECONDS", 5.0, 2.0, float)
+HEARTBEAT = "heartbeat: worker"
 
 
-def is_heartbeat(query):
-    """The heartbeat, with or without the reaper's CTEs in front (registration.py)."""
-    return "UPDATE worker SET last_heartbeat" in query
+def kind(query):
+    """What a statement in pg_stat_statements is, by the shape of the project's SQL."""
+    if "UPDATE worker SET last_heartbeat" in query:  # registration.HEARTBEAT_SQL and REAPING_HEARTBEAT_SQL
+        return "heartbeat (with the reaper's CTEs)" if query.lstrip().startswith("WITH") else "heartbeat"
+    if query.strip().upper() in ("BEGIN", "COMMIT", "ROLLBACK"):
+        return "transaction control"
+    return "other"
 
 
-def statements_per_heartbeat(url, workdir, heartbeats=100, reaper=False):
-    path = os.path.join(workdir, f"count-{reaper}.yaml")
-    with open(path, "w") as handle:
-        handle.write(f"database: {{url: '{url}'}}\nsensor:\n  worker_name: counted-{str(reaper).lower()}\n"
-                     f"  heartbeat_interval: 0.1\n  reaper: {str(reaper).lower()}\n  capabilities: {{runtimes: [shell]}}\n")
-    admin = psycopg2.connect(url)
-    admin.autocommit = True
-    cursor = admin.cursor()
-    cursor.execute("SELECT pg_stat_statements_reset()")
-    proc = subprocess.Popen([ATTUNE_SENSOR, "--config", path, "run"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    seen = 0
-    for line in proc.stderr:
-        seen += "heartbeat: worker" in line
-        if seen == heartbeats:
-            break
-    proc.terminate()
-    proc.wait()
+def stat_statements(cursor):
     cursor.execute("SELECT query, calls FROM pg_stat_statements "
                    "WHERE query NOT LIKE '%%pg_stat_statements%%' AND dbid = (SELECT oid FROM pg_database "
-                   "WHERE datname = current_database()) ORDER BY calls DESC")
-    rows = cursor.fetchall()
-    admin.close()
-    heartbeat_calls = sum(calls for query, calls in rows if is_heartbeat(query))
-    other = [(" ".join(q.split())[:60], c) for q, c in rows if not is_heartbeat(q)]
-    return heartbeats, heartbeat_calls, other
+                   "WHERE datname = current_database()) ORDER BY calls DESC, query")
+    return cursor.fetchall()
 
 
-def reaper_statements(url, workdir, daemons=5, seconds=5):
+def statements_per_heartbeat(url, workdir, reaper):
+    """One daemon at the floor interval until it logged COUNTED heartbeats, then stopped; every
+    statement it sent, by kind, against the heartbeats it logged in all."""
+    path = write_config(workdir, url, f"counted-{str(reaper).lower()}",
+                        heartbeat_interval=config_module.MIN_HEARTBEAT_INTERVAL, reaper=reaper,
+                        capabilities={"runtimes": ["shell"]})
     admin = psycopg2.connect(url)
     admin.autocommit = True
     cursor = admin.cursor()
     cursor.execute("SELECT pg_stat_statements_reset()")
-    procs = []
-    for n in range(daemons):
-        path = os.path.join(workdir, f"reaper{n}.yaml")
-        with open(path, "w") as handle:
-            handle.write(f"database: {{url: '{url}'}}\nsensor:\n  worker_name: reaper-{n}\n  heartbeat_interval: 1\n"
-                         "  capabilities: {runtimes: [shell]}\n")
-        procs.append(subprocess.Popen([ATTUNE_SENSOR, "--config", path, "run"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-    before = gate_scans(cursor)
-    time.sleep(seconds)
-    for proc in procs:
-        proc.terminate()
-        proc.wait()
-    time.sleep(1.5)  # the daemons' statistics reach the shared counters
-    scans = gate_scans(cursor) - before
-    cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat%%' "
-                   "AND query NOT LIKE '%%UPDATE worker SET last_heartbeat%%' "
-                   "AND query LIKE '%%pg_try_advisory_xact_lock%%'")
-    separate = cursor.fetchone()[0]
+    with Daemon(path, name=f"daemon (reaper {'on' if reaper else 'off'})") as daemon:
+        daemon.wait_for(HEARTBEAT, COUNTED, timeout=COUNTED * config_module.MIN_HEARTBEAT_INTERVAL * 5 + 60)
+        daemon.stop_cleanly()
+        logged = daemon.count(HEARTBEAT)
+    rows = stat_statements(cursor)
     admin.close()
-    return daemons, seconds, scans, separate
+    return logged, [(kind(q), " ".join(q.split())[:60], c) for q, c in rows]
+
+
+def reaper_statements(url, workdir):
+    """REAPER_DAEMONS daemons at 1 s for REAPER_SECONDS: how often the fleet's gate opened, and
+    how many reap statements were sent besides the heartbeats."""
+    admin = psycopg2.connect(url)
+    admin.autocommit = True
+    cursor = admin.cursor()
+    cursor.execute("SELECT pg_stat_statements_reset()")
+    before = gate_scans(cursor)
+    daemons = [Daemon(write_config(workdir, url, f"reaper-{n}", heartbeat_interval=1,
+                                   capabilities={"runtimes": ["shell"]}), name=f"daemon reaper-{n}")
+               for n in range(REAPER_DAEMONS)]
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < REAPER_SECONDS:
+            for daemon in daemons:
+                daemon.check_running(f"{REAPER_SECONDS:g} s of heartbeats")
+            time.sleep(0.1)
+        for daemon in daemons:
+            daemon.wait_for(HEARTBEAT, 1, timeout=10)
+            daemon.stop_cleanly()
+    finally:
+        for daemon in daemons:
+            daemon.__exit__(None, None, None)
+    time.sleep(1.5)  # the daemons' statistics reach the shared counters
+    cursor.execute("SELECT pg_stat_clear_snapshot()")
+    scans = gate_scans(cursor) - before
+    separate = sum(calls for query, calls in stat_statements(cursor)
+                   if kind(query) == "other" and "pg_try_advisory_xact_lock" in query)
+    admin.close()
+    return scans, separate
 
 
 def latency(url):
@@ -95,32 +112,49 @@ def latency(url):
     raw.autocommit = True
     cursor = raw.cursor()
     ours, floor = [], []
-    for block in range(10):  # interleaved blocks: drift on a shared machine hits both sides
-        for _ in range(ITERATIONS // 10):
+    blocks = 10
+    for _ in range(blocks):  # interleaved blocks: drift on a shared machine hits both sides
+        for _ in range(max(1, ITERATIONS // blocks)):
             started = time.perf_counter()
-            registration.heartbeat()
+            beat = registration.heartbeat()
             ours.append(time.perf_counter() - started)
-        for _ in range(ITERATIONS // 10):
+            if not beat:
+                fail("the daemon's heartbeat() matched no row")
+        for _ in range(max(1, ITERATIONS // blocks)):
             started = time.perf_counter()
             cursor.execute(REAPING_HEARTBEAT_SQL, fence)
-            fence["xmin"] = cursor.fetchall()[0][0]
+            rows = cursor.fetchall()
             floor.append(time.perf_counter() - started)
+            if not rows:
+                fail("the raw heartbeat matched no row: its fence missed")
+            fence["xmin"] = rows[0][0]
     db.close()
     raw.close()
     return ours, floor
 
 
 def main():
-    with database() as (cluster, url), tempfile.TemporaryDirectory() as workdir:
+    with database() as (_, url), tempfile.TemporaryDirectory() as workdir:
         for reaper in (False, True):
-            beats, calls, other = statements_per_heartbeat(url, workdir, reaper=reaper)
-            table(f"Statements per heartbeat (pg_stat_statements, one daemon, reaper {'on' if reaper else 'off'})",
-                  ("statement", "calls"), [(f"heartbeat ({beats} heartbeats logged)", calls)] + other)
-            print(f"\nsteady state: {calls / beats:.3f} heartbeat statements per heartbeat, one round trip each "
-                  f"(async protocol, no BEGIN/COMMIT); other statements: start-up and deregister only.")
-        daemons, seconds, scans, separate = reaper_statements(url, workdir)
-        print(f"reaper: {daemons} daemons at 1 s for {seconds}s: {scans} stale scan(s) through the gate "
-              f"(at most one per 10 s fleet-wide), {separate} reap statements besides the heartbeats.")
+            logged, rows = statements_per_heartbeat(url, workdir, reaper)
+            if not logged:
+                fail("the daemon logged no heartbeat")
+            per_kind = {}
+            for k, _, calls in rows:
+                per_kind[k] = per_kind.get(k, 0) + calls
+            heartbeats = sum(c for k, c in per_kind.items() if k.startswith("heartbeat"))
+            table(f"Statements of one daemon (pg_stat_statements), reaper {'on' if reaper else 'off'}, "
+                  f"{logged} heartbeats logged", ("kind", "statement", "calls", "per heartbeat logged"),
+                  [(k, text, calls, f"{calls / logged:.3f}") for k, text, calls in rows])
+            print(f"\n{heartbeats} heartbeat statement(s) for {logged} heartbeats logged ({heartbeats / logged:.3f} "
+                  f"each), {per_kind.get('transaction control', 0)} BEGIN/COMMIT/ROLLBACK; "
+                  f"{per_kind.get('other', 0)} other statement(s) in the whole run (start-up, placement passes, "
+                  f"assignment reads, deregistration): {per_kind.get('other', 0) / logged:.2f} per heartbeat at "
+                  f"{config_module.MIN_HEARTBEAT_INTERVAL:g} s.")
+        scans, separate = reaper_statements(url, workdir)
+        print(f"reaper: {REAPER_DAEMONS} daemons at 1 s for {REAPER_SECONDS:g} s: the gate opened {scans} time(s) "
+              f"(its bound: {math.floor(REAPER_SECONDS / REAP_PERIOD) + 1}, one per {REAP_PERIOD:g} s fleet-wide); "
+              f"{separate} reap statement(s) besides the heartbeats.")
         medians, p99s = [], []
         for _ in range(RUNS):
             ours, floor = latency(url)
@@ -130,9 +164,10 @@ def main():
         floor_med = median([m[1] for m in medians])
         ours_p99 = median([p[0] for p in p99s])
         floor_p99 = median([p[1] for p in p99s])
-        table(f"Heartbeat latency, {ITERATIONS} each, median of {RUNS} runs",
-              ("measure", "daemon heartbeat()", "raw psycopg2 UPDATE", "ratio", "target"), [
-                  ("median", f"{ours_med * 1e6:.0f} us", f"{floor_med * 1e6:.0f} us", f"{ours_med / floor_med:.2f}", "<= 1.2"),
+        table(f"Heartbeat latency, {len(ours)} each, median of {RUNS} runs",
+              ("measure", "daemon heartbeat()", "baseline: raw psycopg2, same statement", "ratio", "target"), [
+                  ("median", f"{ours_med * 1e6:.0f} us", f"{floor_med * 1e6:.0f} us", f"{ours_med / floor_med:.2f}",
+                   "<= 1.2"),
                   ("p99", f"{ours_p99 * 1e6:.0f} us", f"{floor_p99 * 1e6:.0f} us", f"{ours_p99 / floor_p99:.2f}", "-"),
               ])
 

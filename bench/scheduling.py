@@ -5,24 +5,26 @@ another tenth dead. Baseline measured in the same run: each sensor inserted on a
 worker offering its runtime, with no lock and no load ordering (what a placer costs at the
 least, and what balance looks like without it).
 
-Knobs: BENCH_WORKERS (default 1000), BENCH_SENSORS (default 10 per worker), BENCH_PLACERS (4).
-The issue's full size is BENCH_WORKERS=10000 BENCH_SENSORS=100000.
+Knobs: BENCH_WORKERS (default 1000), BENCH_SENSORS (default 10 per worker), BENCH_PLACERS (4);
+BENCH_QUICK=1: 20 workers, 60 sensors. The issue's full size is BENCH_WORKERS=10000
+BENCH_SENSORS=100000.
 """
 
-import os
 import random
-import subprocess
 import sys
+import tempfile
 import time
 
 import psycopg2
 
-from common import database, insert_workers, table
+from common import Daemon, daemon_env, database, fail, insert_workers, knob, run_processes, table, write_config
 
-WORKERS = int(os.environ.get("BENCH_WORKERS", "1000"))
-SENSORS = int(os.environ.get("BENCH_SENSORS", str(WORKERS * 10)))
-PLACERS = int(os.environ.get("BENCH_PLACERS", "4"))
+WORKERS = knob("BENCH_WORKERS", 1000, 20)
+SENSORS = knob("BENCH_SENSORS", WORKERS * 10, WORKERS * 3)
+PLACERS = knob("BENCH_PLACERS", 4, 4)
 CAPACITY = 12
+# the real daemon's failover: the longest it may take before the bench gives up (and fails)
+FAILOVER_SECONDS = 300
 
 
 def scheduler_for(url):
@@ -61,6 +63,11 @@ def prepare(url):
     return conn
 
 
+def placed_count(cursor):
+    cursor.execute("SELECT count(worker_id) FROM attune_sensor.assignment")
+    return cursor.fetchone()[0]
+
+
 def loads(cursor):
     cursor.execute("SELECT w.id, count(a.sensor_ref), (w.capabilities ->> 'max_concurrent_sensors')::int "
                    "FROM worker w LEFT JOIN attune_sensor.assignment a ON a.worker_id = w.id "
@@ -88,22 +95,25 @@ def baseline(url):
         runtime = ("python", "node", "shell")[n % 3]
         cursor.execute("INSERT INTO attune_sensor.assignment (sensor_ref, runtime, worker_id, assigned_at) "
                        "VALUES (%s, %s, %s, now())", (f"sensor.{n}", runtime, random.choice(offering[runtime])))
-    rate = SENSORS / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    placed = placed_count(cursor)
     ratio, over = balance(loads(cursor))
     conn.close()
-    return rate, ratio, over
+    return placed / seconds, placed, ratio, over
 
 
 def ours(url):
     conn = prepare(url)
     cursor = conn.cursor()
     per = SENSORS // PLACERS
+    bounds = [(p * per, (p + 1) * per if p < PLACERS - 1 else SENSORS) for p in range(PLACERS)]
     started = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "placer", url, str(p * per), str((p + 1) * per)])
-             for p in range(PLACERS)]
-    for proc in procs:
-        proc.wait()
-    rate = per * PLACERS / (time.perf_counter() - started)
+    # bounded generously (50 ms a placement, over 10 minutes); a placer that fails ends the bench
+    run_processes([[__file__, "placer", url, str(a), str(b)] for a, b in bounds], timeout=600 + SENSORS * 0.05,
+                  what="placer")
+    seconds = time.perf_counter() - started
+    placed_by_placers = placed_count(cursor)
+    rate = placed_by_placers / seconds
     ratio, over = balance(loads(cursor))
     # online least-loaded cannot foresee later sensors' constraints; rebalance evens out the rest
     db, scheduler = scheduler_for(url)
@@ -136,7 +146,7 @@ def ours(url):
     ratio_after, over_after = balance(loads(cursor))
     daemon = daemon_failover(url, cursor)
     conn.close()
-    return {"rate": rate, "ratio": ratio, "over": over, "total": total, "distinct": distinct, "placed": placed,
+    return {"rate": rate, "placed_by_placers": placed_by_placers, "ratio": ratio, "over": over, "total": total, "distinct": distinct, "placed": placed,
             "released": len(released), "moved": len(moved), "replace_seconds": replace_seconds,
             "after": after, "ratio_after": ratio_after, "over_after": over_after,
             "rebalance_moves": rebalance_moves, "rebalance_seconds": rebalance_seconds,
@@ -149,10 +159,6 @@ def daemon_failover(url, cursor):
     daemon (heartbeat 10 s, the platform's default) starts and re-places their sensors with its
     own passes, bounded to half an interval each. Seconds from its start to the last
     placement it made."""
-    import tempfile
-
-    from common import ATTUNE_SENSOR
-
     # the tenth that died above comes back empty, so that the fleet can hold every sensor again
     cursor.execute("UPDATE worker SET status = 'active', last_heartbeat = now() WHERE status = 'inactive'")
     cursor.execute("UPDATE worker SET last_heartbeat = now() - interval '1 hour', "
@@ -161,39 +167,19 @@ def daemon_failover(url, cursor):
     dead = [row[0] for row in cursor.fetchall()]
     cursor.execute("SELECT count(*) FROM attune_sensor.assignment WHERE worker_id = ANY(%s)", (dead,))
     held = cursor.fetchone()[0]
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(f"database: {{url: '{url}', statement_timeout: 30}}\n"
-                     "sensor: {worker_name: bench-daemon, heartbeat_interval: 10, max_concurrent_sensors: 12}\n")
     cursor.execute("SELECT now()")
     started_at = cursor.fetchone()[0]
-    started = time.perf_counter()
-    # its log goes to a file: a pipe read only at the end fills up (a mass reap logs a line per
-    # worker) and blocks the daemon's logging, and so the daemon
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([ATTUNE_SENSOR, "--config", handle.name, "run"], stdout=log,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, ATTUNE_SENSOR_RUNTIMES="shell"))
-    # done when nothing is left on the dead workers and nothing is pending, or when the pending
-    # count has not moved for 120 s: what stays pending has no eligible worker with room
-    seconds, pending, last_change, last = None, None, time.perf_counter(), None
-    while time.perf_counter() - started < 300:
-        cursor.execute("SELECT count(*) FILTER (WHERE worker_id = ANY(%s)), count(*) FILTER (WHERE worker_id IS NULL), "
-                       "extract(epoch FROM max(assigned_at) - %s)::float8 FROM attune_sensor.assignment",
-                       (dead, started_at))
-        on_dead, pending, latest = cursor.fetchone()
-        if (on_dead, pending) != last:
-            last, last_change = (on_dead, pending), time.perf_counter()
-        if on_dead == 0 and (pending == 0 or time.perf_counter() - last_change > 120):
-            seconds = latest
-            break
-        time.sleep(0.5)
-    proc.terminate()
-    proc.wait(60)
-    log.seek(0)
-    output = log.read()
-    log.close()
-    os.unlink(handle.name)
+    with tempfile.TemporaryDirectory() as workdir:
+        config = write_config(workdir, url, "bench-daemon", database={"statement_timeout": 30},
+                              heartbeat_interval=10, max_concurrent_sensors=CAPACITY)
+        # its log goes to a file (common.Daemon): a pipe read only at the end fills up after a
+        # mass reap and blocks the daemon in its logging
+        with Daemon(config, env=daemon_env(ATTUNE_SENSOR_RUNTIMES="shell"), name="the failover daemon") as daemon:
+            seconds, pending = wait_for_failover(cursor, daemon, dead, started_at)
+            daemon.stop_cleanly(60)
+            output = daemon.lines
     # the daemon's own account, with its timestamps: registration, each pass, each reaping beat
-    passes = [line.split(" (")[0][:160] for line in output.splitlines()
+    passes = [line.split(" (")[0][:160] for line in output
               if "Sensors re-placed" in line or "Registered" in line or "heartbeat:" in line]
     for line in passes:
         print("  daemon:", line)
@@ -201,16 +187,40 @@ def daemon_failover(url, cursor):
     return {"dead": len(dead), "held": held, "seconds": seconds, "passes": passes, "pending": pending}
 
 
+def wait_for_failover(cursor, daemon, dead, started_at):
+    """(seconds from the daemon's start to its last placement, sensors left pending): done when
+    nothing is left on the dead workers and nothing is pending, or when the pending count has not
+    moved for 120 s (what stays pending has no eligible worker with room). Fails when the daemon
+    exits, or after FAILOVER_SECONDS."""
+    started = time.perf_counter()
+    last, last_change = None, started
+    while True:
+        daemon.check_running("its placement passes")
+        cursor.execute("SELECT count(*) FILTER (WHERE worker_id = ANY(%s)), count(*) FILTER (WHERE worker_id IS NULL), "
+                       "extract(epoch FROM max(assigned_at) - %s)::float8 FROM attune_sensor.assignment",
+                       (dead, started_at))
+        on_dead, pending, latest = cursor.fetchone()
+        if (on_dead, pending) != last:
+            last, last_change = (on_dead, pending), time.perf_counter()
+        if on_dead == 0 and (pending == 0 or time.perf_counter() - last_change > 120):
+            return latest, pending
+        if time.perf_counter() - started > FAILOVER_SECONDS:
+            fail(f"{daemon.name} left {on_dead:,} sensors on dead workers and {pending:,} pending after "
+                 f"{FAILOVER_SECONDS} s; its last lines:\n{daemon.tail()}")
+        time.sleep(0.5)
+
+
 def main():
     with database() as (_, url):
-        base_rate, base_ratio, base_over = baseline(url)
+        base_rate, base_placed, base_ratio, base_over = baseline(url)
     with database() as (_, url):
         result = ours(url)
     table(f"Placing {SENSORS:,} sensors over {WORKERS:,} workers (capacity {CAPACITY}), {PLACERS} placers",
-          ("placer", "placements/s", "largest load / mean", "workers over capacity"),
-          [("baseline: random worker, no lock, no ordering", f"{base_rate:,.0f}", f"{base_ratio:.2f}", base_over),
-           ("attune-sensor Scheduler.place (least loaded, locked)", f"{result['rate']:,.0f}",
-            f"{result['ratio']:.2f}", result["over"])])
+          ("placer", "placed", "placements/s", "largest load / mean", "workers over capacity"),
+          [("baseline: random worker, no lock, no ordering", f"{base_placed:,}", f"{base_rate:,.0f}",
+            f"{base_ratio:.2f}", base_over),
+           ("attune-sensor Scheduler.place (least loaded, locked)", f"{result['placed_by_placers']:,}",
+            f"{result['rate']:,.0f}", f"{result['ratio']:.2f}", result["over"])])
     print(f"\nrebalance after placing: {result['rebalance_moves']:,} moves in {result['rebalance_seconds']:.1f} s, "
           f"largest load / mean {result['ratio']:.2f} -> {result['ratio_rebalanced']:.2f} (goal <= 1.05)")
     joined, moves, seconds, before, after, over = result["joined"]
@@ -222,7 +232,7 @@ def main():
           [(f"{result['moved']:,}", f"{result['replace_seconds']:.1f}", f"{total:,} / {distinct:,} / {placed:,}",
             f"{result['ratio_after']:.2f}", result["over_after"])])
     daemon = result["daemon"]
-    seconds = "not within 300 s" if daemon["seconds"] is None else f"{daemon['seconds']:.1f} s"
+    seconds = "-" if daemon["seconds"] is None else f"{daemon['seconds']:.1f} s"
     print(f"\nanother {daemon['dead']:,} workers stop heartbeating, holding {daemon['held']:,} sensors: a real daemon "
           f"(heartbeat 10 s) made its last placement {seconds} after it started, in {daemon['passes']} pass(es) "
           "(its start-up included)" + (f"; {daemon['pending']:,} stay pending: no eligible worker has room"
