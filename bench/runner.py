@@ -7,9 +7,9 @@
    on the survivor, against the target stale threshold + 10 s + 2 s;
 3. footprint: the daemon's RSS, CPU and threads while supervising 0, 10 and 100 idle sensors.
 
-Sizes: BENCH_SENSORS (latency samples, default 10), BENCH_FAILOVER (default 20),
-BENCH_IDLE ("0,10,100"), BENCH_WINDOW (seconds of CPU measured, default 20); BENCH_PARTS
-("latency,failover,footprint") picks parts. Exits non-zero
+Sizes (BENCH_QUICK=1: 2, 2, "0,2", 2 s): BENCH_SENSORS (latency samples, default 10),
+BENCH_FAILOVER (default 20), BENCH_IDLE ("0,10,100"), BENCH_WINDOW (seconds of CPU measured,
+default 20); BENCH_PARTS ("latency,failover,footprint") picks parts. Exits non-zero
 when a daemon dies or anything it waits for never comes.
 """
 
@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ATTUNE_SENSOR, ROOT, database, median, percentile, table
+from common import ATTUNE_SENSOR, ROOT, database, fail, knob, median, percentile, table
 
-SENSORS = int(os.environ.get("BENCH_SENSORS", "10"))
-FAILOVER = int(os.environ.get("BENCH_FAILOVER", "20"))
-IDLE = [int(n) for n in os.environ.get("BENCH_IDLE", "0,10,100").split(",")]
-WINDOW = float(os.environ.get("BENCH_WINDOW", "20"))
+SENSORS = knob("BENCH_SENSORS", 10, 2)
+FAILOVER = knob("BENCH_FAILOVER", 20, 2)
+IDLE = [int(n) for n in knob("BENCH_IDLE", "0,10,100", "0,2", str).split(",")]
+WINDOW = knob("BENCH_WINDOW", 20.0, 2.0, float)
 PARTS = os.environ.get("BENCH_PARTS", "latency,failover,footprint").split(",")
 INTERVAL = 0.5
 MULTIPLIER = 3
@@ -41,10 +41,6 @@ while True:
 IDLE_SENSOR = "while true; do sleep 3600; done\n"
 
 
-class Failed(Exception):
-    pass
-
-
 def wait_for(predicate, timeout, what, daemons=()):
     deadline = time.monotonic() + timeout
     while True:
@@ -53,9 +49,9 @@ def wait_for(predicate, timeout, what, daemons=()):
             return value
         for daemon in daemons:
             if daemon.poll() is not None:
-                raise Failed(f"a daemon exited ({daemon.returncode}) while waiting for {what}")
+                fail(f"a daemon exited ({daemon.returncode}) while waiting for {what}")
         if time.monotonic() > deadline:
-            raise Failed(f"timed out after {timeout}s waiting for {what}")
+            fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
 
 
@@ -99,7 +95,7 @@ def place(url, ref, entrypoint, runtime, out):
                              "--env", f"OUT={out}"], env={"DATABASE_URL": url, "PATH": os.environ["PATH"]},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
     if result.returncode not in (0, 1):
-        raise Failed(f"place {ref} exited {result.returncode}: {result.stderr.strip()}")
+        fail(f"place {ref} exited {result.returncode}: {result.stderr.strip()}")
 
 
 def first_line(path):
@@ -154,7 +150,7 @@ def latency(flavour, url, workdir):
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
     if daemon.returncode != 0:
-        raise Failed(f"the {flavour} daemon exited {daemon.returncode}")
+        fail(f"the {flavour} daemon exited {daemon.returncode}")
     return at_once, cadence
 
 
@@ -220,7 +216,7 @@ def footprint(url, workdir):
                 before = cpu_seconds(daemon.pid)
                 time.sleep(WINDOW)
                 if daemon.poll() is not None:
-                    raise Failed(f"{name} exited {daemon.returncode}")
+                    fail(f"{name} exited {daemon.returncode}")
                 cpu = cpu_seconds(daemon.pid) - before
                 status = proc_status(daemon.pid)
                 rows.append((count, len(children(daemon.pid)), status["VmRSS"], status["Threads"],
@@ -301,8 +297,4 @@ def measure_latency(cluster, url, workdir):
           ("path", "samples", "median", "p99"), rows)
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Failed as exc:
-        print(f"bench/runner.py: {exc}", file=sys.stderr)
-        sys.exit(1)
+    main()

@@ -30,6 +30,8 @@ TABLES = {
     "queries": ["Queries at 200 workers"],
     "detection": ["Dead-worker detection"],
     "scheduling": ["Placing 60 sensors over 20 workers", "A tenth of the workers die at once"],
+    "runner": ["placed -> running", "failover of a killed worker's running sensors",
+               "the daemon supervising idle sensors"],
 }
 # runs that must fail, quickly and clearly: (bench, extra environment, what stderr says)
 FAILING = {
