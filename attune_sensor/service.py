@@ -24,7 +24,7 @@ from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissi
 from .migrations import OWN_SCHEMA_VERSION
 from .notify import Notifier, check_watchdog_fits
 from .registration import SensorWorkerRegistration
-from .runner import fence, launch, report
+from .runner import fence, launch, leftovers, report
 from .runner.supervisor import SensorSpec, Supervisor
 from .scheduler import Scheduler
 from .signals import SignalFlags
@@ -76,7 +76,8 @@ class SensorService:
         self._my_sensors = None  # {ref: row} last read; None before the first read
         self._api_token = ""
         self.supervisor = Supervisor(self._launch, config.sensor.max_concurrent_sensors,
-                                     config.sensor.sensor_timeout, clock=clock)
+                                     config.sensor.sensor_timeout, clock=clock,
+                                     record=leftovers.record_path(config.sensor.worker_name, self.environ))
         self._last_ok = None  # clock() when the last heartbeat that succeeded was sent
         self._fenced = False  # sensors stopped for lack of heartbeats, until one succeeds
         self._reported = None  # the sensor states last written (runner/report.py)
@@ -92,6 +93,7 @@ class SensorService:
         if sensor.heartbeat_interval is not None:
             check_watchdog_fits(sensor.heartbeat_interval, self.environ)
         self._api_token = self._read_token(self.config)
+        leftovers.reap(self.supervisor.record)  # what a daemon killed with SIGKILL left running
         previous = self.signals.install()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",

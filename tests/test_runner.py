@@ -65,6 +65,20 @@ def place(url, ref, entrypoint, runtime="python", *env):
     return run_cli(*args, env={"DATABASE_URL": url})
 
 
+def _group(pgid):
+    """Pids of the processes in process group `pgid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
@@ -127,15 +141,21 @@ def test_placed_sensors_run_with_the_platform_contract_and_stop_with_the_daemon(
 
 
 def test_a_daemon_killed_with_sigkill_leaves_no_sensor_running(spec_db_url, tmp_path):
-    base = packs(tmp_path, **{"py.py": PY_SENSOR, "sh.sh": SH_SENSOR})
+    base = packs(tmp_path, **{"py.py": PY_SENSOR, "sh.sh": SH_SENSOR,
+                              "sleeps.sh": 'echo $$ > "$OUT"\nwhile true; do sleep 30; done\n'})
     place(spec_db_url, "k.py", "demo/sensors/py.py", "python", f"OUT={tmp_path / 'k.out'}")
     place(spec_db_url, "k.sh", "demo/sensors/sh.sh", "shell", f"OUT={tmp_path / 'k.sh.out'}")
+    place(spec_db_url, "k.sleeps", "demo/sensors/sleeps.sh", "shell", f"OUT={tmp_path / 'k.sleeps.out'}")
     daemon = start(tmp_path, spec_db_url, "sensor-kill9", base, env={"DATABASE_URL": spec_db_url})
     try:
         daemon.wait_for_line("sensor k.py: tick")
         daemon.wait_for_line("sensor k.sh: shell-tick")
         pid = json.loads((tmp_path / "k.out.seen.json").read_text())["pid"]
         shell_pid = int((tmp_path / "k.sh.out").read_text().split()[0])
+        sleeps_pid = int(wait_for(lambda: (tmp_path / "k.sleeps.out").exists()
+                                  and (tmp_path / "k.sleeps.out").read_text().strip()))
+        sleeper = wait_for(lambda: [p for p in _group(sleeps_pid) if p != sleeps_pid], timeout=5,
+                           what="the shell sensor's sleep")[0]
         daemon.proc.kill()
         daemon.wait(10)
         wait_for(lambda: not alive(pid) and not alive(shell_pid), timeout=5, what="the sensors to die with the daemon")
@@ -144,6 +164,15 @@ def test_a_daemon_killed_with_sigkill_leaves_no_sensor_running(spec_db_url, tmp_
         assert (tmp_path / "k.out").stat().st_size == size  # nothing writes any more
     finally:
         daemon.stop()
+    # what the shell sensor started outlives it (PR_SET_PDEATHSIG reaches its own process only)
+    # until this worker's next daemon starts: it kills the group before it registers
+    assert alive(sleeper)
+    again = start(tmp_path, spec_db_url, "sensor-kill9", base, env={"DATABASE_URL": spec_db_url})
+    try:
+        again.wait_for_line("left behind")
+        assert not alive(sleeper)
+    finally:
+        again.stop()
 
 
 def test_sigterm_kills_a_sensor_that_ignores_it_after_sensor_timeout_then_deregisters(spec_db_url, tmp_path):

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .. import logs
+from . import leftovers
 from .launch import LaunchRefused
 
 log = logs.get("runner")
@@ -152,8 +153,10 @@ class _Child:
 class Supervisor:
     """`launcher(spec) -> (argv, env, cwd)` may raise LaunchRefused. Times are on `clock`."""
 
-    def __init__(self, launcher, max_running=10, sensor_timeout=30.0, clock=time.monotonic):
+    def __init__(self, launcher, max_running=10, sensor_timeout=30.0, clock=time.monotonic, record=None):
         self.launcher = launcher
+        self.record = record  # where the children's process groups are noted (leftovers.py)
+        self._groups = {}  # pgid -> leader start time
         self.max_running = max_running
         self.sensor_timeout = sensor_timeout
         self.clock = clock
@@ -333,6 +336,10 @@ class Supervisor:
             child.streams.append((pipe, stream))
             self._by_fd[fd] = (child, stream)
         log.info("sensor %s started (pid %d): %s", spec.ref, proc.pid, " ".join(argv), extra={"sensor_ref": spec.ref})
+        started = leftovers.leader_start(proc.pid)
+        if started is not None:
+            self._groups[proc.pid] = started
+            leftovers.write(self.record, self._groups)
         return True
 
     def _stop(self, child, now, kill_by):
@@ -408,6 +415,8 @@ class Supervisor:
             if stream.fd in self._by_fd:
                 self._close(child, stream)
         self._signal(child, signal.SIGKILL)  # what it started and left behind, in its group
+        if self._groups.pop(proc.pid, None) is not None:
+            leftovers.write(self.record, self._groups)
         code = proc.returncode
         ran = now - (child.started_at or now)
         child.proc, child.kill_at = None, None
