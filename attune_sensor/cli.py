@@ -283,19 +283,25 @@ def cmd_check(args):
     if worker["stale"]:
         print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
         return CHECK_CRITICAL
-    failed = _failed_sensors(config)
+    mine = _my_sensor_states(config)
+    failed = [(r["sensor_ref"], " ".join(str(r["detail"] or "").split())[:200]) for r in mine if r["state"] == "failed"]
     if failed:
         shown = "; ".join(f"{ref}: {detail}" for ref, detail in failed[:3])
         print(f"CRITICAL: worker {name} (id {worker['id']}): {len(failed)} placed sensor(s) failed ({shown})")
         return CHECK_CRITICAL
     cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
     sensors = "" if worker["sensors"] is None else f", {worker['sensors']} of {worker['capacity']} sensors placed"
-    print(f"OK: worker {name} (id {worker['id']}) active{cordoned}{sensors}, last heartbeat {age}")
+    states = {}
+    for row in mine:
+        states[_state(row)] = states.get(_state(row), 0) + 1
+    running = f" ({', '.join(f'{n} {state}' for state, n in sorted(states.items()))})" if states else ""
+    print(f"OK: worker {name} (id {worker['id']}) active{cordoned}{sensors}{running}, last heartbeat {age}")
     return CHECK_OK
 
 
-def _failed_sensors(config):
-    """[(ref, detail)] of this worker's sensors in state failed, as it last reported them."""
+def _my_sensor_states(config):
+    """This worker's placements with their states as it last reported them ([] when this
+    role may not read them: check still judges the worker)."""
     try:
         scheduler, db = _scheduler(config)
     except AttuneSensorError:
@@ -306,7 +312,7 @@ def _failed_sensors(config):
         return []
     finally:
         db.close()
-    return [(r["sensor_ref"], " ".join(str(r["detail"] or "").split())[:200]) for r in rows if r["state"] == "failed"]
+    return rows
 
 
 def cmd_metrics(args):

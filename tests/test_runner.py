@@ -131,6 +131,9 @@ def test_placed_sensors_run_with_the_platform_contract_and_stop_with_the_daemon(
         capabilities = wait_for(lambda: (c := worker_row(db_url, "sensor-run1")["capabilities"])
                                 .get("sensor_processes_running") == 2 and c)
         assert capabilities["sensor_processes_monitored"] == 2
+        config = daemon_config(tmp_path, db_url, "sensor-run1", base)
+        check = run_cli("--config", config, "check")
+        assert check.returncode == 0 and "2 of 10 sensors placed (2 running)" in check.stdout, check.stdout
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     finally:
