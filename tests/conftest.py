@@ -1,6 +1,8 @@
 """Shared fixtures: a real PostgreSQL cluster, databases migrated from a template, a real
 systemd notify socket, and the real daemon as a subprocess. Plain helpers are in support.py."""
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +14,25 @@ sys.path.insert(0, str(ROOT / "packaging"))  # pgcluster.py: shared with the dem
 import platform_db  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 from support import Daemon, NotifySocket, attune_database, run_cli, spec_database, unique_name  # noqa: E402
+
+
+# No test may wait forever for an event that never comes: it fails after this many seconds
+# (its function-scoped fixtures included) and the run goes on.
+TEST_TIMEOUT = int(os.environ.get("ATTUNE_TEST_TIMEOUT", "600"))
+
+
+@pytest.fixture(autouse=True)
+def _test_timeout():
+    def expired(signum, frame):
+        raise TimeoutError(f"this test ran longer than {TEST_TIMEOUT}s (ATTUNE_TEST_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

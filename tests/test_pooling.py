@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 
 import pytest
 
@@ -52,6 +53,19 @@ def test_pgbouncer_and_the_platforms_schema_without_its_search_path(attune_url, 
     pooled_lifecycle(attune_url, pgbouncer, tmp_path, daemons)
 
 
+def keep_busy(url, stop):
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            while not stop.is_set():
+                cursor.execute("SELECT pg_sleep(0.03)")
+    finally:
+        conn.close()
+
+
 def pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons):
     url = db_url.rsplit(":", 1)[0] + f":{pgbouncer}/" + db_url.rsplit("/", 1)[1]
     path = config_for(tmp_path, url, "sensor-pooled", capabilities={"runtimes": ["shell"]},
@@ -59,8 +73,33 @@ def pooled_lifecycle(db_url, pgbouncer, tmp_path, daemons):
     # pending sensors: the daemon places them when it registers, in batches whose placement
     # statement is prepared and executed inside one pooled transaction
     add_pending_sensors(db_url, 150, "shell", prefix="pooled.")
+    # which server backend ran each of this worker's writes: transaction pooling hands a client
+    # whichever server connection is free, so with other clients busy they must land on several
+    query(db_url, "CREATE TABLE public.test_backends (pid int); "
+                  "CREATE FUNCTION public.test_note_backend() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN INSERT INTO public.test_backends VALUES (pg_backend_pid()); RETURN NULL; END $$; "
+                  "SET search_path TO public, attune; "
+                  "CREATE TRIGGER test_note_backend AFTER UPDATE ON worker FOR EACH ROW "
+                  "WHEN (NEW.name = 'sensor-pooled') EXECUTE FUNCTION public.test_note_backend()")
+    others = [daemons(config_for(tmp_path, url, f"sensor-pooled-{n}", capabilities={"runtimes": ["shell"]}))
+              for n in (1, 2, 3)]
+    busy, stop = [], threading.Event()
+    for _ in range(3):  # clients holding server connections in short transactions
+        thread = threading.Thread(target=keep_busy, args=(url, stop), daemon=True)
+        thread.start()
+        busy.append(thread)
     daemon = daemons(path)
-    daemon.wait_for_line("heartbeat: worker", count=3)
+    try:
+        daemon.wait_for_line("heartbeat: worker", count=3)
+        wait_for(lambda: query(db_url, "SELECT count(DISTINCT pid) FROM public.test_backends")[0][0] >= 2, 20,
+                 what="the worker's heartbeats served by two server backends or more")
+    finally:
+        stop.set()
+        for thread in busy:
+            thread.join(5)
+    for other in others:
+        other.signal(signal.SIGTERM)
+        assert other.wait() == 0
     assert query(db_url, "SET search_path TO public, attune; "
                          "SELECT count(*) FROM attune_sensor.assignment a JOIN worker w ON w.id = a.worker_id "
                          "WHERE w.name = 'sensor-pooled'")[0][0] == 150
