@@ -193,13 +193,10 @@ def test_sigterm_during_start_retry_exits_0_promptly(cluster, db_url, tmp_path, 
     try:
         daemon = daemons(config_for(tmp_path, db_url, "sensor-giveup"), notify=notify_socket)
         notify_socket.wait_for("EXTEND_TIMEOUT_USEC=")
-        started = time.monotonic()
         daemon.signal(signal.SIGTERM)
-        assert daemon.wait(timeout=10) == 0
-        elapsed = time.monotonic() - started
+        assert daemon.wait(timeout=10) == 0  # not after its backoff: the signal cuts the wait short
     finally:
         cluster.start()
-    assert elapsed < 10
     assert worker_row(db_url, "sensor-giveup") is None
 
 

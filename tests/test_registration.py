@@ -20,12 +20,11 @@ def make(url, name, **sensor):
 
 
 def test_register_heartbeat_deregister(db_url):
-    registration, db = make(db_url, "api-1")
+    registration, db = make(db_url, "api-1", worker_type="remote")
     worker_id = registration.register()
     assert registration.worker_id == worker_id and registration.worker_name == "api-1"
     row = worker_row(db_url, "api-1")
-    assert (row["id"], row["status"], row["role"], row["worker_type"]) == (worker_id, "active", "sensor",
-                                                                            registration.worker_type)
+    assert (row["id"], row["status"], row["role"], row["worker_type"]) == (worker_id, "active", "sensor", "remote")
     before = row["last_heartbeat"]
     assert registration.heartbeat() is True
     assert worker_row(db_url, "api-1")["last_heartbeat"] > before
