@@ -18,42 +18,75 @@ CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
 EX_SOFTWARE = 70
 
 
+# Bounds on what the command line may carry (docs: README, "Commands").
+MAX_REF = 255            # a sensor ref, as the scheduler stores it
+MAX_WORKER_NAME = 255
+MAX_REPEATED = 64        # --selector, --tolerate, --env: each at most this many times
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error, and
+    never echoes a control character it was given."""
+
+    def error(self, message):
+        sys.stderr.write(f"attune-sensor: {_one_line(message)} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _one_line(text):
+    """`text` with every character that is not printable escaped: one line, whatever it holds."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
 def _parser():
-    parser = argparse.ArgumentParser(
+    # --config is accepted after the command too (attune-sensor workers --config F); SUPPRESS
+    # keeps a subcommand from resetting what was given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="configuration file (default: $ATTUNE_CONFIG, else /etc/attune/config.yaml, else "
+                             "/etc/attune/attune.yaml)")
+    parser = _Parser(
         prog="attune-sensor",
         description="Attune sensor worker: registers this host in the shared PostgreSQL worker "
                     "table, sends heartbeats, and deregisters on stop.",
-        epilog="Configuration: --config PATH, else $ATTUNE_CONFIG, else /etc/attune/config.yaml; "
-               "DATABASE_URL and ATTUNE__<SECTION>__<KEY> override the file. Exit codes: 0 ok, "
-               "1 failure, 2 usage, 69 database unreachable, 78 configuration error.",
+        epilog="Configuration: --config PATH (before or after the command), else $ATTUNE_CONFIG, else "
+               "/etc/attune/config.yaml, else /etc/attune/attune.yaml; DATABASE_URL, ATTUNE_API_URL, "
+               "ATTUNE_MQ_URL, ATTUNE_PACKS_BASE_DIR and ATTUNE__<SECTION>__<KEY> override the file. Exit codes: "
+               "0 ok, 1 failure, 2 usage, 69 database unreachable, 78 configuration error.",
     )
-    parser.add_argument("--config", metavar="PATH", help="configuration file (default: $ATTUNE_CONFIG or /etc/attune/config.yaml)")
+    parser.add_argument("--config", metavar="PATH", help="configuration file (default: $ATTUNE_CONFIG, else "
+                                                         "/etc/attune/config.yaml, else /etc/attune/attune.yaml)")
     parser.add_argument("--version", action="version", version=f"attune-sensor {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    commands.add_parser("run", help="run the daemon: register, heartbeat, deregister on SIGTERM",
-                        description="Run the sensor worker daemon in the foreground (what systemd's ExecStart runs). "
-                                    "SIGTERM/SIGINT deregister and exit 0; SIGHUP reloads the configuration.")
+    def command(subparsers, name, help_text, description, **kwargs):
+        return subparsers.add_parser(name, help=help_text, description=description, parents=[common], **kwargs)
 
-    migrate = commands.add_parser("migrate", help="apply or list database schema migrations",
-                                  description="Manage the worker schema. Needs a role that may run DDL.")
-    migrate_commands = migrate.add_subparsers(dest="migrate_command", metavar="ACTION")
+    command(commands, "run", "run the daemon: register, heartbeat, deregister on SIGTERM",
+            "Run the sensor worker daemon in the foreground (what systemd's ExecStart runs). "
+            "SIGTERM/SIGINT deregister and exit 0; SIGHUP reloads the configuration.")
+
+    migrate = command(commands, "migrate", "apply or list database schema migrations",
+                      "Manage the worker schema. Needs a role that may run DDL.")
+    migrate_commands = migrate.add_subparsers(dest="migrate_command", metavar="ACTION", parser_class=_Parser)
     migrate_commands.required = True
-    migrate_run = migrate_commands.add_parser(
-        "run", help="apply pending migrations and grant the daemon role (safe to run from several hosts at once)",
-        description="On an empty database or the spec's schema: apply pending migrations. On the Attune "
-                    "platform's schema: change none of its objects, only grant attune_sensor_daemon what the "
-                    "daemon needs there. Both: create that role when allowed.")
+    migrate_run = command(
+        migrate_commands, "run", "apply pending migrations and grant the daemon role (safe to run from several hosts at once)",
+        "On an empty database or the spec's schema: apply pending migrations. On the Attune "
+        "platform's schema: change none of its objects, only grant attune_sensor_daemon what the "
+        "daemon needs there. Both: create that role when allowed.")
     migrate_run.add_argument("--tune-heartbeats", action="store_true",
                              help="on the platform's schema, opt in to HOT heartbeats: drop the index on "
                                   "last_heartbeat and lower the fillfactor (see 'migrate info')")
-    migrate_commands.add_parser("info", help="the worker table found (flavour, schema), applied and pending "
-                                             "migrations, the daemon role, and heartbeat tuning")
+    command(migrate_commands, "info", "the worker table found (flavour, schema), applied and pending migrations, the "
+                                      "daemon role, and heartbeat tuning",
+            "Print the worker table found (flavour, schema), the applied and pending migrations, the daemon "
+            "role and the heartbeat tuning advice. Changes nothing.")
 
-    workers = commands.add_parser("workers", help="list sensor workers of the fleet with a summary",
-                                  description="List sensor (and hybrid) workers: name, host, status, runtimes, "
-                                              "capacity and heartbeat age, then the fleet summary.")
+    workers = command(commands, "workers", "list sensor workers of the fleet with a summary",
+                      "List sensor (and hybrid) workers: name, host, status, runtimes, "
+                      "capacity and heartbeat age, then the fleet summary.")
     workers.add_argument("--runtime", metavar="R", help="only workers offering runtime R (e.g. python)")
     workers.add_argument("--stale", action="store_true", help="only active workers whose heartbeat is overdue")
     workers.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -61,43 +94,48 @@ def _parser():
                          help="after the list, print worker events (registered, deregistered, reaped) as they "
                               "happen, one line each (one JSON object per line with --json), until Ctrl-C")
 
-    commands.add_parser("check", help="monitoring probe for this host's worker (exit 0 OK, 2 critical, 3 unknown)",
-                        description="Check that this host's worker row is active with a recent heartbeat. "
-                                    "Prints one status line; exit 0 OK, 2 CRITICAL, 3 UNKNOWN.")
-    commands.add_parser("metrics", help="fleet gauges in the Prometheus text format",
-                        description="Print fleet gauges in the Prometheus text exposition format, for "
-                                    "node_exporter's textfile collector.")
-    place = commands.add_parser("place", help="place a sensor on one eligible worker (least loaded)",
-                                description="Place sensor SENSOR_REF on exactly one eligible sensor worker and print "
-                                            "its name. Exit 1, saying why, when none is eligible: the sensor stays "
-                                            "pending and is placed as soon as one is.")
+    command(commands, "check", "monitoring probe for this host's worker (exit 0 OK, 2 critical, 3 unknown)",
+            "Check that this host's worker row is active with a recent heartbeat. "
+            "Prints one status line; exit 0 OK, 2 CRITICAL, 3 UNKNOWN.")
+    command(commands, "metrics", "fleet gauges in the Prometheus text format",
+            "Print fleet gauges in the Prometheus text exposition format, for "
+            "node_exporter's textfile collector.")
+    place = command(commands, "place", "place a sensor on one eligible worker (least loaded)",
+                    "Place sensor SENSOR_REF on exactly one eligible sensor worker and print "
+                    "its name. Exit 1, saying why, when none is eligible: the sensor stays "
+                    "pending and is placed as soon as one is.")
     place.add_argument("sensor_ref", metavar="SENSOR_REF")
     place.add_argument("--runtime", required=True, metavar="R", help="the runtime the sensor needs")
     place.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
-                       help="a label the worker must have (repeatable)")
+                       help=f"a label the worker must have (repeatable, at most {MAX_REPEATED})")
     place.add_argument("--tolerate", action="append", default=[], metavar="TAINT",
-                       help="a taint the sensor tolerates, key[=value][:effect] (repeatable)")
+                       help=f"a taint the sensor tolerates, key[=value][:effect] (repeatable, at most {MAX_REPEATED})")
     place.add_argument("--entrypoint", metavar="PATH",
                        help="the script the worker runs, relative to its packs_base_dir (an absolute path only "
                             "inside it); without it the placement runs nothing (an external runtime's)")
     place.add_argument("--env", action="append", default=[], metavar="K=V",
-                       help="an environment variable for the sensor (repeatable; not PATH, LD_*, PYTHON*, "
-                            "NODE_OPTIONS or ATTUNE_*)")
-    commands.add_parser("rebalance", help="even out sensors over the eligible workers, moving as few as it can",
-                        description="Move sensors from the most loaded workers (sensors / max_concurrent_sensors) to "
-                                    "eligible less loaded ones, one at a time, only while a move makes the fleet "
-                                    "more even. Prints each move.")
-    unplace = commands.add_parser("unplace", help="forget a sensor's placement")
+                       help=f"an environment variable for the sensor (repeatable, at most {MAX_REPEATED}; not PATH, "
+                            "LD_*, PYTHON*, NODE_OPTIONS or ATTUNE_*)")
+    command(commands, "rebalance", "even out sensors over the eligible workers, moving as few as it can",
+            "Move sensors from the most loaded workers (sensors / max_concurrent_sensors) to "
+            "eligible less loaded ones, one at a time, only while a move makes the fleet "
+            "more even. Prints each move.")
+    unplace = command(commands, "unplace", "forget a sensor's placement",
+                      "Forget the placement of sensor SENSOR_REF: its worker stops it at its next read. Exit 1 "
+                      "when it is not placed.")
     unplace.add_argument("sensor_ref", metavar="SENSOR_REF")
-    assignments = commands.add_parser("assignments", help="sensors and the workers they are placed on")
-    assignments.add_argument("--worker", metavar="NAME", help="only this worker's sensors")
-    assignments.add_argument("--mine", action="store_true", help="only the sensors of this host's worker "
-                                                                 "(sensor.worker_name)")
+    assignments = command(commands, "assignments", "sensors and the workers they are placed on",
+                          "List placed and pending sensors: the worker each is placed on, and the state and pid "
+                          "of its process as that worker last reported them.")
+    whose = assignments.add_mutually_exclusive_group()
+    whose.add_argument("--worker", metavar="NAME", help="only this worker's sensors")
+    whose.add_argument("--mine", action="store_true", help="only the sensors of this host's worker "
+                                                           "(sensor.worker_name)")
     assignments.add_argument("--pending", action="store_true", help="only sensors waiting for a worker")
     assignments.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    show = commands.add_parser("config", help="print the effective configuration, secrets masked (exit 78 if invalid)",
-                               description="Print the configuration after file, environment and defaults are merged. "
-                                           "The database password is masked.")
+    show = command(commands, "config", "print the effective configuration, secrets masked (exit 78 if invalid)",
+                   "Print the configuration after file, environment and defaults are merged. "
+                   "The database password is masked.")
     show.add_argument("--is-configured", action="store_true",
                       help="print nothing; exit 0 once a database URL is set, 1 (saying what to set) before. "
                            "Other errors are left to 'run' to report. The unit's ExecCondition uses it.")
@@ -121,6 +159,11 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command != "run":
         signal.signal(signal.SIGHUP, previous_hup)
+    try:
+        _check_arguments(args)
+    except UsageError as exc:
+        print(f"attune-sensor: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
                "metrics": cmd_metrics, "config": cmd_config, "place": cmd_place, "unplace": cmd_unplace,
                "assignments": cmd_assignments, "rebalance": cmd_rebalance}[args.command]
@@ -130,7 +173,7 @@ def main(argv=None):
         if args.command == "check":
             print(f"UNKNOWN: {exc}")
             return CHECK_UNKNOWN
-        print(f"attune-sensor: {exc}", file=sys.stderr)
+        print(f"attune-sensor: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 0 if getattr(args, "watch", False) else 130
@@ -144,6 +187,89 @@ def main(argv=None):
 
 def _load(args):
     return config_module.load(args.config)
+
+
+# --- the command line's values, checked before anything is read or connected ------------------
+
+
+def _shown(value):
+    return ascii(value) if len(value) <= 60 else ascii(value[:57]) + "..."
+
+
+def _text(value, what, limit):
+    """One line of visible characters, valid UTF-8 (argv's undecodable bytes arrive as lone
+    surrogates), 1 to `limit` characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {_shown(value)}: is not valid UTF-8") from None
+    if not value or len(value) > limit:
+        raise UsageError(f"{what}: must be 1-{limit} characters, got {len(value)}")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise UsageError(f"{what} {_shown(value)}: holds a control or invisible character (U+{ord(bad):04X})")
+    return value
+
+
+def _pairs(items, what, meaning):
+    """KEY=VALUE arguments -> {key: value}, each key once, at most MAX_REPEATED."""
+    if len(items) > MAX_REPEATED:
+        raise UsageError(f"{what}: given {len(items)} times; at most {MAX_REPEATED}")
+    pairs = {}
+    for item in items:
+        key, sep, value = _text(item, what, 8192).partition("=")
+        if not sep:
+            raise UsageError(f"{what} {_shown(item)}: expected {meaning}")
+        if key in pairs:
+            raise UsageError(f"{what}: {_shown(key)} given twice")
+        pairs[key] = value
+    return pairs
+
+
+def _runtime(value):
+    from .runtimes import normalise
+
+    try:
+        names = normalise([_text(value, "--runtime", 64)])
+    except ValueError as exc:
+        raise UsageError(f"--runtime: {exc}") from None
+    if not names:
+        raise UsageError("--runtime: a runtime name is needed (e.g. python, shell)")
+    return names[0]
+
+
+def _check_arguments(args):
+    """Every value the command line carries, bounded and checked, replaced by its clean form:
+    a bad one is a usage error (exit 2) naming it, before any configuration or database."""
+    if getattr(args, "sensor_ref", None) is not None:
+        _text(args.sensor_ref, "SENSOR_REF", MAX_REF)
+    if getattr(args, "worker", None) is not None:
+        _text(args.worker, "--worker", MAX_WORKER_NAME)
+    if args.command == "workers" and args.runtime is not None:
+        args.runtime = _runtime(args.runtime)
+    if args.command != "place":
+        return
+    from . import placement
+    from .runner import launch
+    from .scheduler import toleration
+
+    args.runtime = _runtime(args.runtime)
+    args.selector = _pairs(args.selector, "--selector", "KEY=VALUE")
+    try:
+        for key, value in args.selector.items():
+            placement.label_value(value, placement.label_key(key))
+    except ValueError as exc:
+        raise UsageError(f"--selector: {exc}") from None
+    if len(args.tolerate) > MAX_REPEATED:
+        raise UsageError(f"--tolerate: given {len(args.tolerate)} times; at most {MAX_REPEATED}")
+    for item in args.tolerate:
+        try:
+            toleration(_text(item, "--tolerate", 512))
+        except ValueError as exc:
+            raise UsageError(f"--tolerate {_shown(item)}: {exc}") from None
+    args.env = _pairs(args.env, "--env", "K=V")
+    if args.entrypoint is not None:
+        _text(args.entrypoint, "--entrypoint", launch.MAX_ENTRYPOINT)
 
 
 def cmd_run(args):
@@ -221,8 +347,7 @@ def cmd_workers(args):
     from . import fleet
 
     config = _load(args)
-    workers = _fleet_query(config, runtime=args.runtime.strip().lower() if args.runtime else None,
-                              stale_only=args.stale)
+    workers = _fleet_query(config, runtime=args.runtime, stale_only=args.stale)
     stats = fleet.summary(workers)
     if args.json:
         json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=None if args.watch else 2, default=str)
@@ -361,31 +486,11 @@ def _scheduler(config):
 
 
 def cmd_place(args):
-    config = _load(args)
-    selector = {}
-    for item in args.selector:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--selector {item[:60]!r}: expected KEY=VALUE")
-        selector[key] = value
-    from .runtimes import normalise
-
-    try:
-        runtime = normalise([args.runtime])
-    except ValueError as exc:
-        raise UsageError(f"--runtime: {exc}") from None
-    if not runtime:
-        raise UsageError("--runtime: a runtime name is needed (e.g. python, shell)")
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--env {item[:60]!r}: expected K=V")
-        env[key] = value
+    config = _load(args)  # the arguments were checked by _check_arguments
     scheduler, db = _scheduler(config)
     try:
-        print(scheduler.place(args.sensor_ref, runtime[0], selector, args.tolerate,
-                              entrypoint=args.entrypoint, env=env))
+        print(scheduler.place(args.sensor_ref, args.runtime, args.selector, args.tolerate,
+                              entrypoint=args.entrypoint, env=args.env))
     except ValueError as exc:
         raise UsageError(f"place: {exc}") from None
     finally:

@@ -134,3 +134,71 @@ def test_is_configured_tells_a_fresh_install_from_a_configured_one(tmp_path):
     assert run_cli("--config", configured, "config", "--is-configured").returncode == 0
     wrong = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"heartbeat_interval": 0}})
     assert run_cli("--config", wrong, "config", "--is-configured").returncode == 0
+
+
+SURROGATE = b"ref\xff".decode("utf-8", "surrogateescape")  # argv bytes that are not UTF-8
+BAD_ARGUMENTS = [
+    ("place", SURROGATE, "--runtime", "python"),
+    ("place", "ok.ref", "--runtime", "python", "--selector", b"zone=\xffeu".decode("utf-8", "surrogateescape")),
+    ("place", "ok.ref", "--runtime", "python", "--tolerate", b"gpu\xfe".decode("utf-8", "surrogateescape")),
+    ("place", "ok.ref", "--runtime", "python", "--entrypoint", b"s\xff.py".decode("utf-8", "surrogateescape")),
+    ("place", "ok.ref", "--runtime", "python", "--entrypoint", "s.py",
+     "--env", b"K=\xff".decode("utf-8", "surrogateescape")),
+    ("unplace", SURROGATE),
+    ("assignments", "--worker", b"w\xff".decode("utf-8", "surrogateescape")),
+    ("workers", "--runtime", b"py\xff".decode("utf-8", "surrogateescape")),
+    ("place", "ok.ref", "--runtime", ""),
+    ("workers", "--runtime", ""),
+    ("place", "ok.ref", "--runtime", "p" * 10240),
+    ("workers", "--runtime", "p" * 10240),
+    ("place", "r" * 10240, "--runtime", "python"),
+    ("place", "evil\u202eref", "--runtime", "python"),
+    ("place", "evil\u0085ref", "--runtime", "python"),
+    ("place", "evil\u2028ref", "--runtime", "python"),
+    ("place", "evil\x7fref", "--runtime", "python"),
+    ("unplace", "evil\u202eref"),
+    ("assignments", "--worker", "w\u2028x"),
+    ("place", "ok.ref", "--runtime", "python", *[a for i in range(1000) for a in ("--tolerate", f"t{i}")]),
+    ("place", "ok.ref", "--runtime", "python", *[a for i in range(65) for a in ("--selector", f"k{i}=v")]),
+    ("place", "ok.ref", "--runtime", "python", "--selector", "zone=eu", "--selector", "zone=us"),
+    ("place", "ok.ref", "--runtime", "python", "--selector", "novalue"),
+    ("place", "ok.ref", "--runtime", "python", "--tolerate", "gpu:sometimes"),
+    ("assignments", "--worker", "w1", "--mine"),
+    ("frobnicate\x1b[2J",),
+]
+
+
+def test_bad_arguments_are_usage_errors_in_one_line_before_the_database(spec_db_url):
+    before = query(spec_db_url, "SELECT count(*) FROM attune_sensor.assignment")
+    for args in BAD_ARGUMENTS:
+        result = cli(spec_db_url, *args)
+        shown = repr(args)[:120]
+        assert result.returncode == 2, (shown, result.returncode, result.stderr[-300:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("attune-sensor: "), (shown, result.stderr[-300:])
+        assert len(lines[0]) < 400 and lines[0].isprintable(), (shown, lines[0][:300])
+        for word in ("Traceback", "internal error", "SELECT", "INSERT", "psycopg2"):
+            assert word not in result.stderr, (shown, result.stderr[-300:])
+    assert query(spec_db_url, "SELECT count(*) FROM attune_sensor.assignment") == before
+
+
+def test_config_may_follow_the_command(tmp_path):
+    wrong = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"heartbeat_interval": -1}})
+    for args in (("workers", "--config", wrong), ("migrate", "info", "--config", wrong), ("check", "--config", wrong),
+                 ("place", "r", "--runtime", "python", "--config", wrong), ("config", "--config", wrong)):
+        result = run_cli(*args)
+        assert "heartbeat_interval" in result.stdout + result.stderr, (args, result.stderr)
+    good = write_config(tmp_path, {"database": {"url": "postgresql://a@b/c"}, "sensor": {"worker_name": "after"}})
+    shown = run_cli("--config", wrong, "config", "--config", good)  # the later one wins
+    assert shown.returncode == 0 and "worker_name: after" in shown.stdout
+
+
+def test_every_command_has_its_help():
+    for command in (["run"], ["migrate"], ["migrate", "run"], ["migrate", "info"], ["workers"], ["check"],
+                    ["metrics"], ["place"], ["rebalance"], ["unplace"], ["assignments"], ["config"]):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0, command
+        paragraphs = result.stdout.split("\n\n")
+        description = paragraphs[1].strip()
+        assert description and not description.endswith(":") and not description.startswith(
+            ("positional arguments", "options")), (command, result.stdout)

@@ -223,3 +223,59 @@ def test_config_and_run_agree_on_a_bad_runtimes_variable(tmp_path):
     for command in ("config", "run"):
         result = run_bounded(["--config", path, command], env={"ATTUNE_SENSOR_RUNTIMES": "python,py thon"})
         assert result.returncode == 78 and "ATTUNE_SENSOR_RUNTIMES" in result.stderr, (command, result.stderr)
+
+
+# The Attune platform's keys that hold secrets, as its sample files write them.
+PLATFORM_SECRET_FILE = """
+environment: production
+database: {{url: '{url}', max_connections: 20, schema: null}}
+message_queue: {{url: 'amqp://attune:mq-pw-2@rabbitmq:5672', exchange: attune, enable_dlq: true}}
+rabbitmq: {{url: 'amqp://attune:rabbit-pw-3@localhost:5672/attune'}}
+server: {{host: 0.0.0.0, port: 8080}}
+log: {{level: warn, format: json, console: true}}
+security:
+  jwt_secret: jwt-secret-4
+  encryption_key: encryption-key-5-at-least-32-characters
+  oidc: {{enabled: false, client_secret: oidc-secret-6}}
+  ldap: {{enabled: false, search_bind_password: ldap-pw-7}}
+agent: {{binary_dir: /opt/attune/agent, bootstrap_token: agent-token-8}}
+sensor:
+  worker_name: {name}
+  taints: [{{key: gpu, value: nvidia, effect: no_schedule}}]
+  heartbeat_interval: 10
+  shutdown_timeout: 5
+  polling_interval: 5
+"""
+PLATFORM_SECRETS = ("s3cret-pw", "mq-pw-2", "rabbit-pw-3", "jwt-secret-4", "encryption-key-5", "oidc-secret-6",
+                    "ldap-pw-7", "agent-token-8", "env-jwt-9", "env-ldap-10")
+PLATFORM_ENV = {"ATTUNE__SECURITY__JWT_SECRET": "env-jwt-9", "ATTUNE__SECURITY__LDAP__SEARCH_BIND_PASSWORD": "env-ldap-10",
+                "ATTUNE__ENVIRONMENT": "production"}
+
+
+def test_the_platforms_file_is_read_and_none_of_its_secrets_printed(tmp_path):
+    path = write_config(tmp_path, PLATFORM_SECRET_FILE.format(url=URL, name="sensor-platform"))
+    result = run_cli("--config", path, "config", env=PLATFORM_ENV)
+    assert result.returncode == 0, result.stderr
+    for secret in PLATFORM_SECRETS:
+        assert secret not in result.stdout + result.stderr, secret
+    shown = yaml.safe_load(result.stdout)
+    assert shown["message_queue"]["url"] == "amqp://attune:***@rabbitmq:5672"
+    assert shown["sensor"]["taints"] == [{"key": "gpu", "value": "nvidia", "effect": "no_schedule"}]
+    assert shown["sensor"]["sensor_timeout"] == 5 and shown["log"]["level"] == "warning"
+    assert set(shown) == {"packs_base_dir", "database", "log", "sensor", "api", "message_queue"}
+
+
+def test_the_platforms_file_runs_the_worker_commands(db_url, tmp_path):
+    path = write_config(tmp_path, PLATFORM_SECRET_FILE.format(url=db_url, name="sensor-platform"))
+    result = run_cli("--config", path, "workers", "--json", env=PLATFORM_ENV)
+    assert result.returncode == 0, result.stderr
+    assert run_cli("--config", path, "check", env=PLATFORM_ENV).stdout.startswith("CRITICAL: worker sensor-platform")
+
+
+def test_an_amqp_password_is_masked():
+    result = run_cli("config", env={"DATABASE_URL": URL, "ATTUNE_CONFIG": "/dev/null",
+                                    "ATTUNE_MQ_URL": "amqp://u:p@ss/w@mq.example:5672/vhost",
+                                    "ATTUNE__API__URL": "http://u:api-pw@api.example:8080"})
+    assert result.returncode == 0, result.stderr
+    for fragment in ("p@ss", "ss/w", "api-pw"):
+        assert fragment not in result.stdout
