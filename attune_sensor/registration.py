@@ -68,13 +68,18 @@ RETURNING xmin::text, last_heartbeat
 """
 
 # The same heartbeat, carrying the fleet's reaper (fleet.GATED_REAP_CTES): still one statement.
-# The workers it marked inactive come back with it, for the journal.
+# It always returns one row: the workers it marked inactive come back with it, for the journal
+# and their sensors' failover, even when the fence missed (the reap ran all the same: PostgreSQL
+# runs every data-modifying part of a statement); the beat's own columns are NULL then.
 REAPING_HEARTBEAT_SQL = f"""
-WITH {GATED_REAP_CTES}
-UPDATE worker SET last_heartbeat = now(), status = 'active'
-WHERE id = %(id)s AND xmin = %(xmin)s::xid
-RETURNING xmin::text, last_heartbeat,
-          (SELECT coalesce(json_agg(json_build_array(id, name, host)), '[]') FROM reaped)
+WITH {GATED_REAP_CTES},
+beat AS (
+    UPDATE worker SET last_heartbeat = now(), status = 'active'
+    WHERE id = %(id)s AND xmin = %(xmin)s::xid
+    RETURNING xmin::text AS xmin, last_heartbeat
+)
+SELECT (SELECT xmin FROM beat), (SELECT last_heartbeat FROM beat),
+       (SELECT coalesce(json_agg(json_build_array(id, name, host)), '[]') FROM reaped)
 """
 
 # After the reaper marked us inactive while we were alive: active again, its marks removed.
@@ -224,8 +229,8 @@ class SensorWorkerRegistration:
         if self.reap_multiplier is not None:
             rows = self.db.execute(REAPING_HEARTBEAT_SQL, dict(
                 self._fence(), name=self.worker_name, multiplier=self.reap_multiplier))
-            if rows:
-                self.reaped = [tuple(r) for r in rows[0][2]]
+            self.reaped = [tuple(r) for r in rows[0][2]]
+            rows = [] if rows[0][0] is None else rows  # the fence missed: someone else wrote our row
         else:
             rows = self.db.execute(HEARTBEAT_SQL, self._fence())
         if rows:

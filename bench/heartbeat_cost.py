@@ -125,7 +125,7 @@ def latency(url):
             cursor.execute(REAPING_HEARTBEAT_SQL, fence)
             rows = cursor.fetchall()
             floor.append(time.perf_counter() - started)
-            if not rows:
+            if not rows or rows[0][0] is None:
                 fail("the raw heartbeat matched no row: its fence missed")
             fence["xmin"] = rows[0][0]
     db.close()

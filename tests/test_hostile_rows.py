@@ -210,3 +210,25 @@ def test_forged_or_malformed_gauges_are_recomputed(db_url, computed_at, gauges, 
     result = cli(db_url, "metrics")
     assert result.returncode == 0, result.stderr
     assert "forged" not in result.stdout and 'attune_sensor_workers_active{role="sensor"} 1' in result.stdout
+
+
+def test_the_workers_a_fenced_out_heartbeat_reaped_are_logged_and_their_sensors_moved(db_url):
+    """A heartbeat whose fence missed (another write to its row came first) still ran its reap:
+    the workers it marked inactive come back with it, so they are logged and failed over."""
+    query(db_url, "SET search_path TO public, attune; "
+                  "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('dead-one', 'local', 'sensor', 'h', 'active', '{\"heartbeat_interval\": 1}', "
+                  "'{\"instance_id\": \"x\"}', now() - interval '1 hour'); "
+                  "UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
+    cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="fenced-reaper")
+    db = Database.from_config(cfg)
+    try:
+        registration = SensorWorkerRegistration(db, cfg, ["shell"])
+        registration.register()
+        registration.reap_multiplier = 3.0
+        # someone else writes our row (a cordon, say): the next beat's fence misses
+        query(db_url, "SET search_path TO public, attune; UPDATE worker SET host = host WHERE name = 'fenced-reaper'")
+        assert registration.heartbeat()  # adopted, then beaten with the new fence
+        assert [name for _, name, _ in registration.reaped] == ["dead-one"]
+    finally:
+        db.close()
