@@ -268,13 +268,11 @@ class SensorService:
         self.supervisor.poll(ready)
         if self.supervisor.take_released():
             self._next_assignment_read = 0.0  # say so now: a handover or a new placement waits on it
-        if self._last_ok is None or not self.supervisor.children:
+        times = self._fence_times()
+        if times is None:
             self.db.deadline = None
             return
-        sensor = self.config.sensor
-        term_at, kill_at = fence.deadlines(self._last_ok, self._fence_interval(),
-                                           min(sensor.stale_multiplier, schema.MAX_RECORDED_MULTIPLIER),
-                                           sensor.sensor_timeout)
+        term_at, kill_at = times
         if not self._fenced and self.clock() >= term_at:
             self._fenced = True
             log.warning("no heartbeat has succeeded for %.1fs: stopping %d sensor(s) before peers may call this "
@@ -285,13 +283,23 @@ class SensorService:
         due = kill_at if self._fenced else term_at
         self.db.deadline = time.monotonic() + max(0.0, due - self.clock())
 
-    def _fence_interval(self):
-        """The interval peers judge this worker by: the one stored in its row, or the new one
-        if a reload shortened it and the row does not say so yet."""
-        stored = (self.registration.stored_capabilities() or {}).get("heartbeat_interval")
+    def _fence_times(self):
+        """(term_at, kill_at) of the fence (runner/fence.py) while sensors run, else None."""
+        if self._last_ok is None or not self.supervisor.children:
+            return None
+        sensor = self.config.sensor
+        return fence.deadlines(self._last_ok, self._fence_setting("heartbeat_interval", self.interval),
+                               self._fence_setting("stale_multiplier",
+                                                   min(sensor.stale_multiplier, schema.MAX_RECORDED_MULTIPLIER)),
+                               sensor.sensor_timeout)
+
+    def _fence_setting(self, key, configured):
+        """What peers judge this worker by: the value stored in its row, or the configured one
+        if a reload lowered it and the row does not say so yet; the smaller of the two."""
+        stored = (self.registration.stored_capabilities() or {}).get(key)
         if isinstance(stored, (int, float)) and not isinstance(stored, bool) and stored > 0:
-            return min(stored, self.interval)
-        return self.interval
+            return min(stored, configured)
+        return configured
 
     def _launch(self, spec):
         """Supervisor's launcher: (argv, env, cwd) for a placed sensor (runner/launch.py)."""
@@ -512,5 +520,9 @@ class SensorService:
     def _sleep(self, seconds):
         """Until `seconds` pass, a signal comes, a sensor writes or exits, or the supervisor has
         a restart or a SIGKILL due."""
-        due = self.supervisor.next_due() - self.clock()
+        due = self.supervisor.next_due()
+        times = self._fence_times()
+        if times is not None and not self._fenced:
+            due = min(due, times[0])  # the fence's SIGTERM comes on time, whatever else the loop waits for
+        due -= self.clock()
         self._ready = self.signals.wait(min(seconds, max(0.0, due)), self.supervisor.fds())

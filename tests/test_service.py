@@ -223,3 +223,23 @@ def test_placement_that_runs_out_of_time_goes_on_at_the_next_beats(db_url, tmp_p
         "Sensors re-placed after the previous pass, which ran out of time"]
     assert [", 100 placed" in passes[0], ", 100 placed" in passes[1], ", 50 placed" in passes[2]] == [True] * 3
     assert ["more at the next beat" in p for p in passes[:3]] == [True, True, False]
+
+
+def test_the_loop_wakes_for_the_fences_sigterm_whatever_else_it_waits_for(spec_db_url, tmp_path):
+    """While sensors run, no sleep outlasts the moment the fence must stop them (runner/fence.py):
+    the loop would otherwise act only at its next heartbeat, at or past the stale threshold."""
+    from attune_sensor.runner import fence
+    from attune_sensor.runner.supervisor import SensorSpec, _Child
+
+    path = write(tmp_path, spec_db_url, "svc-fence", heartbeat_interval=10, stale_multiplier=3, sensor_timeout=30)
+    service = service_for(path, lambda *_: None)
+    service._last_ok = service.clock()
+    child = _Child(SensorSpec(ref="s", runtime="shell", entrypoint="x.sh"))
+    child.state = "waiting"  # nothing of the supervisor's own is due
+    service.supervisor.children["s"] = child
+    waited = []
+    service.signals.wait = lambda seconds, fds=(): waited.append(seconds) or []
+    SensorService._sleep(service, 1000.0)  # the real one: service_for replaced it with a fake
+    term_at, _ = fence.deadlines(service._last_ok, 10, 3, 30)
+    assert waited == [pytest.approx(term_at - service.clock())]
+    assert waited[0] < 30 - 1  # before the window (3 x 10 s) less the margin
