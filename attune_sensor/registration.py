@@ -27,7 +27,7 @@ from .db import json_param
 from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
 from .runtimes import runtime_versions
 from .fleet import GATED_REAP_CTES, REAPER_META_KEYS
-from .schema import DEFAULT_RECORDED_INTERVAL, stale_condition
+from .schema import DEFAULT_RECORDED_INTERVAL, heartbeat_interval_of, multiplier_of, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
 TRACKED = "xmin::text, host, worker_role::text, capabilities, meta, last_heartbeat"
@@ -38,6 +38,16 @@ TRACKED_FIELDS = ("xmin", "host", "role", "capabilities", "meta", "last_heartbea
 # restart after a crash); otherwise nothing is returned and the caller reports the owner. The
 # role is compared as text so a database whose enum lacks 'hybrid' is never sent that value.
 REGISTER_SQL = f"""
+WITH previous AS (
+    -- the row as it was, if another live instance held it (a second daemon on this machine
+    -- under the same name): the window in which that instance must stop its sensors
+    SELECT make_interval(secs => greatest(%(stale_multiplier)s, {multiplier_of("p")}) * {heartbeat_interval_of("p")})
+           - (now() - p.last_heartbeat) AS remaining
+      FROM worker AS p
+     WHERE p.name = %(name)s AND p.status::text = 'active' AND p.last_heartbeat IS NOT NULL
+       AND p.meta ->> 'instance_id' IS DISTINCT FROM %(instance)s
+       AND NOT {stale_condition("p", "%(stale_multiplier)s")}
+), upsert AS (
 INSERT INTO worker AS w (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat)
 VALUES (%(name)s, %(worker_type)s, 'sensor', %(host)s, 'active', %(capabilities)s, %(meta)s, now())
 ON CONFLICT (name) DO UPDATE SET
@@ -53,6 +63,8 @@ WHERE w.worker_role::text IN ('sensor', 'hybrid')
        OR {stale_condition("w", "%(stale_multiplier)s")}
        OR w.meta ->> 'machine_id' = EXCLUDED.meta ->> 'machine_id')
 RETURNING w.id, {TRACKED}
+)
+SELECT upsert.*, (SELECT extract(epoch FROM remaining)::float8 FROM previous) FROM upsert
 """
 
 OWNER_SQL = ("SELECT coalesce(meta ->> 'hostname', host, '?'), meta ->> 'instance_id', worker_role::text "
@@ -150,6 +162,7 @@ class SensorWorkerRegistration:
         # workers the last heartbeat marked inactive are then in `reaped`: [(id, name, host)].
         self.reap_multiplier = None
         self.reaped = []
+        self.previous_window = None
         self._capabilities = {}
         self.set_capabilities(config, runtimes, interpreters=interpreters)
         self.meta = {
@@ -209,6 +222,7 @@ class SensorWorkerRegistration:
             "capabilities": json_param(self._capabilities),
             "meta": json_param(self.meta),
             "stale_multiplier": self.stale_multiplier,
+            "instance": self.instance_id,
         })
         if not rows:
             owner = self.db.execute(OWNER_SQL, (self.worker_name,))
@@ -217,7 +231,10 @@ class SensorWorkerRegistration:
                 raise WorkerNameHeldByOtherRole(self.worker_name, role, host)
             raise WorkerNameConflict(self.worker_name, host)
         self.worker_id = rows[0][0]
-        self._remember(rows[0][1:])
+        self._remember(rows[0][1:-1])
+        # seconds until the live instance this registration took the row from must have stopped
+        # its sensors (None: the row was free, stale or ours)
+        self.previous_window = rows[0][-1] if rows[0][-1] and rows[0][-1] > 0 else None
         return self.worker_id
 
     def heartbeat(self):

@@ -77,11 +77,13 @@ class SensorService:
         self._api_token = ""
         self.supervisor = Supervisor(self._launch, config.sensor.max_concurrent_sensors,
                                      config.sensor.sensor_timeout, clock=clock,
-                                     record=leftovers.record_path(config.sensor.worker_name, self.environ))
+                                     marks=(config.sensor.worker_name, self.registration.instance_id))
         self._last_ok = None  # clock() when the last heartbeat that succeeded was sent
         self._fenced = False  # sensors stopped for lack of heartbeats, until one succeeds
         self._reported = None  # the sensor states last written (runner/report.py)
         self._ready = []  # the sensors' pipes the last wait found readable
+        self._sensors_from = None  # clock() before which no sensor starts (a live row taken over)
+        self._previous_reaped = False  # what earlier instances of this worker left running, killed
         # (running, monitored) as capabilities last say: 0 from the registration on, so that a
         # worker running nothing never rewrites its row for them (the platform's history)
         self._counts = (0, 0)
@@ -93,7 +95,6 @@ class SensorService:
         if sensor.heartbeat_interval is not None:
             check_watchdog_fits(sensor.heartbeat_interval, self.environ)
         self._api_token = self._read_token(self.config)
-        leftovers.reap(self.supervisor.record)  # what a daemon killed with SIGKILL left running
         previous = self.signals.install()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
@@ -130,6 +131,13 @@ class SensorService:
                 sent = self.clock()
                 worker_id = self.registration.register()
                 self._last_ok = sent
+                if self.registration.previous_window:
+                    # took the row over from a live instance on this machine: its sensors may run
+                    # until it notices or its fence stops them; ours wait that long
+                    self._sensors_from = sent + self.registration.previous_window
+                    log.warning("worker %s was held by another live instance on this machine; it stops at its "
+                                "next heartbeat, and this worker's sensors start in %.1fs, once it must have "
+                                "stopped them", self.registration.worker_name, self.registration.previous_window)
             except DatabaseUnavailable as exc:
                 delay = backoff.next_delay()
                 bound = self.db.connect_timeout + self.db.statement_timeout
@@ -266,6 +274,9 @@ class SensorService:
         the database calls that follow by the fence's next action."""
         ready, self._ready = self._ready, []
         self.supervisor.poll(ready)
+        if self._sensors_from is not None and self.clock() >= self._sensors_from:
+            self._sensors_from = None
+            self._next_assignment_read = 0.0  # the wait for the instance taken over is over
         if self.supervisor.take_released():
             self._next_assignment_read = 0.0  # say so now: a handover or a new placement waits on it
         times = self._fence_times()
@@ -307,8 +318,9 @@ class SensorService:
         argv = launch.command(spec.runtime, script, self.interpreters, self.config.sensor.runtimes_exec,
                               self.environ)
         contract = launch.contract_from(self.config, self._api_token, self.environ)
-        return argv, launch.environment(contract, spec.ref, spec.sensor_id, spec.triggers, spec.env), \
-            os.path.dirname(script)
+        env = launch.environment(contract, spec.ref, spec.sensor_id, spec.triggers, spec.env)
+        env.update(leftovers.marks(*self.supervisor.marks))
+        return argv, env, os.path.dirname(script)
 
     def _read_token(self, config, environ=None):
         try:
@@ -349,7 +361,15 @@ class SensorService:
             log.info("handed over %d sensor(s) moved to other workers: stopped here", handed_over)
         self._my_sensors = current
         if not self._fenced:  # after a fence only a heartbeat that succeeded lets them start
-            self.supervisor.set_desired({ref: self._spec(row) for ref, row in current.items() if row["entrypoint"]})
+            specs = {ref: self._spec(row) for ref, row in current.items() if row["entrypoint"]}
+            if self._sensors_from is not None and self.clock() < self._sensors_from:
+                specs = {ref: replace(spec, startable=False,
+                                      waiting_for="waiting for the instance this worker took over to stop it")
+                         for ref, spec in specs.items()}
+            elif specs and not self._previous_reaped:
+                leftovers.reap_previous(*self.supervisor.marks)
+                self._previous_reaped = True
+            self.supervisor.set_desired(specs)
         self._report(worker_id, current)
 
     def _spec(self, row):
@@ -521,6 +541,8 @@ class SensorService:
         """Until `seconds` pass, a signal comes, a sensor writes or exits, or the supervisor has
         a restart or a SIGKILL due."""
         due = self.supervisor.next_due()
+        if self._sensors_from is not None:
+            due = min(due, self._sensors_from)
         times = self._fence_times()
         if times is not None and not self._fenced:
             due = min(due, times[0])  # the fence's SIGTERM comes on time, whatever else the loop waits for

@@ -171,8 +171,11 @@ class Daemon:
         return "\n".join(self.lines)
 
     def wait_for_line(self, text, count=1, timeout=20):
-        return wait_for(lambda: sum(text in line for line in self.lines) >= count, timeout,
-                        what=f"{count} log line(s) containing {text!r}; got:\n{self.output}")
+        try:
+            return wait_for(lambda: sum(text in line for line in self.lines) >= count, timeout,
+                            what=f"{count} log line(s) containing {text!r}")
+        except AssertionError as exc:  # with the output as it is now, not as it was at the call
+            raise AssertionError(f"{exc}; got:\n{self.output}") from None
 
     def signal(self, signum):
         self.proc.send_signal(signum)

@@ -471,3 +471,29 @@ def test_no_reaper_calls_a_worker_stale_inside_the_window_it_recorded_for_itself
                   "UPDATE worker SET last_heartbeat = now() - interval '11 seconds' WHERE name = 'wide'")
     stale = json.loads(run_cli("--config", config, "workers", "--stale", "--json").stdout)
     assert sorted(w["name"] for w in stale["workers"]) == ["narrow", "wide"]
+
+
+def test_a_second_daemon_under_the_same_name_starts_the_sensors_only_after_the_first_stopped(spec_db_url, tmp_path):
+    """A second `run` of the same worker on the same machine (a mistaken manual start, two
+    template instances on the default name) takes the row over; the first notices at its next
+    heartbeat and stops. The second waits out the first's window: never two copies."""
+    base = packs(tmp_path, **{"py.py": PY_SENSOR})
+    out = tmp_path / "twin.out"
+    place(spec_db_url, "twin", "demo/sensors/py.py", "python", f"OUT={out}")
+    first = start(tmp_path, spec_db_url, "sensor-twin", base, env={"DATABASE_URL": spec_db_url},
+                  heartbeat_interval=2)
+    second = None
+    try:
+        first.wait_for_line("sensor twin: tick")
+        second = start(tmp_path, spec_db_url, "sensor-twin", base, env={"DATABASE_URL": spec_db_url},
+                       heartbeat_interval=2)
+        second.wait_for_line("was held by another live instance on this machine")
+        assert first.wait(30) == 78  # taken over: it stopped its sensor and left
+        second.wait_for_line("sensor twin: tick", timeout=30)
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+    runs = sorted(_runs(out).values())
+    assert len(runs) == 2, runs
+    assert runs[0][1] < runs[1][0], f"two copies ran at once: {runs}"

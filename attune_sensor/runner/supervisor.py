@@ -153,10 +153,11 @@ class _Child:
 class Supervisor:
     """`launcher(spec) -> (argv, env, cwd)` may raise LaunchRefused. Times are on `clock`."""
 
-    def __init__(self, launcher, max_running=10, sensor_timeout=30.0, clock=time.monotonic, record=None):
+    def __init__(self, launcher, max_running=10, sensor_timeout=30.0, clock=time.monotonic, marks=None):
         self.launcher = launcher
-        self.record = record  # where the children's process groups are noted (leftovers.py)
-        self._groups = {}  # pgid -> leader start time
+        # (worker, instance): the environment marks of this daemon's sensors (leftovers.py), to
+        # find what a sensor started outside its process group; None: its group only
+        self.marks = marks
         self.max_running = max_running
         self.sensor_timeout = sensor_timeout
         self.clock = clock
@@ -244,6 +245,7 @@ class Supervisor:
                 self._exited(child, now)
             elif child.alive and child.kill_at is not None and now >= child.kill_at:
                 self._signal(child, signal.SIGKILL)
+                self._signal_marked(child, signal.SIGKILL)
                 child.kill_at = None
         for ref, child in list(self.children.items()):
             if child.release and not child.alive:
@@ -336,10 +338,6 @@ class Supervisor:
             child.streams.append((pipe, stream))
             self._by_fd[fd] = (child, stream)
         log.info("sensor %s started (pid %d): %s", spec.ref, proc.pid, " ".join(argv), extra={"sensor_ref": spec.ref})
-        started = leftovers.leader_start(proc.pid)
-        if started is not None:
-            self._groups[proc.pid] = started
-            leftovers.write(self.record, self._groups)
         return True
 
     def _stop(self, child, now, kill_by):
@@ -354,6 +352,7 @@ class Supervisor:
                      max(0.0, kill_at - now), extra={"sensor_ref": child.spec.ref})
             child.state = "stopping"
             self._signal(child, signal.SIGTERM)
+            self._signal_marked(child, signal.SIGTERM)
         child.kill_at = kill_at if child.kill_at is None else min(child.kill_at, kill_at)
 
     def _signal(self, child, signum):
@@ -366,6 +365,13 @@ class Supervisor:
                 child.proc.send_signal(signum)
             except ProcessLookupError:
                 pass
+
+    def _signal_marked(self, child, signum):
+        """What the sensor started outside its process group, found by its environment marks."""
+        if self.marks is not None:
+            worker, instance = self.marks
+            leftovers.signal_all([pid for pid in leftovers.find(worker, instance, ref=child.spec.ref)
+                                  if pid != child.proc.pid], signum)
 
     def _read(self, fd):
         child, stream = self._by_fd[fd]
@@ -415,8 +421,7 @@ class Supervisor:
             if stream.fd in self._by_fd:
                 self._close(child, stream)
         self._signal(child, signal.SIGKILL)  # what it started and left behind, in its group
-        if self._groups.pop(proc.pid, None) is not None:
-            leftovers.write(self.record, self._groups)
+        self._signal_marked(child, signal.SIGKILL)  # and outside it
         code = proc.returncode
         ran = now - (child.started_at or now)
         child.proc, child.kill_at = None, None
