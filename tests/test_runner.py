@@ -497,3 +497,26 @@ def test_a_second_daemon_under_the_same_name_starts_the_sensors_only_after_the_f
     runs = sorted(_runs(out).values())
     assert len(runs) == 2, runs
     assert runs[0][1] < runs[1][0], f"two copies ran at once: {runs}"
+
+
+def test_what_a_sensor_starts_in_a_group_of_its_own_stops_with_it(spec_db_url, tmp_path):
+    """coreutils' timeout puts its command in a process group of its own: stopping the sensor
+    must still reach it (the environment marks find it), or a move would leave it running."""
+    base = packs(tmp_path, **{"escapes.sh": 'timeout 300 sh -c \'while true; do date +%s.%N >> "$OUT"; '
+                                            'sleep 0.1; done\'\n'})
+    out = tmp_path / "escapes.out"
+    daemon = start(tmp_path, spec_db_url, "sensor-escape", base, env={"DATABASE_URL": spec_db_url})
+    try:
+        daemon.wait_for_line("heartbeat: worker")
+        place(spec_db_url, "escapes", "demo/sensors/escapes.sh", "shell", f"OUT={out}")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: out.exists() and len(out.read_text().split()) >= 3, what="ticks")
+        assert run_cli("unplace", "escapes", env={"DATABASE_URL": spec_db_url}).returncode == 0
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_line("sensor escapes stopped")
+        time.sleep(0.5)
+        size = out.stat().st_size
+        time.sleep(1.0)
+        assert out.stat().st_size == size, "the command timeout started still runs"
+    finally:
+        daemon.stop()
