@@ -83,6 +83,8 @@ class SensorService:
         self._reported = None  # the sensor states last written (runner/report.py)
         self._ready = []  # the sensors' pipes the last wait found readable
         self._sensors_from = None  # clock() before which no sensor starts (a live row taken over)
+        self._written = None  # what the assignments file last said, and the last error writing it
+        self._write_error = None
         self._previous_reaped = False  # what earlier instances of this worker left running, killed
         # (running, monitored) as capabilities last say: 0 from the registration on, so that a
         # worker running nothing never rewrites its row for them (the platform's history)
@@ -95,6 +97,7 @@ class SensorService:
         if sensor.heartbeat_interval is not None:
             check_watchdog_fits(sensor.heartbeat_interval, self.environ)
         self._api_token = self._read_token(self.config)
+        _raise_open_files_limit()
         previous = self.signals.install()
         try:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
@@ -405,14 +408,18 @@ class SensorService:
         if path is None:
             return
         document = (sorted(current), {ref: (s["status"], s["pid"]) for ref, s in states.items()})
-        if document == getattr(self, "_written", None):
+        if document == self._written:
             return
         try:
             assignments_file.write(path, self.registration.worker_name, self.registration.worker_id, current, states)
             self._written = document
         except OSError as exc:
             self._written = None  # written again at the next read
-            log.warning("could not write the assignments file %s: %s", path, exc.strerror)
+            if exc.strerror != self._write_error:  # said once, not at every read
+                log.warning("could not write the assignments file %s: %s", path, exc.strerror)
+            self._write_error = exc.strerror
+        else:
+            self._write_error = None
 
     def _reconcile(self, why, budget=None):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
@@ -462,6 +469,7 @@ class SensorService:
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             return
+        previous = self.config
         self.config, waiting = config_module.for_reload(self.config, new)
         for setting in waiting:
             log.warning("Reload: %s changed; the change takes effect at the next restart", setting)
@@ -471,6 +479,9 @@ class SensorService:
         self.registration.reap_multiplier = self._reap_multiplier()
         if self.scheduler is not None:
             self.scheduler.multiplier = self.config.sensor.stale_multiplier
+        if (new.packs_base_dir, new.sensor.runtimes_exec) != (previous.packs_base_dir, previous.sensor.runtimes_exec):
+            log.info("Reload: packs_base_dir or sensor.runtimes_exec changed; running sensors restart under it")
+            self.supervisor.restart_all()
         self.supervisor.max_running = self.config.sensor.max_concurrent_sensors
         self.supervisor.sensor_timeout = self.config.sensor.sensor_timeout
         self._api_token = token  # a running sensor keeps its environment until it restarts
@@ -548,3 +559,20 @@ class SensorService:
             due = min(due, times[0])  # the fence's SIGTERM comes on time, whatever else the loop waits for
         due -= self.clock()
         self._ready = self.signals.wait(min(seconds, max(0.0, due)), self.supervisor.fds())
+
+
+# Two pipes per sensor: systemd's default soft limit of 1,024 descriptors would stop a worker at
+# about 500 sensors; the hard limit (524,288 by default) is what the kernel allows us.
+OPEN_FILES_WANTED = 65536
+
+
+def _raise_open_files_limit():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass

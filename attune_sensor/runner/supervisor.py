@@ -32,6 +32,7 @@ LINE_LIMIT = 8 * 1024  # longer lines are cut, the rest of the line dropped
 READ_CHUNK = 64 * 1024  # per pipe per poll(): a flooding sensor cannot hold the loop
 READ_BUDGET = 512 * 1024  # per poll() over all pipes
 STDERR_EXCERPT = 4 * 1024
+STARTS_PER_POLL = 16  # a start costs ~10 ms: hundreds at once must not hold the loop past a heartbeat
 PR_SET_PDEATHSIG = 1
 
 _libc = None
@@ -199,6 +200,17 @@ class Supervisor:
                 child.state = "starting"  # a refused launch is tried again at each read
         self.poll()
 
+    def restart_all(self):
+        """Every running sensor stops and starts again with what the launcher says now (a
+        reload changed where scripts live or which interpreter runs them)."""
+        now = self.clock()
+        for child in self.children.values():
+            if child.alive and not child.release:
+                child.pending = child.pending or child.spec
+                self._stop(child, now, None)
+            elif child.state == "failed":
+                child.state, child.refused = "starting", None
+
     def stop_all(self, kill_by=None):
         self.set_desired({}, kill_by)
 
@@ -295,6 +307,7 @@ class Supervisor:
             child.pending = child.spec
             self._stop(child, now, None)
         alive = sum(1 for c in self.children.values() if c.alive)
+        started = 0
         for ref, child in sorted(self.children.items()):
             if child.alive or child.release or child.state == "failed":
                 continue
@@ -310,8 +323,11 @@ class Supervisor:
                                 ref, alive, extra={"sensor_ref": ref})
                 child.state, child.detail = "waiting", f"max_concurrent_sensors ({self.max_running}) reached"
                 continue
+            if started >= STARTS_PER_POLL:
+                break  # the rest at the next turn of the loop (next_due says now)
             if self._start(child, now):
                 alive += 1
+                started += 1
 
     def _start(self, child, now):
         spec = child.spec
