@@ -83,6 +83,14 @@ def _parser():
                                       "daemon role, and heartbeat tuning",
             "Print the worker table found (flavour, schema), the applied and pending migrations, the daemon "
             "role and the heartbeat tuning advice. Changes nothing.")
+    uninstall = command(migrate_commands, "uninstall", "remove every object attune-sensor made in this database "
+                                                       "(says what first)",
+                        "Say what attune-sensor made in this database (schema attune_sensor, the spec series' "
+                        "bookkeeping, the daemon role's privileges and the role), then, with --yes, remove it in one "
+                        "transaction. Never an object of the platform's. Stop every daemon first.")
+    uninstall.add_argument("--yes", action="store_true", help="remove what was listed (without it nothing is removed)")
+    uninstall.add_argument("--drop-role", action="store_true",
+                           help="drop attune_sensor_daemon even when login roles are members of it")
 
     workers = command(commands, "workers", "list sensor workers of the fleet with a summary",
                       "List sensor (and hybrid) workers: name, host, status, runtimes, "
@@ -300,6 +308,11 @@ def cmd_migrate(args):
 
     def warn(line):
         print(f"attune-sensor: {line}", file=sys.stderr)
+
+    if args.migrate_command == "uninstall":
+        migrations.uninstall(config.database.url, config.database.connect_timeout, config.database.schema,
+                             yes=args.yes, drop_role=args.drop_role, warn=warn)
+        return 0
 
     applied = migrations.run(config.database.url, config.database.connect_timeout, warn=warn,
                              configured_schema=config.database.schema, tune_heartbeats=args.tune_heartbeats)

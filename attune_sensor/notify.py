@@ -1,4 +1,4 @@
-"""The systemd notify protocol (sd_notify(3)): READY, WATCHDOG, STATUS, STOPPING, RELOADING.
+"""The systemd notify protocol (sd_notify(3)): READY, WATCHDOG, WATCHDOG_USEC, STATUS, STOPPING, RELOADING.
 
 Outside systemd (no NOTIFY_SOCKET) every call is a silent no-op, as sdnotify does it.
 """
@@ -29,17 +29,34 @@ def watchdog_usec(environ=None):
     return usec if usec > 0 else None
 
 
-def check_watchdog_fits(interval, environ):
-    """ConfigError when heartbeats (and so WATCHDOG=1) would come too rarely for systemd: the
-    interval must fit in half of WatchdogSec (docs/design.md, "Watchdog")."""
+# systemd's watchdog follows the heartbeat: the daemon asks for this many intervals
+# (WATCHDOG_USEC=, sd_notify(3)), never for less than the unit's WatchdogSec.
+WATCHDOG_MULTIPLE = 3
+
+
+def watchdog_for(interval, environ):
+    """The watchdog timeout (microseconds) the daemon asks systemd for with `WATCHDOG_USEC=`:
+    WATCHDOG_MULTIPLE x the heartbeat interval, at least the unit's WatchdogSec. None when
+    systemd armed no watchdog for this process (WatchdogSec=0 is the operator's choice, kept)."""
     usec = watchdog_usec(environ)
     if usec is None:
+        return None
+    return max(usec, int(round(WATCHDOG_MULTIPLE * interval * 1_000_000)))
+
+
+def check_watchdog_fits(interval, environ):
+    """ConfigError when heartbeats (and so WATCHDOG=1) would come too rarely for a watchdog the
+    daemon cannot move: armed (WATCHDOG_USEC) but with no NOTIFY_SOCKET to send WATCHDOG_USEC= on,
+    the interval must fit in half of it. Under systemd the socket is there and the watchdog
+    follows the interval instead (watchdog_for; docs/design.md, "Watchdog")."""
+    usec = watchdog_usec(environ)
+    if usec is None or environ.get("NOTIFY_SOCKET"):
         return
     limit = usec / 2_000_000
     if interval > limit:
         raise ConfigError(
-            f"sensor.heartbeat_interval: {interval:g}s does not fit in half of the unit's "
-            f"WatchdogSec ({usec / 1_000_000:g}s); systemd would kill the daemon. "
+            f"sensor.heartbeat_interval: {interval:g}s does not fit in half of the watchdog's "
+            f"WatchdogSec ({usec / 1_000_000:g}s), and without NOTIFY_SOCKET the daemon cannot ask for a longer one. "
             f"Lower the interval to at most {limit:g}s or raise WatchdogSec"
         )
 
@@ -67,6 +84,11 @@ class Notifier:
 
     def watchdog(self):
         self.send("WATCHDOG=1")
+
+    def watchdog_timeout(self, usec):
+        """Moves systemd's watchdog to `usec` (needs NotifyAccess=main or all; a restart of the
+        unit goes back to its WatchdogSec)."""
+        self.send(f"WATCHDOG_USEC={int(usec)}")
 
     def extend_timeout(self, seconds, status):
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", f"STATUS={status}")

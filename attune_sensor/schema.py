@@ -16,6 +16,7 @@ per-session state: PgBouncer's transaction pooling keeps working.
 import re
 from dataclasses import dataclass
 
+from . import logs
 from .config import MIN_HEARTBEAT_INTERVAL
 from .errors import ConfigError, DatabasePermissionDenied, SchemaMissing
 
@@ -35,9 +36,12 @@ SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
 # The platform's marker: its worker table has cordon columns; the spec's never had them.
 PLATFORM_MARKER_COLUMN = "cordoned"
 
-# The platform's health contract, from its migrations and services: the view healthy_workers
-# keeps workers whose heartbeat is under 30 s old; its executor and API call a worker stale
-# after 90 s. Its own sensor service heartbeats every 10 s, the default we take there.
+# The platform's health contract, from its migrations and services (docs/design.md, "Platform
+# health contract"): its executor marks a worker inactive, and its API calls it stale, after 90 s
+# without a heartbeat: that is enforced. The view healthy_workers keeps workers whose heartbeat is
+# under 30 s old, but no platform code reads it: outside it is worth one warning, not a refusal.
+# Its own sensor service heartbeats every 10 s in its shipped configs, the default we take there.
+PLATFORM_STALE_AGE = 90.0
 PLATFORM_HEALTHY_AGE = 30.0
 PLATFORM_DEFAULT_INTERVAL = 10.0
 MIN_PLATFORM_MARGIN = 1.0
@@ -260,20 +264,28 @@ def check_worker_type(table, worker_type):
 
 
 def choose_interval(configured, table, statement_timeout):
-    """The heartbeat interval to run with on this table. On the platform's schema, the worst gap
-    between two heartbeats (the interval plus one bounded statement) must stay inside
-    healthy_workers' 30 s window; an interval that cannot is refused rather than flapping."""
+    """The heartbeat interval to run with on this table. On the platform's schema the worst gap
+    between two stored heartbeats is the interval plus one bounded statement: one that reaches the
+    executor's 90 s stale rule is refused (the platform would mark the worker inactive between
+    heartbeats); one outside healthy_workers' 30 s window is logged once, as nothing of the
+    platform's acts on that view."""
     if not table.is_platform:
         return DEFAULT_RECORDED_INTERVAL if configured is None else configured
     if configured is None:
         return PLATFORM_DEFAULT_INTERVAL
-    if configured + statement_timeout >= PLATFORM_HEALTHY_AGE:
+    if configured + statement_timeout >= PLATFORM_STALE_AGE:
         raise ConfigError(
             f"sensor.heartbeat_interval: {configured:g}s plus database.statement_timeout "
-            f"{statement_timeout:g}s does not fit the Attune platform's healthy_workers window "
-            f"({PLATFORM_HEALTHY_AGE:g}s): the worker would drop out between heartbeats; use at most "
-            f"{max(MIN_PLATFORM_MARGIN, PLATFORM_HEALTHY_AGE - statement_timeout - MIN_PLATFORM_MARGIN):g}s "
+            f"{statement_timeout:g}s reaches the Attune platform's {PLATFORM_STALE_AGE:g}s stale rule: its executor "
+            f"would mark this worker inactive between heartbeats; use at most "
+            f"{max(MIN_PLATFORM_MARGIN, PLATFORM_STALE_AGE - statement_timeout - MIN_PLATFORM_MARGIN):g}s "
             "or leave it unset (auto: 10s here)")
+    if configured + statement_timeout >= PLATFORM_HEALTHY_AGE:
+        logs.get("schema").warning(
+            "sensor.heartbeat_interval: %gs plus database.statement_timeout %gs is outside the Attune platform's "
+            "healthy_workers view (%gs): the worker drops out of that view between heartbeats (no platform "
+            "service reads it; its executor's %gs stale rule is met)", configured, statement_timeout,
+            PLATFORM_HEALTHY_AGE, PLATFORM_STALE_AGE)
     return configured
 
 

@@ -22,7 +22,7 @@ from . import assignments_file, logs, runtimes, schema
 from .db import Backoff, Database
 from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
 from .migrations import OWN_SCHEMA_VERSION
-from .notify import Notifier, check_watchdog_fits
+from .notify import WATCHDOG_MULTIPLE, Notifier, check_watchdog_fits, watchdog_for
 from .registration import SensorWorkerRegistration
 from .runner import fence, launch, leftovers, report
 from .runner.supervisor import SensorSpec, Supervisor
@@ -56,6 +56,7 @@ class SensorService:
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier()
+        self._watchdog_usec = None  # what systemd's watchdog was last asked to be (WATCHDOG_USEC=)
         self.db = db or Database.from_config(config)
         self.clock = clock
         detected, source, interpreters = runtimes.resolve(config.sensor.runtimes, self.environ)
@@ -169,6 +170,19 @@ class SensorService:
         self.registration.reap_multiplier = self._reap_multiplier()
         self.scheduler = Scheduler(self.db, table, self.config.sensor.stale_multiplier)
         log.info("Using the %s; interval %gs", table.describe(), interval)
+        self._follow_watchdog()
+
+    def _follow_watchdog(self):
+        """systemd's watchdog follows the heartbeat interval (docs/design.md, "Watchdog"): sent
+        once the interval is known and after each reload, when systemd armed one."""
+        usec = watchdog_for(self.interval, self.environ)
+        if usec is None:
+            return
+        self.notifier.watchdog_timeout(usec)
+        if usec != self._watchdog_usec:
+            self._watchdog_usec = usec
+            log.info("systemd watchdog: %gs (%d x the %gs heartbeat interval, at least the unit's WatchdogSec)",
+                     usec / 1_000_000, WATCHDOG_MULTIPLE, self.interval)
 
     def _set_capabilities(self, config, detected, interval, interpreters):
         """The registration's capabilities, with the sensor process counts as last reported."""
@@ -452,6 +466,8 @@ class SensorService:
         try:
             self._reload_configuration()
         finally:
+            if self.table is not None:
+                self._follow_watchdog()
             if registered:
                 self.notifier.ready(self._status_line())
         # `systemctl reload` is also how an operator asks for this worker's sensors now,

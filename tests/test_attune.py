@@ -93,17 +93,44 @@ def test_a_least_privilege_daemon_lives_a_whole_life_on_the_platforms_table(clus
     assert changes == [(["status"],)]
 
 
-def test_default_interval_keeps_the_worker_healthy_and_a_long_one_is_refused(attune_db, tmp_path, daemons):
+def test_default_interval_keeps_the_worker_healthy_and_only_the_executors_rule_refuses(attune_db, tmp_path, daemons):
     daemon = daemons(daemon_config(tmp_path, attune_db, "sensor-auto", heartbeat_interval="auto"))
     daemon.wait_for_line("Registered sensor worker")
-    assert "interval 10s" in daemon.output
+    assert "interval 10s" in daemon.output and "healthy_workers" not in daemon.output
     assert row(attune_db, "sensor-auto")["capabilities"]["heartbeat_interval"] == 10
-    # 10 s plus a 5 s statement bound stays inside healthy_workers' 30 s and the executor's 90 s
-    refused = daemons(daemon_config(tmp_path, attune_db, "sensor-slow", heartbeat_interval=30))
+    # the spec's own 30 s: outside healthy_workers' 30 s (which no platform code reads), one warning
+    spec = daemons(daemon_config(tmp_path, attune_db, "sensor-spec", heartbeat_interval=30))
+    spec.wait_for_line("Registered sensor worker")
+    warnings = [line for line in spec.lines if "healthy_workers" in line]
+    assert len(warnings) == 1 and "90s stale rule is met" in warnings[0]
+    assert row(attune_db, "sensor-spec")["capabilities"]["heartbeat_interval"] == 30
+    # 86 s plus a 5 s statement bound reaches the executor's 90 s: it would mark the worker inactive
+    refused = daemons(daemon_config(tmp_path, attune_db, "sensor-slow", heartbeat_interval=86))
     assert refused.wait() == 78
-    errors = [line for line in refused.lines if "healthy_workers" in line]
-    assert len(errors) == 1 and "sensor.heartbeat_interval" in errors[0] and "Traceback" not in refused.output
-    assert row(attune_db, "sensor-slow") is None
+    errors = [line for line in refused.lines if "stale rule" in line]
+    assert len(errors) == 1 and "sensor.heartbeat_interval" in errors[0] and "executor" in errors[0]
+    assert "Traceback" not in refused.output and row(attune_db, "sensor-slow") is None
+
+
+def test_the_systemd_watchdog_follows_a_long_interval_and_a_reload(attune_db, tmp_path, daemons, notify_socket):
+    """The seed's ATTUNE__SENSOR__HEARTBEAT_INTERVAL=60 under the shipped WatchdogSec=90: accepted,
+    and the watchdog is moved to 3 x 60 s instead of killing the daemon; a reload moves it back."""
+    path = daemon_config(tmp_path, attune_db, "sensor-wd60", heartbeat_interval=60)
+    daemon = daemons(path, env={"WATCHDOG_USEC": "90000000"}, notify=notify_socket)
+    notify_socket.wait_for("READY=1")
+    assert "WATCHDOG_USEC=180000000" in notify_socket.fields()
+    assert notify_socket.fields().index("WATCHDOG_USEC=180000000") < notify_socket.fields().index("READY=1")
+    assert row(attune_db, "sensor-wd60")["capabilities"]["heartbeat_interval"] == 60
+    assert sum("healthy_workers" in line for line in daemon.lines) == 1
+    with open(path, "w") as handle:
+        handle.write(f"database: {{url: '{attune_db}'}}\nsensor: {{worker_name: sensor-wd60, heartbeat_interval: 2}}\n")
+    daemon.signal(signal.SIGHUP)
+    notify_socket.wait_for("READY=1", count=2)
+    assert "WATCHDOG_USEC=90000000" in notify_socket.fields()  # back to the unit's WatchdogSec
+    reload_at = notify_socket.fields().index("RELOADING=1")
+    assert notify_socket.fields().index("WATCHDOG_USEC=90000000") > reload_at
+    daemon.wait_for_line("systemd watchdog: 90s")
+    assert daemon.proc.poll() is None
 
 
 PLATFORM_OBJECTS = """
@@ -135,8 +162,18 @@ def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attu
     info = run_cli("migrate", "info", env=env)
     assert info.returncode == 0 and "Attune platform's schema" in info.stdout and "schema attune" in info.stdout
     assert "--tune-heartbeats" in info.stdout and "recommended" in info.stdout
+    # says what it makes (its own schema and tables) and grants, not "changes none of its objects"
+    assert "\nown schema  schema attune_sensor: tables attune_sensor.schema_migrations, attune_sensor.reaper_gate, " \
+           "attune_sensor.assignment, attune_sensor.worker_load, attune_sensor.fleet_gauges, attune_sensor.sensor_run; " \
+           "functions attune_sensor.count_worker_load" in info.stdout
+    assert "\ndaemon grants  USAGE on SCHEMA attune; SELECT, INSERT, UPDATE on attune.worker;" in info.stdout
     result = run_cli("migrate", "run", env=env)
     assert result.returncode == 0, result.stderr
+    assert "adds no table, index, trigger or function to the platform's schema" in result.stdout
+    assert "applied own/20261201000001_own_schema.sql (schema attune_sensor; table attune_sensor.reaper_gate" \
+           in result.stdout
+    granted = [line for line in result.stdout.splitlines() if line.startswith("granted attune_sensor_daemon: ")]
+    assert len(granted) == 1 and "INSERT on attune.worker_history" in granted[0]
     assert query(attune_bare, PLATFORM_OBJECTS) == before  # nothing added, dropped or altered
     # attune-sensor's own objects live in its own schema: the reaper's one-row gate
     assert query(attune_bare, "SELECT count(*) FROM attune_sensor.reaper_gate") == [(1,)]
@@ -146,6 +183,15 @@ def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attu
                                 "has_table_privilege('attune_sensor_daemon', 'attune.worker_history', 'INSERT'), "
                                 "has_table_privilege('attune_sensor_daemon', 'attune.worker', 'DELETE')")
     assert grants == [(True, True, False)]
+    # DELETE only where the daemon deletes (the load index's rows, its own sensor reports), never an assignment
+    deletes = query(attune_bare, "SELECT t, has_table_privilege('attune_sensor_daemon', t, 'DELETE') FROM unnest("
+                                 "ARRAY['attune_sensor.assignment', 'attune_sensor.worker_load', 'attune_sensor.sensor_run',"
+                                 " 'attune_sensor.reaper_gate', 'attune_sensor.fleet_gauges']) AS t ORDER BY 1")
+    assert dict(deletes) == {"attune_sensor.assignment": False, "attune_sensor.worker_load": True,
+                             "attune_sensor.sensor_run": True, "attune_sensor.reaper_gate": False,
+                             "attune_sensor.fleet_gauges": False}
+    assert "DELETE on attune_sensor.assignment" not in granted[0]
+    assert "SELECT, INSERT, UPDATE, DELETE on attune_sensor.worker_load" in granted[0]
     tuned = run_cli("migrate", "run", "--tune-heartbeats", env=env)
     assert tuned.returncode == 0 and "dropped index" in tuned.stdout, tuned.stderr
     indexes = query(attune_bare, "SELECT indexdef FROM pg_indexes WHERE schemaname = 'attune' AND tablename = 'worker'")
@@ -225,9 +271,11 @@ def test_migrate_without_createrole_says_what_a_dba_runs(attune_templates):
 
         build(url, "fixture")
         result = run_cli("migrate", "run", env={"DATABASE_URL": url})
-        assert result.returncode == 0
+        assert result.returncode == 1  # no daemon can run without the role: not a success
         lines = [line for line in result.stderr.splitlines() if "CREATE ROLE attune_sensor_daemon NOLOGIN" in line]
         assert len(lines) == 1 and "CREATEROLE" in lines[0] and "owner-pw" not in result.stderr
+        assert "applied in this run and kept: own/20261201000001_own_schema.sql" in lines[0]
+        assert result.stderr.strip() == lines[0]
         with pytest.raises(psycopg2.Error):
             query(url, "SET ROLE attune_sensor_daemon")  # truly not there
     finally:
@@ -238,3 +286,37 @@ def test_watch_says_why_it_cannot_follow_the_platforms_table(attune_db, tmp_path
     path = daemon_config(tmp_path, attune_db, "sensor-watch")
     result = run_cli("--config", path, "workers", "--watch")
     assert result.returncode == 1 and "--watch needs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_uninstall_says_what_it_removes_and_leaves_the_platforms_objects_as_they_were(attune_bare, cluster):
+    env = {"DATABASE_URL": attune_bare}
+    before = query(attune_bare, PLATFORM_OBJECTS)
+    acl_sql = ("SELECT c.relname::text, a.grantee::regrole::text, a.privilege_type FROM pg_class c, aclexplode("
+               "coalesce(c.relacl, acldefault(CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END::\"char\", c.relowner))) a "
+               "WHERE c.relnamespace = 'attune'::regnamespace ORDER BY 1, 2, 3")
+    acls = query(attune_bare, acl_sql)
+    assert run_cli("migrate", "run", env=env).returncode == 0
+    login_role(cluster, attune_bare, "uninst")  # a member: the role is kept without --drop-role
+    asked = run_cli("migrate", "uninstall", env=env)
+    assert asked.returncode == 1 and "nothing was removed" in asked.stderr and "--yes" in asked.stderr
+    assert "  schema attune_sensor\n" in asked.stdout and "  table attune_sensor.assignment (0 rows)" in asked.stdout
+    assert "attune_sensor_daemon's privileges on table attune.worker_history" in asked.stdout
+    assert query(attune_bare, "SELECT to_regnamespace('attune_sensor') IS NOT NULL") == [(True,)]
+    # a live daemon's row stops it: its next heartbeat would fail
+    write(attune_bare, "INSERT INTO attune.worker (name, worker_type, worker_role, status, meta, capabilities, "
+                       "last_heartbeat) VALUES ('sensor-live', 'local', 'sensor', 'active', "
+                       "'{\"instance_id\": \"x\"}', '{\"heartbeat_interval\": 10}', now())")
+    live = run_cli("migrate", "uninstall", "--yes", env=env)
+    assert live.returncode == 1 and "sensor-live" in live.stderr and "stop them first" in live.stderr
+    write(attune_bare, "UPDATE attune.worker SET status = 'inactive' WHERE name = 'sensor-live'")
+    done = run_cli("migrate", "uninstall", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "removed schema attune_sensor" in done.stdout
+    assert "kept: role attune_sensor_daemon: it has member roles" in done.stdout
+    assert query(attune_bare, "SELECT to_regnamespace('attune_sensor')") == [(None,)]
+    assert query(attune_bare, PLATFORM_OBJECTS) == before
+    assert query(attune_bare, acl_sql) == acls  # the role's grants there are gone, nothing else changed
+    assert query(attune_bare, "SELECT count(*) FROM attune.worker WHERE name = 'sensor-live'") == [(1,)]
+    again = run_cli("migrate", "uninstall", "--yes", env=env)
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
+    assert run_cli("migrate", "run", env=env).returncode == 0  # and it can come back

@@ -83,6 +83,8 @@ def test_duplicate_names_stop_the_migration_and_change_nothing(empty_db_url):
     assert result.returncode == 1
     assert "action-1 (ids 1, 3)" in result.stderr and "rolled back" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert ("(applied in this run and kept: 20260101000001_worker_schema.sql, 20260131000001_add_worker_role.sql; "
+            "applied before this run, last: none)") in result.stderr
     # the role migration before it was applied; the failed one left no trace
     assert query(empty_db_url, "SELECT count(*) FROM worker")[0][0] == 3
     indexes = [r[0] for r in query(empty_db_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'worker'")]
@@ -90,6 +92,116 @@ def test_duplicate_names_stop_the_migration_and_change_nothing(empty_db_url):
     # fix the data, run again: it completes
     query(empty_db_url, "DELETE FROM worker WHERE id = 3")
     assert migrate(empty_db_url).returncode == 0
+
+
+def test_a_failed_own_migration_names_every_migration_applied_before_it(empty_db_url):
+    # something in the way of the own schema's first migration, after the spec's series went in
+    query(empty_db_url, "CREATE SCHEMA attune_sensor; CREATE TABLE attune_sensor.assignment (x int)")
+    result = migrate(empty_db_url)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "migration own/20261201000001_own_schema.sql failed and was rolled back (applied in this run and kept: " \
+           + ", ".join(MIGRATION_FILES) + "; applied before this run, last: none)" in result.stderr
+    query(empty_db_url, "DROP TABLE attune_sensor.assignment")
+    assert migrate(empty_db_url).returncode == 0
+    query(empty_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002; "
+                        "ALTER TABLE attune_sensor.assignment DROP COLUMN previous_worker_id")
+    again = migrate(empty_db_url)
+    assert again.returncode == 1 and "nothing else was applied in this run; applied before this run, last: " \
+        "own/20261201000001_own_schema.sql)" in again.stderr
+
+
+def test_info_on_a_legacy_worker_table_says_migrate_run_upgrades_it(empty_db_url):
+    query(empty_db_url, LEGACY_SCHEMA)
+    info = migrate(empty_db_url, "info")
+    assert info.returncode == 0, info.stderr
+    assert "no worker table yet" not in info.stdout
+    assert "database  worker table public.worker is there but not the spec's yet (public.worker lacks the column(s) " \
+           "worker_role): migrate run upgrades it in place, keeping its rows" in info.stdout
+
+
+def test_info_as_a_role_that_may_not_read_the_bookkeeping_names_the_privilege(spec_db_url, cluster):
+    dbname = spec_db_url.rsplit("/", 1)[1]
+    role = f"ro_{dbname}"
+    query(spec_db_url, f"CREATE ROLE {role} LOGIN PASSWORD 'ro-pw'; GRANT SELECT ON worker TO {role}")
+    url = f"postgresql://{role}:ro-pw@127.0.0.1:{cluster.port}/{dbname}"
+    result = migrate(url, "info")
+    assert result.returncode == 78 and "internal error" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"attune-sensor: permission denied: role {role} needs SELECT on public.attune_sensor_migrations to read which "
+        f"migrations are applied; members of attune_sensor_daemon have it (GRANT attune_sensor_daemon TO {role}), or "
+        "run this as the schema owner"]
+    query(spec_db_url, f"GRANT SELECT ON attune_sensor_migrations TO {role}")
+    own = migrate(url, "info")
+    assert own.returncode == 78 and "needs USAGE on schema attune_sensor and SELECT on " \
+        "attune_sensor.schema_migrations" in own.stderr
+
+
+def test_run_and_info_say_what_they_make_and_grant(empty_db_url):
+    info = migrate(empty_db_url, "info")
+    assert "\ndaemon grants  " in info.stdout and "\nown schema  " in info.stdout
+    result = migrate(empty_db_url)
+    assert "applied 20260101000001_worker_schema.sql (type worker_type_enum, worker_status_enum; table runtime, " \
+           "worker)" in result.stdout
+    assert "applied own/20261201000002_sensor_runner.sql (alters table attune_sensor.assignment; index " \
+           "assignment_handover; table attune_sensor.sensor_run)" in result.stdout
+    granted = [line for line in result.stdout.splitlines() if line.startswith("granted attune_sensor_daemon: ")]
+    assert len(granted) == 1 and "SELECT, INSERT, UPDATE on public.worker" in granted[0]
+
+
+def test_the_daemon_role_may_delete_only_what_the_daemon_deletes(spec_db_url):
+    # what earlier versions granted is taken back by the next run
+    query(spec_db_url, "GRANT DELETE ON attune_sensor.assignment TO attune_sensor_daemon")
+    assert migrate(spec_db_url).returncode == 0
+    rows = query(spec_db_url, "SELECT t, has_table_privilege('attune_sensor_daemon', t, 'DELETE') FROM unnest(ARRAY["
+                              "'public.worker', 'attune_sensor.assignment', 'attune_sensor.worker_load', "
+                              "'attune_sensor.sensor_run', 'attune_sensor.reaper_gate']) AS t")
+    assert dict(rows) == {"public.worker": False, "attune_sensor.assignment": False,
+                          "attune_sensor.worker_load": True, "attune_sensor.sensor_run": True,
+                          "attune_sensor.reaper_gate": False}
+    # the SQL the daemon runs: DELETE only in the load index's sync and its own sensor reports
+    import re
+    deleting = set()
+    for path in (ROOT / "attune_sensor").rglob("*.py"):
+        for table in re.findall(r"DELETE FROM \{?(\w+)\}?", path.read_text()):
+            deleting.add((path.name, table))
+    assert deleting == {("scheduler.py", "worker_load"), ("scheduler.py", "ASSIGNMENTS"),
+                        ("report.py", "SENSOR_RUNS")}  # ASSIGNMENTS: only `unplace`, an operator's command
+
+
+def test_uninstall_keeps_the_spec_schema_and_a_later_run_adopts_it(spec_db_url):
+    query(spec_db_url, "INSERT INTO worker (name, worker_type, worker_role, status) VALUES ('action-9', 'local', "
+                       "'action', 'active')")
+    done = migrate(spec_db_url, "uninstall", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "removed table public.attune_sensor_migrations" in done.stdout
+    assert "kept: the spec's worker schema in public" in done.stdout
+    assert query(spec_db_url, "SELECT to_regnamespace('attune_sensor'), to_regclass('attune_sensor_migrations')") \
+        == [(None, None)]
+    assert query(spec_db_url, "SELECT name FROM worker") == [("action-9",)]
+    assert query(spec_db_url, "SELECT count(*) FROM information_schema.role_table_grants "
+                              "WHERE grantee = 'attune_sensor_daemon'") == [(0,)]
+    again = migrate(spec_db_url)
+    assert again.returncode == 0, again.stderr
+    assert query(spec_db_url, "SELECT count(*) FROM attune_sensor_migrations") == [(len(MIGRATION_FILES),)]
+
+
+def test_uninstall_drops_the_role_when_asked_even_with_members():
+    from pgcluster import Cluster
+
+    server = Cluster().init().start()  # roles are cluster-wide: not the suite's shared one
+    try:
+        server.psql("CREATE DATABASE lone")
+        url = server.url("lone")
+        assert migrate(url).returncode == 0
+        server.psql("CREATE ROLE host01 LOGIN IN ROLE attune_sensor_daemon")
+        kept = migrate(url, "uninstall", "--yes")
+        assert kept.returncode == 0 and "kept: role attune_sensor_daemon: it has member roles (host01)" in kept.stdout
+        dropped = migrate(url, "uninstall", "--yes", "--drop-role")
+        assert dropped.returncode == 0, dropped.stderr
+        assert "removed role attune_sensor_daemon (its members host01 lose it)" in dropped.stdout
+        assert query(url, "SELECT count(*) FROM pg_roles WHERE rolname = 'attune_sensor_daemon'") == [(0,)]
+    finally:
+        server.destroy()
 
 
 def test_changed_migration_file_is_refused(spec_db_url):

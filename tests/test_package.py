@@ -86,6 +86,13 @@ def test_install_enables_without_starting_until_configured(box):
     assert verify.returncode == 0 and verify.stdout.strip() == "", verify.stdout
 
 
+def test_installs_the_operator_docs_and_reports_the_packages_version(box):
+    for doc in ("README.md", "operations.md", "scheduling.md", "performance.md"):
+        assert box.run("test", "-f", f"/usr/share/doc/attune-sensor/{doc}.gz", check=False).returncode == 0, doc
+    version = box.run("dpkg-query", "-W", "-f=${Version}", "attune-sensor").stdout
+    assert box.run("attune-sensor", "--version").stdout.strip() == f"attune-sensor {version}"
+
+
 def test_start_registers_and_heartbeats_at_the_interval(box, pkg_db):
     box.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}.service.d")
     box.write(f"/etc/systemd/system/{UNIT}.service.d/test.conf", DROPIN)
@@ -113,6 +120,23 @@ def test_reload_updates_capabilities_without_restart(box, pkg_db):
                     what="reloaded capabilities")
     assert caps["runtimes"] == ["python", "shell"] and caps["max_concurrent_sensors"] == 4
     assert show(box, "MainPID") == pid and show(box, "ActiveState") == "active"
+
+
+def test_a_long_interval_moves_the_watchdog_instead_of_failing_and_a_reload_moves_it_back(box, pkg_db):
+    # 60 s (the platform seed's) is over half of WatchdogSec (8 s here, 90 s shipped): the daemon asks
+    # systemd for 3 x 60 s rather than refusing
+    assert show(box, "WatchdogUSec") == "8s"  # 3 x 2 s is less: the unit's value stays
+    box.write("/etc/attune/config.yaml", f"database:\n  url: '{pkg_db}'\nsensor:\n  worker_name: sensor-box\n"
+                                         "  heartbeat_interval: 60\n")
+    box.run("systemctl", "restart", UNIT)
+    assert show(box, "ActiveState") == "active" and show(box, "WatchdogUSec") == "3min"
+    assert worker_row(pkg_db, "sensor-box")["capabilities"]["heartbeat_interval"] == 60
+    write_config(box, pkg_db)
+    box.run("systemctl", "reload", UNIT)
+    wait_for(lambda: show(box, "WatchdogUSec") == "8s", 15, what="the watchdog back at WatchdogSec")
+    wait_for(lambda: worker_row(pkg_db, "sensor-box")["capabilities"]["heartbeat_interval"] == INTERVAL, 15,
+             what="the reloaded interval stored")
+    box.run("systemctl", "restart", UNIT)  # the 2 s rhythm again, for the steps that follow
 
 
 def test_a_placed_sensor_runs_inside_the_unit_with_the_token_from_its_credential(box, pkg_db):
@@ -222,6 +246,23 @@ def test_on_an_attune_platform_database_the_package_migrates_and_runs(box, clust
     box.run("systemctl", "start", f"{UNIT}@attune")
     found = query(url, "SELECT status::text, capabilities FROM attune.worker WHERE name = 'sensor-box-attune'")
     assert found[0][0] == "active" and found[0][1]["heartbeat_interval"] == 10  # the platform's health rule
+    assert show(box, "WatchdogUSec", f"{UNIT}@attune") == "1min 30s"  # the shipped WatchdogSec
+    # the platform's seed sets ATTUNE__SENSOR__HEARTBEAT_INTERVAL=60: accepted under the shipped unit, the
+    # watchdog moved to 3 x 60 s, one warning about healthy_workers
+    box.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}@attune.service.d")
+    box.write(f"/etc/systemd/system/{UNIT}@attune.service.d/seed.conf",
+              "[Service]\nEnvironment=ATTUNE__SENSOR__HEARTBEAT_INTERVAL=60\n")
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "restart", f"{UNIT}@attune")
+    assert show(box, "ActiveState", f"{UNIT}@attune") == "active"
+    assert show(box, "WatchdogUSec", f"{UNIT}@attune") == "3min"
+    found = query(url, "SELECT capabilities FROM attune.worker WHERE name = 'sensor-box-attune'")
+    assert found[0][0]["heartbeat_interval"] == 60
+    invocation = show(box, "InvocationID", f"{UNIT}@attune")
+    lines = box.run("journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--no-pager", "-o", "cat").stdout
+    assert lines.count("healthy_workers") == 1 and "systemd watchdog: 180s" in lines
+    box.run("rm", "-r", f"/etc/systemd/system/{UNIT}@attune.service.d")
+    box.run("systemctl", "daemon-reload")
     box.run("systemctl", "stop", f"{UNIT}@attune")
     assert query(url, "SELECT status::text FROM attune.worker WHERE name = 'sensor-box-attune'") == [("inactive",)]
     assert "box-pw" not in journal(box, f"{UNIT}@attune")
@@ -251,6 +292,12 @@ def test_upgrade_keeps_the_edited_config_and_restarts_a_running_service(box, pkg
     assert worker_row(pkg_db, "sensor-box")["status"] == "active"
 
 
+def test_the_upgraded_package_reports_its_own_version(box, pkg_db):
+    assert box.run("attune-sensor", "--version").stdout.strip() == "attune-sensor 0.1.0+upgrade2"
+    wait_for(lambda: worker_row(pkg_db, "sensor-box")["capabilities"].get("sensor_version") == "0.1.0+upgrade2", 20,
+             what="the restarted worker's sensor_version")
+
+
 def test_remove_stops_every_worker_and_purge_leaves_nothing(box, pkg_db):
     box.run("systemctl", "start", f"{UNIT}@a")
     assert worker_row(pkg_db, "sensor-box-a")["status"] == "active"
@@ -263,3 +310,24 @@ def test_remove_stops_every_worker_and_purge_leaves_nothing(box, pkg_db):
         assert box.run("test", "-e", path, check=False).returncode == 1, path
     assert "/etc/attune" not in box.run("dpkg-statoverride", "--list").stdout
     assert query(pkg_db, "SELECT count(*) FROM worker WHERE status = 'active'")[0][0] == 0
+
+
+PLATFORM_UNIT = "[Unit]\nDescription=the Attune platform's own sensor service\n[Service]\nExecStart=/bin/true\n"
+
+
+def test_the_platforms_all_in_one_package_and_this_one_are_never_installed_together(box):
+    # a stand-in for the platform's package `attune`: its sensor service's unit at /usr/lib, which on
+    # this merged-/usr system is the file the attune-sensor package ships at /lib
+    root = "/root/attune-pkg"
+    box.run("mkdir", "-p", f"{root}/DEBIAN", f"{root}/usr/lib/systemd/system")
+    box.write(f"{root}/DEBIAN/control", "Package: attune\nVersion: 0.9.0\nArchitecture: all\n"
+                                        "Maintainer: Attune <attune@example.org>\nDescription: the Attune platform\n")
+    box.write(f"{root}/usr/lib/systemd/system/attune-sensor.service", PLATFORM_UNIT)
+    box.run("dpkg-deb", "--build", "--root-owner-group", root, "/root/attune_0.9.0_all.deb")
+    box.run("dpkg", "-i", "/root/attune_0.9.0_all.deb")
+    ours = box.sh("ls /root/attune-sensor_*_all.deb | tail -1").stdout.strip()
+    refused = box.run("dpkg", "-i", ours, check=False)
+    assert refused.returncode != 0 and "conflict" in refused.stdout.lower()
+    assert box.run("cat", "/usr/lib/systemd/system/attune-sensor.service").stdout == PLATFORM_UNIT
+    assert box.run("dpkg-query", "-W", "-f=${Status}", "attune-sensor", check=False).stdout != "install ok installed"
+    box.run("dpkg", "--purge", "attune")

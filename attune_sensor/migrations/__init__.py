@@ -16,6 +16,9 @@ Two series, each with its own bookkeeping table:
   reaper's gate, the assignments, the load index, the gauges and the sensor runner's tables, on
   both flavours. The daemon refuses a database whose own series is behind the version it knows
   (OWN_SCHEMA_VERSION), so a new column always arrives through `migrate run`.
+
+`migrate uninstall` takes back all of it: schema attune_sensor, the spec series' bookkeeping,
+the daemon role's grants and the role itself (uninstall()); never an object of the platform's.
 """
 
 import hashlib
@@ -28,7 +31,7 @@ import psycopg2
 from .. import access, schema
 from ..db import connect_blocking
 from ..dsn import scrub
-from ..errors import MigrationError, SchemaMissing
+from ..errors import DatabasePermissionDenied, MigrationError, SchemaMissing
 
 FILE_RE = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
 LOCK_KEY = 0x4174_7475_6E65  # "Attune": one key for all runners of this project
@@ -51,6 +54,27 @@ class Migration:
     def filename(self):
         return f"{self.version}_{self.name}.sql"
 
+    @property
+    def creates(self):
+        """What the file makes, read from its SQL: "schema attune_sensor; table ...; ..."."""
+        return "; ".join(f"{kind} {', '.join(names)}" for kind, names in self.objects().items())
+
+    def objects(self):
+        """{kind: [names]} the file creates ("alters table" for ALTER TABLE), in file order."""
+        found = {}
+        sql = re.sub(r"--[^\n]*", "", self.sql)
+        for match in _OBJECT_RE.finditer(sql):
+            kind, name = (match.group(1).lower(), match.group(2)) if match.group(1) else ("alters table", match.group(3))
+            names = found.setdefault(kind, [])
+            if name.strip('"') not in names:
+                names.append(name.strip('"'))
+        return found
+
+
+_OBJECT_RE = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:UNIQUE\s+)?(SCHEMA|TABLE|INDEX|FUNCTION|TRIGGER|TYPE|ROLE|VIEW)"
+                        r"\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.\"]+)|\bALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?([\w.\"]+)",
+                        re.IGNORECASE)
+
 
 def available(folder=None):
     """The spec series (folder None) or the own series (OWN_FOLDER), in version order."""
@@ -71,13 +95,30 @@ def own_available():
 OWN_SCHEMA_VERSION = own_available()[-1].version
 
 
+# 'missing', 'denied' (there, but this role may not read it) or 'ok'. In this order: to_regclass of
+# a name in a schema we may not use raises.
+APPLIED_STATE_SQL = """
+SELECT CASE WHEN %(table)s NOT LIKE 'attune_sensor.%%' THEN
+                 CASE WHEN to_regclass(%(table)s) IS NULL THEN 'missing'
+                      WHEN has_table_privilege(%(table)s, 'SELECT') THEN 'ok' ELSE 'denied' END
+            WHEN to_regnamespace('attune_sensor') IS NULL THEN 'missing'
+            WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN 'denied'
+            WHEN to_regclass(%(table)s) IS NULL THEN 'missing'
+            WHEN has_table_privilege(%(table)s, 'SELECT') THEN 'ok' ELSE 'denied' END,
+       current_user::text, current_schema()
+"""
+
+
 def _applied(cursor, table=TABLE):
-    # to_regnamespace first: to_regclass of a name in a schema we may not use raises
-    cursor.execute("SELECT CASE WHEN %s NOT LIKE 'attune_sensor.%%' THEN to_regclass(%s) IS NOT NULL "
-                   "WHEN to_regnamespace('attune_sensor') IS NULL THEN false "
-                   "WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false "
-                   "ELSE to_regclass(%s) IS NOT NULL END", (table, table, table))
-    if not cursor.fetchone()[0]:
+    cursor.execute(APPLIED_STATE_SQL, {"table": table})
+    state, me, current = cursor.fetchone()
+    if state == "denied":
+        needs = ("USAGE on schema attune_sensor and SELECT on attune_sensor.schema_migrations" if table == OWN_TABLE
+                 else f"SELECT on {current}.{table}")
+        raise DatabasePermissionDenied(
+            f"permission denied: role {me} needs {needs} to read which migrations are applied; members of "
+            f"{access.ROLE} have it (GRANT {access.ROLE} TO {me}), or run this as the schema owner")
+    if state == "missing":
         return {}
     cursor.execute(f"SELECT version, name, checksum, applied_at FROM {table} ORDER BY version")
     return {row[0]: row for row in cursor.fetchall()}
@@ -105,11 +146,17 @@ class _Session:
 
 
 def _find_table(cursor, configured_schema):
-    """(WorkerTable or None, the schema our objects go to). Sets the session's search_path to it."""
+    """(WorkerTable or None, the schema our objects go to, why a worker table that is there cannot
+    be used yet or None). Sets the session's search_path to the schema."""
+    unusable = None
     try:
         table = schema.discover(_Session(cursor), configured_schema)
-    except SchemaMissing:
+    except SchemaMissing as exc:
         table = None
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL",
+                       (f"{schema.quote_ident(configured_schema)}.worker" if configured_schema else "worker",))
+        if cursor.fetchone()[0]:
+            unusable = str(exc)  # a worker table from before the spec's roles (a legacy one)
     if table is not None:
         target = table.schema
     elif configured_schema:
@@ -124,7 +171,7 @@ def _find_table(cursor, configured_schema):
         if target is None:
             raise MigrationError("the connection's search_path names no existing schema; set database.schema")
     cursor.execute("SELECT set_config('search_path', %s, false)", (f"{schema.quote_ident(target)}, public",))
-    return table, target
+    return table, target, unusable
 
 
 def _series_rows(migrations, applied):
@@ -145,26 +192,44 @@ def info(url, connect_timeout=5.0, configured_schema=None):
     conn = connect_blocking(url, connect_timeout)
     try:
         with conn.cursor() as cursor:
-            table, target = _find_table(cursor, configured_schema)
-            platform = table is not None and table.is_platform
-            report = access.platform_report(cursor, table) if platform else []
-            applied = {} if platform else _applied(cursor)
-            own_applied = _applied(cursor, OWN_TABLE)
-            role = access.role_state(cursor)
+            try:
+                table, target, unusable = _find_table(cursor, configured_schema)
+                platform = table is not None and table.is_platform
+                report = access.platform_report(cursor, table) if platform else []
+                applied = {} if platform else _applied(cursor)
+                own_applied = _applied(cursor, OWN_TABLE)
+                role = access.role_state(cursor)
+                grants = access.describe_grants(access.daemon_grants(cursor, table))
+            except psycopg2.errors.InsufficientPrivilege as exc:
+                raise DatabasePermissionDenied(
+                    f"permission denied: {' '.join(str(exc.pgerror or exc).split())} (migrate info reads it; members "
+                    f"of {access.ROLE} may, or run it as the schema owner)") from None
         conn.rollback()
     finally:
         conn.close()
     own = own_available()
     _check_unchanged(own, own_applied)
+    own_rows = [(f"own/{name}", state) for name, state in _series_rows(own, own_applied)]
+    made = {"table": [OWN_TABLE]}
+    for migration in own:
+        for kind, names in migration.objects().items():
+            if kind in ("schema", "table", "function"):
+                made.setdefault(kind, []).extend(n for n in names if n not in made.get(kind, []))
+    own_made = (f"schema {', '.join(made.get('schema', []))}: tables {', '.join(made['table'])}; functions "
+                f"{', '.join(made.get('function', []))} (with their indexes and triggers; own/ lines above)")
+    tail = [("own schema", own_made), ("daemon grants", grants or "(made once the tables exist)")]
     if platform:
-        return ([("database", table.describe())] + report
-                + [(f"own/{name}", state) for name, state in _series_rows(own, own_applied)]
-                + [("daemon role", role)])
+        return [("database", table.describe())] + report + own_rows + tail + [("daemon role", role)]
     migrations = available()
     _check_unchanged(migrations, applied)
-    found = table.describe() if table else f"no worker table yet; migrate run creates the spec's schema in {target}"
-    return ([("database", found)] + _series_rows(migrations, applied)
-            + [(f"own/{name}", state) for name, state in _series_rows(own, own_applied)]
+    if table:
+        found = table.describe()
+    elif unusable:
+        found = (f"worker table {target}.worker is there but not the spec's yet ({unusable.split('; run')[0]}): "
+                 f"migrate run upgrades it in place, keeping its rows")
+    else:
+        found = f"no worker table yet; migrate run creates the spec's schema in {target}"
+    return ([("database", found)] + _series_rows(migrations, applied) + own_rows + tail
             + [("daemon role", role)])
 
 
@@ -187,14 +252,17 @@ def run(url, connect_timeout=5.0, log=print, warn=print, configured_schema=None,
     gets what a DBA must do by hand."""
     conn = connect_blocking(url, connect_timeout)
     done = []
+    role_missing = None
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             try:
-                table, _ = _find_table(cursor, configured_schema)
+                table, _, _ = _find_table(cursor, configured_schema)
                 if table is not None and table.is_platform:
-                    log(f"{table.describe()}: attune-sensor adds no tables or indexes there")
+                    log(f"{table.describe()}: attune-sensor adds no table, index, trigger or function to the "
+                        f"platform's schema and alters none of its objects; its own go to schema attune_sensor "
+                        f"(own/ migrations), and attune_sensor_daemon is granted what the daemon needs")
                     if tune_heartbeats:
                         try:
                             for line in access.tune_heartbeats(cursor, table):
@@ -205,25 +273,47 @@ def run(url, connect_timeout=5.0, log=print, warn=print, configured_schema=None,
                     if tune_heartbeats:
                         log("--tune-heartbeats: the spec's schema is tuned by its migrations already")
                     done = _apply(conn, cursor, url, log, available(), TABLE)
-                    table, _ = _find_table(cursor, configured_schema)
-                done += [f"own/{name}" for name in _apply(conn, cursor, url, log, own_available(), OWN_TABLE, "own/")]
+                    table, _, _ = _find_table(cursor, configured_schema)
+                done += [f"own/{name}" for name in _apply(conn, cursor, url, log, own_available(), OWN_TABLE, "own/",
+                                                           earlier=done)]
                 done += _repair(conn, cursor, url, log)
                 conn.autocommit = False
                 try:
-                    for line in access.grant_daemon_role(cursor, table):
-                        warn(line)
+                    del conn.notices[:]
+                    grants = access.grant_daemon_role(cursor, table)
                     conn.commit()
+                    refused = [n for n in conn.notices if "privileges were granted" in n or "could be revoked" in n]
+                    if refused:
+                        log(f"grants of {access.ROLE} left as they are: {_current_user(cursor)} may not grant "
+                            "them (run 'attune-sensor migrate run' as the schema owner)")
+                    else:
+                        log(f"granted {access.ROLE}: {access.describe_grants(grants)}")
+                except access.RoleNotMade as exc:
+                    conn.rollback()
+                    role_missing = str(exc)
                 except psycopg2.Error as exc:
                     conn.rollback()
-                    raise MigrationError("the daemon role's grants failed and were rolled back: "
-                                         + scrub(exc.pgerror or exc, url)) from None
+                    raise MigrationError("the daemon role's grants failed and were rolled back ("
+                                         + _kept(done) + "): " + scrub(exc.pgerror or exc, url)) from None
             finally:
                 conn.rollback()
                 conn.autocommit = True
                 cursor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     finally:
         conn.close()
+    if role_missing:
+        # everything else is done; without the role no daemon may run (exit non-zero)
+        raise MigrationError(f"{role_missing} ({_kept(done)})")
     return done
+
+
+def _kept(done):
+    return f"applied in this run and kept: {', '.join(done)}" if done else "nothing else was applied in this run"
+
+
+def _current_user(cursor):
+    cursor.execute("SELECT current_user::text")
+    return cursor.fetchone()[0]
 
 
 # What repair.sql restores, and how to tell it is missing.
@@ -260,13 +350,17 @@ def _repair(conn, cursor, url, log):
     return [f"repaired {what}" for what in missing]
 
 
-def _apply(conn, cursor, url, log, migrations, table, shown=""):
+def _apply(conn, cursor, url, log, migrations, table, shown="", earlier=()):
     """Applies the pending ones of `migrations`, each in its own transaction with its row in
-    `table`; returns their filenames. A failure names what was applied before it."""
+    `table`; returns their filenames. A failure names what was applied before it: in this run
+    (`earlier`: the series before this one), and before this run."""
     applied = _applied(cursor, table)
     if not applied:
         _create_bookkeeping(cursor, url, table)
     _check_unchanged(migrations, applied)
+    migrations_by_version = {m.version: m.filename for m in migrations}
+    migrations_by_version.update({v: f"{v}_{row[1]}.sql" for v, row in applied.items()
+                                  if v not in migrations_by_version})
     conn.autocommit = False
     done = []
     for migration in migrations:
@@ -281,14 +375,143 @@ def _apply(conn, cursor, url, log, migrations, table, shown=""):
             conn.commit()
         except Exception as exc:
             conn.rollback()
-            detail = getattr(exc, "pgerror", None) or str(exc)
-            before = (f"{', '.join(shown + d for d in done)} applied before it stay applied"
-                      if done else "nothing else of this run was undone")
+            detail = " ".join((getattr(exc, "pgerror", None) or str(exc)).split())
+            before_run = (f"{shown}{migrations_by_version[max(applied)]}" if applied else "none")
             raise MigrationError(
-                f"migration {shown}{migration.filename} failed and was rolled back ({before}): "
-                + scrub(detail, url)
+                f"migration {shown}{migration.filename} failed and was rolled back ("
+                + _kept(list(earlier) + [shown + d for d in done])
+                + f"; applied before this run, last: {before_run}): " + scrub(detail, url)
             ) from None
         done.append(migration.filename)
-        log(f"applied {shown}{migration.filename}")
+        log(f"applied {shown}{migration.filename} ({migration.creates})")
     conn.autocommit = True
     return done
+
+
+# What is in attune-sensor's own schema, to be dropped one by one (RESTRICT): an object outside it
+# that depends on one of them stops the removal instead of going with it. Sequences owned by a
+# column go with their table.
+OWN_OBJECTS_SQL = """
+SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                      WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, format('attune_sensor.%I', c.relname)
+  FROM pg_class c
+ WHERE c.relnamespace = 'attune_sensor'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                      AND d.deptype IN ('a', 'i'))
+UNION ALL
+SELECT 'FUNCTION', format('attune_sensor.%I(%s)', p.proname, pg_get_function_identity_arguments(p.oid))
+  FROM pg_proc p WHERE p.pronamespace = 'attune_sensor'::regnamespace
+"""
+
+# Workers that still run an attune-sensor daemon: its rows carry meta.instance_id, and are live.
+LIVE_DAEMONS_SQL = """
+SELECT w.name::text FROM {worker} AS w
+ WHERE w.status::text = 'active' AND w.meta ? 'instance_id' AND NOT {stale}
+ ORDER BY 1 LIMIT 20
+"""
+
+
+def uninstall(url, connect_timeout=5.0, configured_schema=None, yes=False, drop_role=False, log=print, warn=print):
+    """`migrate uninstall`: says what attune-sensor made in this database and, with `yes`, removes
+    it in one transaction: schema attune_sensor (each object, RESTRICT), the spec series'
+    bookkeeping, every privilege of attune_sensor_daemon here, and the role when it has no
+    members (or `drop_role`). Never an object of the platform's (or the spec's shared worker
+    schema). Returns what was removed; MigrationError (nothing removed) without `yes`, while a
+    daemon still runs, or when PostgreSQL refuses a step."""
+    conn = connect_blocking(url, connect_timeout)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            try:
+                return _uninstall(conn, cursor, url, configured_schema, yes, drop_role, log, warn)
+            finally:
+                conn.rollback()
+                conn.autocommit = True
+                cursor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    finally:
+        conn.close()
+
+
+def _uninstall(conn, cursor, url, configured_schema, yes, drop_role, log, warn):
+    table, target, _ = _find_table(cursor, configured_schema)
+    steps = []  # (what is said, SQL)
+    own = []
+    cursor.execute("SELECT to_regnamespace('attune_sensor') IS NOT NULL")
+    if cursor.fetchone()[0]:
+        cursor.execute(OWN_OBJECTS_SQL)
+        order = ["VIEW", "MATERIALIZED VIEW", "TABLE", "FOREIGN TABLE", "SEQUENCE", "FUNCTION"]  # dependants first
+        own = sorted((tuple(row) for row in cursor.fetchall()), key=lambda o: (order.index(o[0]), o[1]))
+        for kind, name in own:
+            rows = ""
+            if kind == "TABLE":
+                cursor.execute(f"SELECT count(*) FROM {name}")
+                rows = f" ({cursor.fetchone()[0]} rows)"
+            steps.append((f"{kind.lower()} {name}{rows}", f"DROP {kind} {name} RESTRICT"))
+        steps.append(("schema attune_sensor", "DROP SCHEMA attune_sensor RESTRICT"))
+    bookkeeping = f"{schema.quote_ident(target)}.{TABLE}"
+    cursor.execute("SELECT format('%%I.%%I', %s::text, %s::text)", (target, TABLE))
+    bookkeeping_name = cursor.fetchone()[0]  # as access.role_privileges() names it
+    if (table is None or not table.is_platform) and access._exists(cursor, bookkeeping):
+        steps.append((f"table {target}.{TABLE} (the spec series' bookkeeping; the spec's schema it describes stays, "
+                       "and a later 'migrate run' adopts it again)", f"DROP TABLE {bookkeeping} RESTRICT"))
+    dropped = {"attune_sensor"} | {name for _, name in own} | ({bookkeeping_name} if steps and
+                                                                 steps[-1][1].endswith(f"{TABLE} RESTRICT") else set())
+    privileges = [(kind, name) for kind, name in access.role_privileges(cursor) if name not in dropped]
+    for kind, name in privileges:
+        steps.append((f"{access.ROLE}'s privileges on {kind.lower()} {name}",
+                      f"REVOKE ALL ON {kind} {name} FROM {access.ROLE}"))
+    exists, members = access.role_members(cursor)
+    role_step = None
+    if exists and (not members or drop_role):
+        shown = f" (its members {', '.join(members)} lose it)" if members else ""
+        role_step = (f"role {access.ROLE}{shown}", f"DROP ROLE {access.ROLE}")
+    if table is not None:
+        cursor.execute(LIVE_DAEMONS_SQL.format(worker=f"{schema.quote_ident(table.schema)}.worker",
+                                               stale=schema.stale_condition("w", "3")))
+        live = [row[0] for row in cursor.fetchall()]
+        if live:
+            raise MigrationError(f"attune-sensor daemons still run against this database ({', '.join(live)}): "
+                                 "stop them first; nothing was removed")
+    if not steps and not role_step:
+        log("attune-sensor has no objects in this database: nothing to remove")
+        return []
+    log("migrate uninstall removes:")
+    for what, _ in steps + ([role_step] if role_step else []):
+        log(f"  {what}")
+    kept = ["the platform's schema and every object in it (only the role's privileges above are revoked)"
+            if table is not None and table.is_platform else
+            f"the spec's worker schema in {target} (worker, runtime, their types, indexes, triggers and functions): "
+            "other Attune workers share it" if table is not None else None]
+    if exists and not role_step:
+        kept.append(f"role {access.ROLE}: it has member roles ({', '.join(members)}); --drop-role drops it anyway")
+    if table is not None and table.is_platform and not access.heartbeat_tuning(cursor, table)[0]:
+        kept.append("the heartbeat tuning of the platform's worker table, if 'migrate run --tune-heartbeats' made it "
+                    "(its index on last_heartbeat comes back from the platform's migration)")
+    for line in filter(None, kept):
+        log(f"  kept: {line}")
+    if not yes:
+        raise MigrationError("nothing was removed: run 'attune-sensor migrate uninstall --yes' to remove the above")
+    conn.autocommit = False
+    try:
+        for _, sql in steps:
+            cursor.execute(sql)
+        removed = [what for what, _ in steps]
+        if role_step:
+            cursor.execute("SAVEPOINT role")
+            try:
+                cursor.execute(role_step[1])
+                removed.append(role_step[0])
+            except psycopg2.Error as exc:
+                cursor.execute("ROLLBACK TO SAVEPOINT role")
+                warn(f"kept role {access.ROLE}: " + " ".join(scrub(exc.pgerror or exc, url).split()))
+        conn.commit()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise MigrationError("nothing was removed (rolled back): " + " ".join(scrub(exc.pgerror or exc, url).split())) \
+            from None
+    finally:
+        conn.autocommit = True
+    for what in removed:
+        log(f"removed {what}")
+    return removed
