@@ -181,8 +181,16 @@ def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, tabl
 # The fleet's gauges in one aggregate statement: no row leaves the server (bench/queries.py).
 # Numbers read from capabilities are guarded (schema.capacity_of): a junk value counts as 0, it
 # does not fail the scrape; a heartbeat at +-infinity has no age.
+_PLACEMENT_GAUGES = f"""
+    -- sensors waiting for a worker, and those placed on a worker that is not live or is gone
+    -- (a pass releases and places them; a daemon that refreshes these gauges runs one then)
+    'pending', (SELECT count(*) FROM {ASSIGNMENTS} AS a
+                 WHERE a.worker_id IS NULL OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id)),
+    'stranded', (SELECT count(*) FROM {ASSIGNMENTS} AS a
+                  WHERE a.worker_id IS NOT NULL AND NOT EXISTS (
+                        SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR})),"""
 GAUGES_SQL = f"""
-SELECT jsonb_build_object(
+SELECT jsonb_build_object({_PLACEMENT_GAUGES}
     'active', jsonb_build_object(
         'sensor', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'sensor'),
         'hybrid', count(*) FILTER (WHERE w.status = 'active' AND w.worker_role::text = 'hybrid')),
@@ -202,6 +210,9 @@ SELECT jsonb_build_object(
  WHERE {LISTED_ROLES}
 """
 
+# a database without attune-sensor's own schema (not migrated by this version): no placement gauges
+_GAUGES_WITHOUT_PLACEMENT = GAUGES_SQL.replace(_PLACEMENT_GAUGES, "")
+
 # `metrics` runs on every host, as often as its scraper asks: at 10,000 hosts scraping each
 # minute that would be 166 scans of the whole table a second. The gauges are kept in one row of
 # attune_sensor.fleet_gauges instead: a caller that finds them older than GAUGES_PERIOD
@@ -214,13 +225,19 @@ SELECT jsonb_build_object(
 # (a JSON 1e400 would be infinity in Python); otherwise they are due like old ones.
 GAUGES_PERIOD = 10.0
 _COUNTS = ("active", "runtimes")  # objects whose values are all gauges
-_NUMBERS = ("active.sensor", "active.hybrid", "stale", "reaped", "max_heartbeat_lag", "capacity")
+_NUMBERS = ("active.sensor", "active.hybrid", "stale", "reaped", "max_heartbeat_lag", "capacity", "pending",
+            "stranded")
 _GAUGE_OK = '(@.type() == "number" && @ >= 0 && @ < 1e15)'
 _GAUGES_WELL_FORMED = "coalesce(jsonb_path_match(gauges, 'strict {}'), false)".format(" && ".join(
     [f"exists($.{path} ? {_GAUGE_OK})" for path in _NUMBERS]
     + [f'$.{name}.type() == "object" && !exists($.{name}.* ? (!{_GAUGE_OK}))' for name in _COUNTS]))
 _GAUGES_DUE = (f"({expired('computed_at', GAUGES_PERIOD)} OR NOT {_GAUGES_WELL_FORMED} "
                "OR multiplier IS DISTINCT FROM %(multiplier)s)")
+# The daemons refresh the gauges a second earlier than a scrape would (scheduler.SURVEY_SQL,
+# refresh_gauges): a daemon surveying every 10 s then finds them due at each survey, so stranded
+# sensors are noticed within one survey period even with a single daemon.
+DAEMON_GAUGES_PERIOD = GAUGES_PERIOD - 1.0
+GAUGES_DUE = _GAUGES_DUE.replace(expired("computed_at", GAUGES_PERIOD), expired("computed_at", DAEMON_GAUGES_PERIOD))
 # the gauges, whether they are fresh, whether they may stand in while another caller refreshes
 # them (sound, same multiplier, however old), their age
 READ_GAUGES_SQL = f"""
@@ -236,9 +253,12 @@ RETURNING gauges
 """
 
 
+_DAEMON_REFRESH_GAUGES_SQL = REFRESH_GAUGES_SQL.replace(_GAUGES_DUE, GAUGES_DUE)
+
+
 def metrics(db, multiplier, table=None):
     """The fleet's gauges: {active: {role: n}, stale, reaped, max_heartbeat_lag, capacity,
-    runtimes, age}. `age`: seconds since they were computed (at most GAUGES_PERIOD, but for a
+    runtimes, pending, stranded, age} (no pending and stranded without the own schema). `age`: seconds since they were computed (at most GAUGES_PERIOD, but for a
     role that may not update the stored row: it computes them every time, age 0)."""
     if table is None:
         table = attach(db)
@@ -252,7 +272,14 @@ def metrics(db, multiplier, table=None):
             return dict(refreshed[0][0], age=0.0)
         if usable:
             return dict(stored, age=age)  # another caller is computing them right now
-    return dict(db.execute(GAUGES_SQL, params)[0][0], age=0.0)
+    return dict(db.execute(GAUGES_SQL if table.assignments else _GAUGES_WITHOUT_PLACEMENT, params)[0][0], age=0.0)
+
+
+def refresh_gauges(db, multiplier):
+    """The daemon's side of the gauges: recomputes them if they are due and no other caller is
+    at it. Returns the gauges it computed, else None."""
+    refreshed = db.execute(_DAEMON_REFRESH_GAUGES_SQL, {"multiplier": multiplier})
+    return refreshed[0][0] if refreshed else None
 
 
 def summary(workers):

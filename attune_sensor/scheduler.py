@@ -26,8 +26,8 @@ import uuid
 from . import placement
 from .runner import launch
 from .errors import AttuneSensorError
-from .fleet import CAPACITY, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
-from .schema import ASSIGNMENTS, SENSOR_RUNS, WORKER_LOAD, stale_condition
+from .fleet import CAPACITY, GAUGES_DUE, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
+from .schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD, stale_condition
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
 # How long a long-lived Scheduler walks the worker_load rows as they are before syncing them
@@ -42,9 +42,9 @@ SYNC_RETRY_AFTER = 1.0
 # query (PgBouncer's transaction pooling keeps it on one server connection) and is deallocated
 # at its end; its name is unique, since a statement left by a failed batch outlives the rollback.
 PLACE_BATCH = 100
-_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "entrypoint", "env")
+_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "selector_read", "tolerations_read")
 _PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
-_PREPARED_TYPES = "text, text, jsonb, jsonb, text, jsonb, float8"
+_PREPARED_TYPES = "text, text, jsonb, jsonb, jsonb, jsonb, float8"
 # Sensor processes a worker reported running (runner/report.py): a sensor placed again after
 # `unplace` waits for that worker as a moved one does (docs/design.md, "At most one copy").
 _STILL_RUNNING = f"""(SELECT r.worker_id FROM {SENSOR_RUNS} AS r JOIN worker AS p ON p.id = r.worker_id
@@ -117,7 +117,14 @@ WITH chosen AS (
 -- one placed now is named by `chosen`)
 SELECT CASE WHEN EXISTS (SELECT 1 FROM placed WHERE worker_id IS NOT NULL) THEN (SELECT name FROM chosen)
             ELSE (SELECT w.name FROM {assignments} AS a JOIN worker AS w ON w.id = a.worker_id
-                   WHERE a.sensor_ref = %(ref)s) END
+                   WHERE a.sensor_ref = %(ref)s) END,
+       -- placed before with something else: what it was placed with (the row is left as it is)
+       (SELECT jsonb_build_object('runtime', a.runtime, 'selector', a.selector, 'tolerations', a.tolerations,
+                                  'entrypoint', a.entrypoint, 'env', a.env)
+          FROM {assignments} AS a
+         WHERE a.sensor_ref = %(ref)s AND a.worker_id IS NOT NULL
+           AND (a.runtime, a.selector, a.tolerations, a.entrypoint, a.env) IS DISTINCT FROM
+               (%(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, %(entrypoint)s::text, %(env)s::jsonb))
 """
 
 DIAGNOSE_SQL = """
@@ -166,8 +173,75 @@ UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL,
 RETURNING a.sensor_ref
 """
 
+# The batch's statement (reconcile): places a sensor that is still pending as it was read, and
+# nothing else. It never inserts: a sensor unplaced since the pending list was read stays
+# forgotten, and one placed again meanwhile with another runtime, selector or tolerations waits
+# for the next pass, which reads it as it is now.
+PLACE_PENDING_SQL = """
+WITH chosen AS (
+    ({walk_preferred})
+    UNION ALL
+    ({walk_penalized})
+    LIMIT 1
+)
+UPDATE {assignments} AS a SET worker_id = chosen.id, assigned_at = now()
+  FROM chosen
+ WHERE a.sensor_ref = %(ref)s AND a.worker_id IS NULL AND a.runtime = %(runtime)s
+   AND a.selector = %(selector_read)s::jsonb AND a.tolerations = %(tolerations_read)s::jsonb
+RETURNING a.sensor_ref
+"""
+
+# A live worker keeps only what it may still run (docs/scheduling.md, "What a worker keeps"): a
+# sensor whose runtime it no longer offers or whose selector its labels no longer hold, and
+# beyond its capacity the last ones by ref (those its supervisor stops first), go back to
+# pending with this worker as their previous worker: it may still run them, and the next one
+# starts them only once it said it stopped them (docs/design.md, "At most one copy"). A cordon,
+# a health status and a no_schedule taint only keep new sensors away: they keep what is placed.
+RELEASE_MINE_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s);
+WITH mine AS (
+    SELECT a.sensor_ref, a.worker_id, ({may_run}) AS may_run, {capacity} AS capacity
+      FROM {assignments} AS a JOIN worker AS w ON w.id = a.worker_id
+     WHERE a.worker_id IS NOT NULL AND (%(me)s::bigint IS NULL OR a.worker_id = %(me)s::bigint)
+       AND w.status = 'active' AND NOT {stale}
+), beyond AS (
+    SELECT m.sensor_ref, m.worker_id FROM mine AS m WHERE NOT m.may_run
+    UNION ALL
+    SELECT k.sensor_ref, k.worker_id
+      FROM (SELECT sensor_ref, worker_id, capacity,
+                   row_number() OVER (PARTITION BY worker_id ORDER BY sensor_ref) AS n
+              FROM mine WHERE may_run) AS k
+     WHERE k.n > k.capacity
+)
+UPDATE {assignments} AS a SET worker_id = NULL, assigned_at = NULL,
+       previous_worker_id = coalesce(a.previous_worker_id, a.worker_id)
+  FROM beyond WHERE a.sensor_ref = beyond.sensor_ref AND a.worker_id = beyond.worker_id
+RETURNING a.sensor_ref, (SELECT w.name FROM worker AS w WHERE w.id = beyond.worker_id)
+"""
+
+# A daemon's look at the fleet, at its assignments cadence (one statement, never on the
+# heartbeat path): whether it holds sensors it may no longer run, and whether a pending sensor
+# could go to it now (it is eligible and has room: capacity or eligibility appeared).
+SURVEY_SQL = """
+SELECT EXISTS (SELECT 1 FROM {assignments} AS a WHERE a.worker_id = w.id AND NOT ({may_run}))
+           OR {placed} > {capacity},
+       ({alive}) AND ({schedulable}) AND {placed} < {capacity}
+           AND EXISTS (SELECT 1 FROM {assignments} AS a
+                        WHERE a.worker_id IS NULL AND ({may_run}) AND ({tolerated})),
+       -- the fleet's gauges are due: this daemon may refresh them, and learn of stranded sensors
+       (SELECT {gauges_due} FROM {fleet_gauges})
+  FROM worker AS w WHERE w.id = %(me)s
+"""
+
+# Pending: no worker, or a worker id whose row is gone (deleted by hand): its sensors are
+# placed by the next pass, which releases them first.
 PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, entrypoint, env FROM {ASSIGNMENTS} " \
               "WHERE worker_id IS NULL ORDER BY created, sensor_ref LIMIT %(limit)s"
+PENDING_COUNT_SQL = f"""
+SELECT runtime, selector, tolerations, count(*), sum(count(*)) OVER () FROM {ASSIGNMENTS} AS a
+ WHERE a.worker_id IS NULL OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id)
+ GROUP BY runtime, selector, tolerations ORDER BY count(*) DESC, runtime LIMIT 100
+"""
 
 # The worker's side (the service, at its assignments cadence): the sensors placed on it, each
 # with whether it may start now, in the same statement as its word that the sensors moved away
@@ -221,7 +295,7 @@ SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at
   FROM {ASSIGNMENTS} AS a LEFT JOIN worker AS w ON w.id = a.worker_id
   LEFT JOIN {SENSOR_RUNS} AS r ON r.worker_id = a.worker_id AND r.sensor_ref = a.sensor_ref
  WHERE (%(worker)s::text IS NULL OR w.name = %(worker)s::text)
-   AND (NOT %(pending)s OR a.worker_id IS NULL)
+   AND (NOT %(pending)s OR w.id IS NULL)
  ORDER BY a.sensor_ref
 """
 
@@ -238,24 +312,25 @@ DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s RETURNING sensor_ref
 # at 10: no worker's load is counted but the candidates'.
 REBALANCE_STEP_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
-WITH sources AS (
-    SELECT top.id, max(top.ratio) AS ratio FROM (
-        SELECT l.worker_id AS id, l.ratio FROM {worker_load} AS l
-         CROSS JOIN LATERAL (SELECT 1 FROM worker AS w
-                              WHERE w.id = l.worker_id AND ({schedulable}) OFFSET 0) AS ok
-         WHERE l.load > 0 AND l.capacity > 0
-         ORDER BY l.ratio DESC, l.worker_id LIMIT 60) AS top
-     GROUP BY top.id
-     ORDER BY max(top.ratio) DESC, top.id LIMIT 20
+WITH candidates AS (
+    SELECT DISTINCT top.worker_id AS id
+      FROM (SELECT l.worker_id FROM {worker_load} AS l ORDER BY l.ratio DESC, l.worker_id LIMIT 60) AS top
+), sources AS (
+    -- the counter chose whom to look at; their sensors, counted, decide
+    SELECT w.id, c.load::float8 / c.capacity AS ratio
+      FROM candidates JOIN worker AS w ON w.id = candidates.id
+     CROSS JOIN LATERAL (SELECT {placed} AS load, {capacity} AS capacity) AS c
+     WHERE ({schedulable}) AND c.load > 0 AND c.capacity > 0
+     ORDER BY ratio DESC, w.id LIMIT 20
 ), move AS (
     SELECT a.sensor_ref, s.id AS source_id, dst.id AS target_id
       FROM sources AS s
       JOIN {assignments} AS a ON a.worker_id = s.id
       CROSS JOIN LATERAL (
-          SELECT w.id, (l.load + 1)::float8 / l.capacity AS ratio_after FROM {worker_load} AS l
-           CROSS JOIN LATERAL (SELECT w.id FROM worker AS w
+          SELECT w.id, w.ratio_after FROM {worker_load} AS l
+           CROSS JOIN LATERAL (SELECT w.id, ({placed} + 1)::float8 / {capacity} AS ratio_after FROM worker AS w
                                 WHERE w.id = l.worker_id AND w.id <> s.id AND ({eligible_for_a}) OFFSET 0) AS w
-           WHERE l.runtime = a.runtime AND l.ratio < s.ratio
+           WHERE l.runtime = a.runtime
            ORDER BY l.ratio, l.worker_id LIMIT 1) AS dst
      WHERE dst.ratio_after < s.ratio - 1e-9
      ORDER BY s.ratio DESC, dst.ratio_after, a.sensor_ref
@@ -271,6 +346,27 @@ RETURNING a.sensor_ref, (SELECT name FROM worker WHERE id = move.source_id),
 
 class NoEligibleWorker(AttuneSensorError):
     """The sensor is recorded as pending: no worker may take it now."""
+
+
+class PlacementConflict(ValueError):
+    """`place` of a sensor already placed with another runtime, selector, tolerations,
+    entrypoint or env: refused, the placement is left as it is (docs/scheduling.md, "Commands
+    and API"). A ValueError: the command line's usage error (exit 2)."""
+
+    def __init__(self, ref, worker, placed, params):
+        asked = {"runtime": params["runtime"], "selector": json.loads(params["selector"]),
+                 "tolerations": json.loads(params["tolerations"]), "entrypoint": params["entrypoint"],
+                 "env": json.loads(params["env"])}
+        differ = [key for key in asked if asked[key] != placed.get(key)]
+        shown = ", ".join(f"{key} {_short(placed.get(key))}" for key in differ if key != "env")
+        super().__init__(f"sensor {ref!r} is already placed on {worker} with {shown or 'another env'}"
+                         f" (differs: {', '.join(differ)}); 'unplace' it first to place it with other settings")
+        self.worker = worker
+
+
+def _short(value):
+    text = " ".join(json.dumps(value).split()) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Scheduler:
@@ -290,19 +386,28 @@ class Scheduler:
                                     penalized_or_not=condition)
                  for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
         self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING, **walks)
-        self._prepared_place = self._place.split(";", 1)[1]  # without the lock, $n for %(name)s
+        self._prepared_place = PLACE_PENDING_SQL.format(assignments=ASSIGNMENTS, **walks)  # $n for %(name)s
         for n, key in enumerate(_PREPARED_PARAMS, 1):
             self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
         self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=LISTED_ROLES, worker_load=WORKER_LOAD,
                                      stale=STALE_EXPR)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
-        for_a = (eligible.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
-                 .replace("%(tolerations)s::jsonb", "a.tolerations"))
+        def for_a(sql):
+            return (sql.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
+                    .replace("%(tolerations)s::jsonb", "a.tolerations"))
+        may_run = for_a(f"({self._checks['runtime']}) AND ({self._checks['selector']})")
         self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR,
                                      sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
         self._rebalance_step = REBALANCE_STEP_SQL.format(
             worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS,
-            eligible_for_a=for_a)
+            eligible_for_a=for_a(eligible), placed=PLACED_SENSORS, capacity=CAPACITY)
+        self._release_mine = RELEASE_MINE_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, capacity=CAPACITY,
+                                                     stale=STALE_EXPR)
+        self._survey = SURVEY_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, placed=PLACED_SENSORS,
+                                         capacity=CAPACITY, alive=self._checks["alive"],
+                                         schedulable=self._checks["schedulable"],
+                                         tolerated=for_a(self._checks["tolerated"]),
+                                         gauges_due=GAUGES_DUE, fleet_gauges=FLEET_GAUGES)
 
     def place(self, ref, runtime, selector=None, tolerations=(), explain=True, entrypoint=None, env=None):
         """Places one sensor and returns its worker's name (where it already is, if placed
@@ -311,9 +416,11 @@ class Scheduler:
         `entrypoint` (under the worker's packs_base_dir) and `env` are what the worker runs."""
         params = self._params(ref, runtime, selector, tolerations, entrypoint, env)
         self._sync_if_due(SYNC_PERIOD)
-        worker = self.db.execute(self._place, params)[0][0]
+        worker, other = self.db.execute(self._place, params)[0]
         if not worker and self._sync_if_due(SYNC_RETRY_AFTER):
-            worker = self.db.execute(self._place, params)[0][0]  # a worker that joined may take it
+            worker, other = self.db.execute(self._place, params)[0]  # a worker that joined may take it
+        if other is not None:
+            raise PlacementConflict(ref, worker, other, params)
         if worker:
             return worker
         reason = self._why_not(params) if explain else "no worker may take it now"
@@ -343,9 +450,12 @@ class Scheduler:
 
     def rebalance(self, limit=100_000):
         """Evens out a skewed fleet (new workers joined, say) one move at a time, each making
-        the fleet strictly more even. Returns [(sensor_ref, from_worker, to_worker)]."""
-        self.sync()
-        moves = []
+        the fleet strictly more even. First, what live workers may no longer run (a runtime
+        dropped, a selector no longer matched, beyond a lowered capacity) goes where it may.
+        Returns [(sensor_ref, from_worker, to_worker)]."""
+        released = dict(self.release_ineligible())
+        _, placed = self.reconcile()
+        moves = [(ref, released[ref], placed[ref]) for ref in sorted(released) if ref in placed]
         while len(moves) < limit:
             moved = self.db.execute(self._rebalance_step, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})
             if not moved:
@@ -353,15 +463,32 @@ class Scheduler:
             moves.append(tuple(moved[0]))
         return moves
 
-    def reconcile(self, limit=10_000, budget=None):
-        """Failover: sensors of workers that died or left go back to pending, then pending
-        sensors are placed where possible, oldest first, up to `limit` of them or, after the
-        first batch of PLACE_BATCH, until `budget` seconds have passed. Returns (released refs,
-        {ref: worker} placed); `unfinished` then says whether it stopped early with pending
-        sensors it did not try."""
+    def release_ineligible(self, worker_id=None):
+        """Sensors that live worker `worker_id` (every live worker: None) may no longer run go
+        back to pending, that worker as their previous one (RELEASE_MINE_SQL).
+        Returns [(sensor_ref, worker)]."""
+        rows = self.db.execute(self._release_mine, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id,
+                                                    "multiplier": self.multiplier})
+        return [tuple(row) for row in rows]
+
+    def survey(self, worker_id):
+        """A daemon's periodic look, one statement: (it holds sensors it may no longer run,
+        a pending sensor could go to it now, the fleet's gauges are due for a refresh)."""
+        rows = self.db.execute(self._survey, {"me": worker_id, "multiplier": self.multiplier})
+        return tuple(bool(value) for value in rows[0]) if rows else (False, False, False)
+
+    def reconcile(self, limit=10_000, budget=None, worker_id=None):
+        """Failover: sensors of workers that died, left or were deleted go back to pending (and,
+        with `worker_id`, those that live worker may no longer run), then pending sensors are
+        placed where possible, oldest first, up to `limit` of them or, after the first batch of
+        PLACE_BATCH, until `budget` seconds have passed. Returns (released refs, {ref: worker}
+        placed); `unfinished` then says whether it stopped early with pending sensors it did
+        not try, `still_pending` how many are left."""
         deadline = None if budget is None else self.clock() + budget
         released = [row[0] for row in self.db.execute(
             RELEASE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})]
+        if worker_id is not None:
+            released += [ref for ref, _ in self.release_ineligible(worker_id)]
         self.sync()
         pending = self.db.execute(PENDING_SQL, {"limit": limit})
         placed = {}
@@ -372,6 +499,17 @@ class Scheduler:
                 self.unfinished = True
                 break
         return released, placed
+
+    def pending_summary(self, groups=3):
+        """(sensors pending, [(count, why)] for the largest `groups` kinds of them): why a kind
+        stays pending is the first test no worker passed, one statement per kind shown."""
+        rows = self.db.execute(PENDING_COUNT_SQL)
+        shown = []
+        for runtime, selector, tolerations, count, _ in rows[:groups]:
+            params = {"runtime": runtime, "selector": json.dumps(selector), "tolerations": json.dumps(tolerations),
+                      "multiplier": self.multiplier}
+            shown.append((count, self._why_not(params, "a worker has room for them now: the next pass places them")))
+        return (int(rows[0][4]) if rows else 0), shown
 
     def sync(self):
         """Brings worker_load up to the workers: one statement over the fleet (a few
@@ -390,8 +528,9 @@ class Scheduler:
         params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier, "refs": [ref for ref, *_ in sensors]}
         statements = ["SELECT pg_advisory_xact_lock(%(lock)s)", "SET LOCAL plan_cache_mode = force_generic_plan",
                       f"PREPARE {name}({_PREPARED_TYPES}) AS {self._prepared_place}"]
-        for n, (*sensor, entrypoint, env) in enumerate(sensors):
-            one = dict(self._params(*sensor), entrypoint=entrypoint, env=json.dumps(env))
+        for n, (ref, runtime, selector, tolerations, *_) in enumerate(sensors):
+            one = dict(self._params(ref, runtime, selector, tolerations),
+                       selector_read=json.dumps(selector), tolerations_read=json.dumps(tolerations))
             params.update((f"{key}_{n}", one[key]) for key in _PER_SENSOR_PARAMS)
             arguments = [f"%({key}_{n})s" if key in _PER_SENSOR_PARAMS else f"%({key})s" for key in _PREPARED_PARAMS]
             statements.append(f"EXECUTE {name}({', '.join(arguments)})")
@@ -420,7 +559,7 @@ class Scheduler:
                 "tolerations": json.dumps([toleration(t) for t in tolerations]),
                 "entrypoint": entrypoint, "env": json.dumps(dict(env or {}))}
 
-    def _why_not(self, params):
+    def _why_not(self, params, otherwise="every eligible worker is full"):
         counts = ", ".join(
             f"count(*) FILTER (WHERE {' AND '.join(f'({self._checks[n]})' for n in list(self._checks)[:i + 1])})"
             for i in range(len(self._checks)))
@@ -428,7 +567,7 @@ class Scheduler:
         for name, count in zip(self._checks, row):
             if count == 0:
                 return WHY_NOT[name].format(runtime=params["runtime"], selector=params["selector"])
-        return "every eligible worker is full"  # filled between the two statements
+        return otherwise  # place(): filled between the two statements
 
 
 def toleration(value):

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 
 from . import config as config_module
-from . import assignments_file, logs, runtimes, schema
+from . import assignments_file, fleet, logs, runtimes, schema
 from .db import Backoff, Database
 from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
 from .migrations import OWN_SCHEMA_VERSION
@@ -73,6 +73,7 @@ class SensorService:
         self._capabilities_pending = False
         self._database_down = False
         self._next_assignment_read = 0.0
+        self._next_survey = 0.0  # the periodic placement survey (_maybe_survey)
         self._placement_unfinished = False  # the last pass ran out of time with sensors pending
         self._my_sensors = None  # {ref: row} last read; None before the first read
         self._api_token = ""
@@ -274,9 +275,38 @@ class SensorService:
             self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
         # After every attempt that ended within its bound, database up or down (docs/design.md, "Watchdog").
         self.notifier.watchdog()
-        if not self._maybe_reap() and self._placement_unfinished and not self._database_down:
-            self._reconcile("the previous pass, which ran out of time")
+        ran = self._maybe_reap()
+        if not ran and self._placement_unfinished and not self._database_down:
+            ran = self._reconcile("the previous pass, which ran out of time")
+        if not ran:
+            self._maybe_survey()  # a beat runs one placement pass at most
         self._maybe_read_assignments()
+
+    def _maybe_survey(self):
+        """Every max(10 s, interval), one statement (never on the heartbeat path): a placement
+        pass when this worker holds sensors it may no longer run, when a pending sensor could
+        go to it (capacity or eligibility appeared: an unplace, a lifted cordon), or when this
+        daemon refreshed the fleet's gauges and they show sensors stranded on workers that are
+        not live (a failover pass that failed, a worker row deleted by hand). The gauges are
+        refreshed by one caller per period fleet-wide, so that pass runs once per period."""
+        if (self.scheduler is None or self._database_down or self.registration.worker_id is None
+                or self.clock() < self._next_survey):
+            return
+        self._next_survey = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
+        try:
+            keeps, can_take, gauges_due = self.scheduler.survey(self.registration.worker_id)
+            stranded = 0
+            if gauges_due:
+                gauges = fleet.refresh_gauges(self.db, self.config.sensor.stale_multiplier)
+                stranded = int((gauges or {}).get("stranded") or 0)
+        except DATABASE_TROUBLE as exc:
+            log.warning("could not survey sensor placement: %s", exc)
+            return
+        reasons = [text for flag, text in ((keeps, "this worker holds sensors it may no longer run"),
+                                           (can_take, "pending sensors this worker may take"),
+                                           (stranded, f"{stranded} sensor(s) on workers that are not live")) if flag]
+        if reasons:
+            self._reconcile(" and ".join(reasons))
 
     def _maybe_reap(self):
         """Re-places the sensors of the workers the last heartbeat reaped. Returns True when a
@@ -443,15 +473,22 @@ class SensorService:
             return False
         try:
             released, placed = self.scheduler.reconcile(
-                budget=self.interval * RECONCILE_SHARE if budget is None else budget)
+                budget=self.interval * RECONCILE_SHARE if budget is None else budget,
+                worker_id=self.registration.worker_id)
+            # how many stay pending and why: only after a pass that changed something
+            waiting = self.scheduler.pending_summary() if released or placed else (0, [])
         except DATABASE_TROUBLE as exc:
-            log.warning("sensor placement after %s skipped: %s", why, exc)
+            log.warning("sensor placement after %s skipped (the next survey tries again): %s", why, exc)
             return False
         self._placement_unfinished = self.scheduler.unfinished
         if released or placed:
             shown = ", ".join(f"{ref} on {worker}" for ref, worker in sorted(placed.items())[:20])
-            log.info("Sensors re-placed after %s: %d released, %d placed%s%s", why, len(released), len(placed),
-                     f" ({shown})" if shown else "", "; more at the next beat" if self.scheduler.unfinished else "")
+            count, kinds = waiting
+            stay = (f"; {count} stay pending ({'; '.join(f'{n}: {why_not}' for n, why_not in kinds)})"
+                    if count else "; none pending")
+            log.info("Sensors re-placed after %s: %d released, %d placed%s%s%s", why, len(released), len(placed),
+                     f" ({shown})" if shown else "", stay,
+                     "; more at the next beat" if self.scheduler.unfinished else "")
         self._next_assignment_read = 0.0  # show this worker's side of it at the next beat
         return True
 
@@ -514,6 +551,11 @@ class SensorService:
         except DATABASE_TROUBLE as exc:
             self._capabilities_pending = True
             log.warning("Reloaded configuration; capabilities will be stored once the database answers: %s", exc)
+            return
+        # capacity, labels or runtimes may have changed: the survey at the next beat (rather than
+        # now, so the supervisor applies a lowered max_concurrent_sensors first) sends what this
+        # worker may no longer run elsewhere, and brings pending sensors it may take now
+        self._next_survey = 0.0
 
     # --- shutdown -----------------------------------------------------------------------
 

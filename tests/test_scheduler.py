@@ -55,7 +55,7 @@ def test_placement_follows_runtime_labels_taints_and_load(db_url):
     assert place(db_url, "s.gpu", "--runtime", "python", "--selector", "zone=eu-west",
                  "--tolerate", "gpu").stdout.strip() == "gpu-eu"
     # placing again changes nothing
-    assert place(db_url, "s.eu1", "--runtime", "python").stdout.strip() == "py-eu"
+    assert place(db_url, "s.eu1", "--runtime", "python", "--selector", "zone=eu-west").stdout.strip() == "py-eu"
     refused = place(db_url, "s.ruby", "--runtime", "ruby")
     assert refused.returncode == 1 and "no schedulable worker offers runtime 'ruby'" in refused.stderr
     assert assignments(db_url, "--pending") == {"s.ruby": None}
