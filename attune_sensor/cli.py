@@ -14,7 +14,7 @@ from . import __version__
 from . import config as config_module
 from .errors import AttuneSensorError, ConfigError, DatabaseUrlMissing, UsageError
 
-CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
+CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 EX_SOFTWARE = 70
 
 
@@ -102,9 +102,9 @@ def _parser():
                          help="after the list, print worker events (registered, deregistered, reaped) as they "
                               "happen, one line each (one JSON object per line with --json), until Ctrl-C")
 
-    command(commands, "check", "monitoring probe for this host's worker (exit 0 OK, 2 critical, 3 unknown)",
+    command(commands, "check", "monitoring probe for this host's worker (exit 0 OK, 1 warning, 2 critical, 3 unknown)",
             "Check that this host's worker row is active with a recent heartbeat. "
-            "Prints one status line; exit 0 OK, 2 CRITICAL, 3 UNKNOWN.")
+            "Prints one status line; exit 0 OK, 1 WARNING (sensors it could run are pending), 2 CRITICAL, 3 UNKNOWN.")
     command(commands, "metrics", "fleet gauges in the Prometheus text format",
             "Print fleet gauges in the Prometheus text exposition format, for "
             "node_exporter's textfile collector.")
@@ -429,12 +429,30 @@ def cmd_check(args):
         return CHECK_CRITICAL
     cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
     sensors = "" if worker["sensors"] is None else f", {worker['sensors']} of {worker['capacity']} sensors placed"
+    if _pending_for_me(config, worker["id"]):
+        print(f"WARNING: worker {name} (id {worker['id']}) active, but sensors it is eligible for are pending "
+              "(placement passes failing? see the journal); last heartbeat " + age)
+        return CHECK_WARNING
     states = {}
     for row in mine:
         states[_state(row)] = states.get(_state(row), 0) + 1
     running = f" ({', '.join(f'{n} {state}' for state, n in sorted(states.items()))})" if states else ""
     print(f"OK: worker {name} (id {worker['id']}) active{cordoned}{sensors}{running}, last heartbeat {age}")
     return CHECK_OK
+
+
+def _pending_for_me(config, worker_id):
+    """True when a pending sensor could be placed on this worker now (Scheduler.survey)."""
+    try:
+        scheduler, db = _scheduler(config)
+    except AttuneSensorError:
+        return False
+    try:
+        return scheduler.survey(worker_id)[1]
+    except AttuneSensorError:
+        return False
+    finally:
+        db.close()
 
 
 def _my_sensor_states(config):
@@ -481,6 +499,10 @@ def cmd_metrics(args):
     gauge("heartbeat_lag_seconds", "Seconds since the oldest active worker's heartbeat.",
           [({}, f"{stats['max_heartbeat_lag']:.3f}")])
     gauge("capacity_sensors", "Sum of max_concurrent_sensors over active workers.", [({}, int(stats["capacity"]))])
+    if "pending" in stats:
+        gauge("sensors_pending", "Sensors waiting for an eligible worker with room.", [({}, int(stats["pending"]))])
+        gauge("sensors_stranded", "Sensors placed on a worker that is dead, gone or stopped, not yet moved.",
+              [({}, int(stats["stranded"]))])
     gauge("gauges_age_seconds", "Seconds since the gauges above were computed (shared fleet-wide, at most "
           f"{fleet.GAUGES_PERIOD:g} s old).", [({}, f"{stats['age']:.3f}")])
     print("\n".join(lines))

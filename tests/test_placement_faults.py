@@ -259,3 +259,19 @@ def test_rebalance_decides_on_counted_sensors_not_the_counter(db_url):
     for worker in assignments(db_url).values():
         counts[worker] = counts.get(worker, 0) + 1
     assert counts == {"heavy": 3, "light": 3}
+
+
+def test_check_warns_and_metrics_count_sensors_pending_that_this_worker_could_run(db_url, tmp_path):
+    """A worker alive with room while a sensor it may run stays pending (its passes fail): the
+    monitoring probe says so, and the gauges count it."""
+    query(db_url, "SET search_path TO public, attune; "
+                  "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('w-room', 'local', 'sensor', 'h', 'active', "
+                  "'{\"runtimes\": [\"shell\"], \"max_concurrent_sensors\": 5, \"heartbeat_interval\": 30}', "
+                  "'{\"instance_id\": \"i\"}', now()); "
+                  "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) VALUES ('waits.1', 'shell')")
+    config = write_config(tmp_path, {"database": {"url": db_url}, "sensor": {"worker_name": "w-room"}})
+    check = run_cli("--config", config, "check")
+    assert check.returncode == 1 and check.stdout.startswith("WARNING: worker w-room"), check.stdout
+    metrics = run_cli("--config", config, "metrics")
+    assert "attune_sensor_sensors_pending 1" in metrics.stdout.splitlines()
