@@ -211,9 +211,11 @@ def test_a_worker_keeps_only_what_it_may_still_run(db_url):
     assert load_mismatches(db_url) == []
 
 
-def test_a_cordon_keeps_what_is_placed(attune_url):
-    """Only the platform's worker table has cordons (attune_url: its flavour)."""
-    db_url = attune_url
+def test_a_cordon_keeps_what_is_placed(cluster, attune_template):
+    """Only the platform's worker table has cordons: its flavour alone."""
+    from support import attune_database
+
+    db_url = attune_database(cluster, attune_template)
     assert has_cordon(db_url)
     add_worker(db_url, "c", capacity=4)
     assert place(db_url, "k.1", "--runtime", "python").stdout.strip() == "c"
