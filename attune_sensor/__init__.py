@@ -19,9 +19,9 @@ def __getattr__(name):
         from .config import Config
         return Config
     if name == "SensorWorkerRegistration":
-        from .registration import SensorWorkerRegistration
+        from .worker.registration import SensorWorkerRegistration
         return SensorWorkerRegistration
     if name == "SensorService":
-        from .service import SensorService
+        from .worker.service import SensorService
         return SensorService
     raise AttributeError(name)

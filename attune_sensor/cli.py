@@ -186,7 +186,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a bug: one line for the operator, no traceback in the journal
-        from .dsn import redact_dsn
+        from .config.dsn import redact_dsn
 
         print(f"attune-sensor: internal error: {type(exc).__name__}: {redact_dsn(' '.join(str(exc).split()))}",
               file=sys.stderr)
@@ -235,7 +235,7 @@ def _pairs(items, what, meaning):
 
 
 def _runtime(value):
-    from .runtimes import normalise
+    from .worker.runtimes import normalise
 
     try:
         names = normalise([_text(value, "--runtime", 64)])
@@ -259,7 +259,7 @@ def _check_arguments(args):
         return
     from . import placement
     from .runner import launch
-    from .scheduler import toleration
+    from .placement.scheduler import toleration
 
     args.runtime = _runtime(args.runtime)
     args.selector = _pairs(args.selector, "--selector", "KEY=VALUE")
@@ -283,7 +283,7 @@ def _check_arguments(args):
 def cmd_run(args):
     config = _load(args)
     from . import logs
-    from .service import SensorService
+    from .worker.service import SensorService
 
     logs.setup(config.log.level, config.log.format)
     try:
@@ -298,7 +298,7 @@ def cmd_run(args):
 
 def cmd_migrate(args):
     config = _load(args)
-    from . import migrations
+    from .db import migrations
 
     if args.migrate_command == "info":
         for what, state in migrations.info(config.database.url, config.database.connect_timeout,
@@ -324,7 +324,7 @@ def cmd_migrate(args):
 def _attached_db(config):
     """(db, worker table): a bounded connection that finds the worker table (schema.attach).
     The caller closes db."""
-    from . import schema
+    from .db import schema
     from .db import Database
 
     db = Database.from_config(config, application_name="attune-sensor cli")
@@ -510,7 +510,7 @@ def cmd_metrics(args):
 
 
 def _scheduler(config):
-    from .scheduler import Scheduler
+    from .placement.scheduler import Scheduler
 
     db, table = _attached_db(config)
     if not table.assignments:

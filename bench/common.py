@@ -51,7 +51,7 @@ def database(name="bench", settings=()):
         cluster.psql(f"CREATE DATABASE {name}")
         cluster.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", dbname=name)
         url = cluster.url(name)
-        from attune_sensor import migrations
+        from attune_sensor.db import migrations
 
         migrations.run(url, log=lambda *_: None)
         yield cluster, url
@@ -272,7 +272,7 @@ def heartbeat_client(url, first, last, rate, seconds, count):
     `seconds` have passed or `count` heartbeats were sent (0: no count). Prints JSON."""
     from attune_sensor import config as config_module
     from attune_sensor.db import Database
-    from attune_sensor.registration import SensorWorkerRegistration
+    from attune_sensor.worker.registration import SensorWorkerRegistration
 
     cfg = config_module.load(None, environ={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
     db = Database.from_config(cfg)

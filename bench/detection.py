@@ -31,7 +31,7 @@ def simulate(url, ids, interval, seconds, design):
     """One client process heartbeating the workers `ids` for `seconds`."""
     from attune_sensor import config as config_module, fleet
     from attune_sensor.db import Database
-    from attune_sensor.registration import SensorWorkerRegistration
+    from attune_sensor.worker.registration import SensorWorkerRegistration
 
     cfg = config_module.load(None, environ={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
     db = Database.from_config(cfg)

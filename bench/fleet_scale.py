@@ -8,7 +8,7 @@ BENCH_SCALE_PROCESSES (4 client processes); BENCH_QUICK=1: 200 workers for 1 s.
 """
 
 from common import database, fail, heartbeat_clients, insert_workers, knob, median, percentile, pgbench, table
-from attune_sensor.registration import HEARTBEAT_SQL
+from attune_sensor.worker.registration import HEARTBEAT_SQL
 
 INTERVAL = 30.0
 SECONDS = knob("BENCH_SCALE_SECONDS", 20.0, 1.0, float)

@@ -19,7 +19,7 @@ import time
 
 from common import ROOT, RUNS, Daemon, daemon_env, database, fail, insert_workers, knob, median, table, write_config
 from attune_sensor.config import MIN_HEARTBEAT_INTERVAL
-from attune_sensor.registration import HEARTBEAT_SQL
+from attune_sensor.worker.registration import HEARTBEAT_SQL
 
 FIRST, LAST = (int(n) for n in knob("BENCH_FOOTPRINT_BEATS", "1000,3000", "5,15", str).split(","))
 INTERVAL = knob("BENCH_FOOTPRINT_INTERVAL", MIN_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL, float)

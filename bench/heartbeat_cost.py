@@ -19,7 +19,7 @@ from common import (RUNS, Daemon, database, fail, gate_scans, knob, median, perc
 from attune_sensor import config as config_module
 from attune_sensor.db import Database
 from attune_sensor.fleet import REAP_PERIOD
-from attune_sensor.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
+from attune_sensor.worker.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
 ITERATIONS = knob("BENCH_HEARTBEATS", 3000, 100)
 COUNTED = knob("BENCH_COUNTED_HEARTBEATS", 100, 10)

@@ -8,7 +8,8 @@ Knobs: BENCH_ROWS (default 100000); BENCH_QUICK=1: 200 rows.
 import psycopg2
 
 from common import database, insert_workers, knob, median, table
-from attune_sensor import fleet, schema
+from attune_sensor import fleet
+from attune_sensor.db import schema
 from attune_sensor.db import Database
 
 ROWS = knob("BENCH_ROWS", 100000, 200)

@@ -278,7 +278,7 @@ def main():
 
 def measure_latency(cluster, url, workdir):
     import platform_db  # the suite's builder of Attune-flavour databases (tests/)
-    from attune_sensor import migrations
+    from attune_sensor.db import migrations
 
     baseline = direct_start_baseline(workdir, Path(workdir))
     spec_now, spec_cadence = latency("spec", url, workdir)

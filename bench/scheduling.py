@@ -29,16 +29,17 @@ FAILOVER_SECONDS = 300
 
 def scheduler_for(url):
     """(db, Scheduler) as a placer or an operator's command gets them: the project's own code."""
-    from attune_sensor import config, schema
+    from attune_sensor import config
+    from attune_sensor.db import schema
     from attune_sensor.db import Database
-    from attune_sensor.scheduler import Scheduler
+    from attune_sensor.placement.scheduler import Scheduler
 
     db = Database.from_config(config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}))
     return db, Scheduler(db, schema.attach(db))
 
 
 def placer(url, first, last):
-    from attune_sensor.scheduler import NoEligibleWorker
+    from attune_sensor.placement.scheduler import NoEligibleWorker
 
     db, scheduler = scheduler_for(url)
     for n in range(first, last):

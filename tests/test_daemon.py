@@ -344,7 +344,7 @@ def test_sighups_from_the_start_of_our_code_reload_instead_of_killing(db_url, tm
         sent += 1
     assert daemon.proc.poll() is None, f"killed after {sent} SIGHUPs: {daemon.proc.returncode}\n{daemon.output}"
     loading = next(line for line in daemon.lines if "loading the CLI" in line)
-    assert "after=attune_sensor,attune_sensor.signals" in loading  # held as the very first thing
+    assert "after=attune_sensor,attune_sensor.worker,attune_sensor.worker.signals" in loading  # held as the very first thing
     daemon.wait_for_line("heartbeat: worker", count=2)
     daemon.wait_for_line("Reloaded configuration")  # the SIGHUPs were acted on, not held for good
     assert worker_row(db_url, "sensor-early-hup")["status"] == "active"

@@ -83,7 +83,7 @@ def test_watch_prints_register_deregister_and_reap_events(spec_db_url, tmp_path,
 def test_heartbeats_send_no_events(spec_db_url):
     from attune_sensor import config
     from attune_sensor.db import Database
-    from attune_sensor.registration import SensorWorkerRegistration
+    from attune_sensor.worker.registration import SensorWorkerRegistration
     import psycopg2
 
     cfg = config.load(None, {"DATABASE_URL": spec_db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="quiet")

@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from attune_sensor import config, fleet, schema
+from attune_sensor import config, fleet
+from attune_sensor.db import schema
 from attune_sensor.db import Database
 from attune_sensor.errors import ConfigError
-from attune_sensor.registration import SensorWorkerRegistration
-from attune_sensor.scheduler import NoEligibleWorker, Scheduler
+from attune_sensor.worker.registration import SensorWorkerRegistration
+from attune_sensor.placement.scheduler import NoEligibleWorker, Scheduler
 from support import config_for, query, run_cli, worker_row
 
 INSERT = ("INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "

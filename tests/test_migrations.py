@@ -46,8 +46,8 @@ def test_empty_database_gets_the_spec_schema(empty_db_url):
     assert "20260131000001_add_worker_role.sql  applied" in info.stdout
 
 
-MIGRATION_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "migrations").glob("*.sql"))
-OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "migrations" / "own").glob("2*.sql"))
+MIGRATION_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations").glob("*.sql"))
+OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations" / "own").glob("2*.sql"))
 
 
 def test_info_lists_pending_before_run(empty_db_url):
@@ -257,7 +257,7 @@ def shipped_heartbeats(url, name, count, reaping=True):
     (by default as the daemon sends it, with the reaper's CTEs in front)."""
     from attune_sensor import config
     from attune_sensor.db import Database
-    from attune_sensor.registration import SensorWorkerRegistration
+    from attune_sensor.worker.registration import SensorWorkerRegistration
 
     cfg = config.load(None, {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name=name)
     db = Database.from_config(cfg)
@@ -293,7 +293,7 @@ def test_on_the_platforms_schema_heartbeats_are_hot_only_after_the_opt_in(cluste
 def test_the_shipped_heartbeat_is_fenced(db_url):
     from attune_sensor import config
     from attune_sensor.db import Database
-    from attune_sensor.registration import HEARTBEAT_SQL, REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
+    from attune_sensor.worker.registration import HEARTBEAT_SQL, REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
     cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="fenced")
     db = Database.from_config(cfg)

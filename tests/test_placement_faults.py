@@ -11,9 +11,10 @@ import time
 import psycopg2
 import pytest
 
-from attune_sensor import fleet, schema
+from attune_sensor import fleet
+from attune_sensor.db import schema
 from attune_sensor.db import Database
-from attune_sensor.scheduler import PLACEMENT_LOCK_KEY, Scheduler
+from attune_sensor.placement.scheduler import PLACEMENT_LOCK_KEY, Scheduler
 from support import add_pending_sensors, config_for, query, run_cli, write_config, wait_for
 from test_scheduler import add_worker, assignments, load_mismatches, place
 

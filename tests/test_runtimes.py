@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from attune_sensor import runtimes
+from attune_sensor.worker import runtimes
 
 
 def fake_bin(directory, name, exit_code=0, prints=""):

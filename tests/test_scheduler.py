@@ -6,9 +6,9 @@ import signal
 import subprocess
 import sys
 
-from attune_sensor import schema
+from attune_sensor.db import schema
 from attune_sensor.db import Database
-from attune_sensor.scheduler import Scheduler
+from attune_sensor.placement.scheduler import Scheduler
 from support import add_pending_sensors, base_env, config_for, query, run_cli, wait_for
 
 
@@ -76,7 +76,7 @@ def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_u
     for n in range(3):
         add_worker(db_url, f"cap-{n}", capacity=20)
     script = ("import sys\nfrom attune_sensor import config, schema\nfrom attune_sensor.db import Database\n"
-              "from attune_sensor.scheduler import Scheduler, NoEligibleWorker\n"
+              "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
               "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
               "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db))\n"
               "for i in range(50):\n"

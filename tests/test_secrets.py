@@ -8,7 +8,7 @@ from urllib.parse import quote
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from attune_sensor.dsn import parse_dsn, redact_dsn, scrub
+from attune_sensor.config.dsn import parse_dsn, redact_dsn, scrub
 from support import run_cli, write_config
 
 HOST, PORT, USER, DB = "127.0.0.1", "5432", "alice", "attune"

@@ -5,8 +5,8 @@ can show (signals, systemd's socket, exit codes) stays in test_daemon.py."""
 import pytest
 
 from attune_sensor import config
-from attune_sensor import service as service_module
-from attune_sensor.service import SensorService
+from attune_sensor.worker import service as service_module
+from attune_sensor.worker.service import SensorService
 from pgcluster import free_port
 from support import add_pending_sensors, run_cli, worker_row, write_config
 

@@ -4,7 +4,7 @@ import pytest
 
 from attune_sensor.db import Backoff
 from attune_sensor.errors import ConfigError
-from attune_sensor.notify import check_watchdog_fits
+from attune_sensor.worker.notify import check_watchdog_fits
 
 
 def test_backoff_doubles_up_to_the_cap_with_bounded_jitter():

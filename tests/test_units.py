@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from attune_sensor import __version__, config, notify, schema
+from attune_sensor import __version__, config
+from attune_sensor.worker import notify
+from attune_sensor.db import schema
 from attune_sensor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

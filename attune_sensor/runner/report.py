@@ -4,7 +4,7 @@ something changed: never a statement on the heartbeat path."""
 
 import json
 
-from ..schema import SENSOR_RUNS
+from ..db.schema import SENSOR_RUNS
 
 REPORT_SQL = f"""
 WITH reported AS (

@@ -29,9 +29,9 @@ from importlib import resources
 import psycopg2
 
 from .. import access, schema
-from ..db import connect_blocking
-from ..dsn import scrub
-from ..errors import DatabasePermissionDenied, MigrationError, SchemaMissing
+from .. import connect_blocking
+from ...config.dsn import scrub
+from ...errors import DatabasePermissionDenied, MigrationError, SchemaMissing
 
 FILE_RE = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
 LOCK_KEY = 0x4174_7475_6E65  # "Attune": one key for all runners of this project

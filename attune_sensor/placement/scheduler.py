@@ -23,11 +23,11 @@ import json
 import time
 import uuid
 
-from . import placement
-from .runner import launch
-from .errors import AttuneSensorError
-from .fleet import CAPACITY, GAUGES_DUE, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
-from .schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD, stale_condition
+from .. import placement
+from ..runner import launch
+from ..errors import AttuneSensorError
+from ..fleet import CAPACITY, GAUGES_DUE, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
+from ..db.schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD, stale_condition
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
 # How long a long-lived Scheduler walks the worker_load rows as they are before syncing them

@@ -8,7 +8,7 @@ import time
 
 import sdnotify
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def monotonic_usec():

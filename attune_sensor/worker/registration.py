@@ -22,12 +22,12 @@ import socket
 import time
 import uuid
 
-from . import __version__
-from .db import json_param
-from .errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
+from .. import __version__
+from ..db import json_param
+from ..errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
 from .runtimes import runtime_versions
-from .fleet import GATED_REAP_CTES, REAPER_META_KEYS
-from .schema import DEFAULT_RECORDED_INTERVAL, heartbeat_interval_of, multiplier_of, stale_condition
+from ..fleet import GATED_REAP_CTES, REAPER_META_KEYS
+from ..db.schema import DEFAULT_RECORDED_INTERVAL, heartbeat_interval_of, multiplier_of, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
 TRACKED = "xmin::text, host, worker_role::text, capabilities, meta, last_heartbeat"

@@ -16,8 +16,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import errorcodes
 
-from .dsn import scrub
-from .errors import DatabaseError, DatabasePermissionDenied, DatabaseUnavailable, SchemaMissing
+from ..config.dsn import scrub
+from ..errors import DatabaseError, DatabasePermissionDenied, DatabaseUnavailable, SchemaMissing
 
 APPLICATION_NAME = "attune-sensor"
 

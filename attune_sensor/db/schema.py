@@ -16,9 +16,9 @@ per-session state: PgBouncer's transaction pooling keeps working.
 import re
 from dataclasses import dataclass
 
-from . import logs
-from .config import MIN_HEARTBEAT_INTERVAL
-from .errors import ConfigError, DatabasePermissionDenied, SchemaMissing
+from .. import logs
+from ..config import MIN_HEARTBEAT_INTERVAL
+from ..errors import ConfigError, DatabasePermissionDenied, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (migrations/own/ makes them):
 # the reaper's gate (fleet.py), the sensors' assignments and each worker's load (scheduler.py),

@@ -13,10 +13,10 @@ import select
 
 import psycopg2
 
-from .db import connect_blocking
-from .dsn import scrub
-from .errors import DatabaseUnavailable
-from .schema import (ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, capacity_of, heartbeat_interval_of,
+from ..db import connect_blocking
+from ..config.dsn import scrub
+from ..errors import DatabaseUnavailable
+from ..db.schema import (ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, capacity_of, heartbeat_interval_of,
                      stale_condition)
 
 EVENT_CHANNEL = "attune_worker_events"

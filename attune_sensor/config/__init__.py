@@ -24,7 +24,7 @@ import socket
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .dsn import redact_dsn
-from .errors import ConfigError, DatabaseUrlMissing
+from ..errors import ConfigError, DatabaseUrlMissing
 
 DEFAULT_CONFIG_PATH = "/etc/attune/config.yaml"
 # The platform's packaged configuration file, read when DEFAULT_CONFIG_PATH does not exist.
@@ -73,7 +73,7 @@ def _heartbeat_interval(value):
 
 
 def _schema_name(value):
-    from .schema import check_schema_name
+    from ..db.schema import check_schema_name
 
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None  # find it: the connection's search_path, then schema "attune"
@@ -228,7 +228,7 @@ def _runtimes_exec(value):
         raise ValueError(f"must be a mapping of runtime names to interpreter paths, got {_describe(value)}")
     if len(value) > 32:
         raise ValueError(f"has {len(value)} entries; at most 32")
-    from .runtimes import normalise
+    from ..worker.runtimes import normalise
 
     clean = {}
     for runtime, path in value.items():
@@ -243,13 +243,13 @@ def _runtimes_exec(value):
 
 
 def _labels(value):
-    from . import placement
+    from .. import placement
 
     return placement.labels(value)
 
 
 def _taints(value):
-    from . import placement
+    from .. import placement
 
     if isinstance(value, str):  # ATTUNE__SENSOR__TAINTS="gpu:no_schedule,zone=eu"
         value = [item.strip() for item in value.split(",") if item.strip()]
@@ -270,7 +270,7 @@ def _runtime_list(value):
         value = value.split(",")
     if not isinstance(value, list):
         raise ValueError(f"must be a list of runtime names, got {_describe(value)}")
-    from .runtimes import normalise
+    from ..worker.runtimes import normalise
 
     return tuple(normalise(value))
 
@@ -687,7 +687,7 @@ def load(path=None, environ=None):
 
 
 def _check_runtimes_variable(environ):
-    from .runtimes import from_environment
+    from ..worker.runtimes import from_environment
 
     try:
         from_environment(environ)

@@ -16,7 +16,7 @@ def entry_point():
     the process. cli.main installs its handler and lets the signal through, so one that came
     in between is acted on then, not lost (docs/design.md, "Readiness")."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    from .cli import main
+    from ..cli import main
 
     return main()
 

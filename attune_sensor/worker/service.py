@@ -17,16 +17,17 @@ import os
 import time
 from dataclasses import replace
 
-from . import config as config_module
-from . import assignments_file, fleet, logs, runtimes, schema
-from .db import Backoff, Database
-from .errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
-from .migrations import OWN_SCHEMA_VERSION
+from .. import config as config_module
+from .. import fleet, logs
+from ..db import Backoff, Database, schema
+from ..db.migrations import OWN_SCHEMA_VERSION
+from ..errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
+from ..placement.scheduler import Scheduler
+from ..runner import fence, launch, leftovers, report
+from ..runner.supervisor import SensorSpec, Supervisor
+from . import assignments_file, runtimes
 from .notify import WATCHDOG_MULTIPLE, Notifier, check_watchdog_fits, watchdog_for
 from .registration import SensorWorkerRegistration
-from .runner import fence, launch, leftovers, report
-from .runner.supervisor import SensorSpec, Supervisor
-from .scheduler import Scheduler
 from .signals import SignalFlags
 
 log = logs.get("service")
