@@ -75,7 +75,7 @@ def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, tmp_p
 def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_url):
     for n in range(3):
         add_worker(db_url, f"cap-{n}", capacity=20)
-    script = ("import sys\nfrom attune_sensor import config, schema\nfrom attune_sensor.db import Database\n"
+    script = ("import sys\nfrom attune_sensor import config\nfrom attune_sensor.db import Database, schema\n"
               "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
               "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
               "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db))\n"

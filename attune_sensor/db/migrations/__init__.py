@@ -22,6 +22,7 @@ the daemon role's grants and the role itself (uninstall()); never an object of t
 """
 
 import hashlib
+from contextlib import contextmanager
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -246,61 +247,69 @@ def _create_bookkeeping(cursor, url, table=TABLE):
         raise MigrationError(f"cannot create the table {table}: {scrub(exc.pgerror or exc, url)}") from None
 
 
-def run(url, connect_timeout=5.0, log=print, warn=print, configured_schema=None, tune_heartbeats=False):
-    """Applies pending migrations: the spec series (spec flavour only), then attune-sensor's own
-    schema (both flavours), then the daemon role's grants. Returns the filenames applied. `warn`
-    gets what a DBA must do by hand."""
+@contextmanager
+def _locked(url, connect_timeout):
+    """(conn, cursor) holding the migration lock: runners on several hosts take turns. The
+    connection is left in autocommit, rolled back and closed at the end, whatever happened."""
     conn = connect_blocking(url, connect_timeout)
-    done = []
-    role_missing = None
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             try:
-                table, _, _ = _find_table(cursor, configured_schema)
-                if table is not None and table.is_platform:
-                    log(f"{table.describe()}: attune-sensor adds no table, index, trigger or function to the "
-                        f"platform's schema and alters none of its objects; its own go to schema attune_sensor "
-                        f"(own/ migrations), and attune_sensor_daemon is granted what the daemon needs")
-                    if tune_heartbeats:
-                        try:
-                            for line in access.tune_heartbeats(cursor, table):
-                                log(line)
-                        except psycopg2.Error as exc:
-                            raise MigrationError("--tune-heartbeats failed: " + scrub(exc.pgerror or exc, url)) from None
-                else:
-                    if tune_heartbeats:
-                        log("--tune-heartbeats: the spec's schema is tuned by its migrations already")
-                    done = _apply(conn, cursor, url, log, available(), TABLE)
-                    table, _, _ = _find_table(cursor, configured_schema)
-                done += [f"own/{name}" for name in _apply(conn, cursor, url, log, own_available(), OWN_TABLE, "own/",
-                                                           earlier=done)]
-                done += _repair(conn, cursor, url, log)
-                conn.autocommit = False
-                try:
-                    del conn.notices[:]
-                    grants = access.grant_daemon_role(cursor, table)
-                    conn.commit()
-                    refused = [n for n in conn.notices if "privileges were granted" in n or "could be revoked" in n]
-                    if refused:
-                        log(f"grants of {access.ROLE} left as they are: {_current_user(cursor)} may not grant "
-                            "them (run 'attune-sensor migrate run' as the schema owner)")
-                    else:
-                        log(f"granted {access.ROLE}: {access.describe_grants(grants)}")
-                except access.RoleNotMade as exc:
-                    conn.rollback()
-                    role_missing = str(exc)
-                except psycopg2.Error as exc:
-                    conn.rollback()
-                    raise MigrationError("the daemon role's grants failed and were rolled back ("
-                                         + _kept(done) + "): " + scrub(exc.pgerror or exc, url)) from None
+                yield conn, cursor
             finally:
                 conn.rollback()
                 conn.autocommit = True
                 cursor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     finally:
         conn.close()
+
+
+def run(url, connect_timeout=5.0, log=print, warn=print, configured_schema=None, tune_heartbeats=False):
+    """Applies pending migrations: the spec series (spec flavour only), then attune-sensor's own
+    schema (both flavours), then the daemon role's grants. Returns the filenames applied. `warn`
+    gets what a DBA must do by hand."""
+    done = []
+    role_missing = None
+    with _locked(url, connect_timeout) as (conn, cursor):
+        table, _, _ = _find_table(cursor, configured_schema)
+        if table is not None and table.is_platform:
+            log(f"{table.describe()}: attune-sensor adds no table, index, trigger or function to the "
+                f"platform's schema and alters none of its objects; its own go to schema attune_sensor "
+                f"(own/ migrations), and attune_sensor_daemon is granted what the daemon needs")
+            if tune_heartbeats:
+                try:
+                    for line in access.tune_heartbeats(cursor, table):
+                        log(line)
+                except psycopg2.Error as exc:
+                    raise MigrationError("--tune-heartbeats failed: " + scrub(exc.pgerror or exc, url)) from None
+        else:
+            if tune_heartbeats:
+                log("--tune-heartbeats: the spec's schema is tuned by its migrations already")
+            done = _apply(conn, cursor, url, log, available(), TABLE)
+            table, _, _ = _find_table(cursor, configured_schema)
+        done += [f"own/{name}" for name in _apply(conn, cursor, url, log, own_available(), OWN_TABLE, "own/",
+                                                   earlier=done)]
+        done += _repair(conn, cursor, url, log)
+        conn.autocommit = False
+        try:
+            del conn.notices[:]
+            grants = access.grant_daemon_role(cursor, table)
+            conn.commit()
+            refused = [n for n in conn.notices if "privileges were granted" in n or "could be revoked" in n]
+            if refused:
+                log(f"grants of {access.ROLE} left as they are: {_current_user(cursor)} may not grant "
+                    "them (run 'attune-sensor migrate run' as the schema owner)")
+            else:
+                log(f"granted {access.ROLE}: {access.describe_grants(grants)}")
+        except access.RoleNotMade as exc:
+            conn.rollback()
+            role_missing = str(exc)
+        except psycopg2.Error as exc:
+            conn.rollback()
+            raise MigrationError("the daemon role's grants failed and were rolled back ("
+                                 + _kept(done) + "): " + scrub(exc.pgerror or exc, url)) from None
     if role_missing:
         # everything else is done; without the role no daemon may run (exit non-zero)
         raise MigrationError(f"{role_missing} ({_kept(done)})")
@@ -418,19 +427,8 @@ def uninstall(url, connect_timeout=5.0, configured_schema=None, yes=False, drop_
     members (or `drop_role`). Never an object of the platform's (or the spec's shared worker
     schema). Returns what was removed; MigrationError (nothing removed) without `yes`, while a
     daemon still runs, or when PostgreSQL refuses a step."""
-    conn = connect_blocking(url, connect_timeout)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-            try:
-                return _uninstall(conn, cursor, url, configured_schema, yes, drop_role, log, warn)
-            finally:
-                conn.rollback()
-                conn.autocommit = True
-                cursor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-    finally:
-        conn.close()
+    with _locked(url, connect_timeout) as (conn, cursor):
+        return _uninstall(conn, cursor, url, configured_schema, yes, drop_role, log, warn)
 
 
 def _uninstall(conn, cursor, url, configured_schema, yes, drop_role, log, warn):
