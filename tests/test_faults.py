@@ -124,3 +124,24 @@ def test_a_heartbeat_that_times_out_is_cancelled_on_the_server(cluster, db_url, 
     assert max(backends) <= 2, backends
     beats = sum("heartbeat: worker" in line for line in daemon.lines)
     daemon.wait_for_line("heartbeat: worker", count=beats + 1)
+
+
+def test_reloads_during_an_outage_never_add_connection_attempts(cluster, spec_db_url, tmp_path, daemons):
+    """50 SIGHUPs while the database is down: the daemon keeps its heartbeat rhythm of attempts
+    (a reload stores capabilities later) instead of one connection attempt per signal."""
+    daemon = daemons(config_for(tmp_path, spec_db_url, "sensor-hupstorm", heartbeat_interval=1))
+    daemon.wait_for_line("heartbeat: worker")
+    cluster.stop("immediate")
+    try:
+        daemon.wait_for_line("heartbeat failed")
+        before = sum("cannot connect" in line for line in daemon.lines)
+        for _ in range(50):
+            daemon.signal(signal.SIGHUP)
+            time.sleep(0.02)
+        daemon.wait_for_line("Reloaded configuration; capabilities will be stored", count=1)
+        time.sleep(1.0)
+        attempts = sum("cannot connect" in line for line in daemon.lines) - before
+        assert attempts <= 4, f"{attempts} connection attempts during 2 s of reloads:\n{daemon.output}"
+    finally:
+        cluster.start()
+    daemon.wait_for_line("Database reachable again", timeout=30)

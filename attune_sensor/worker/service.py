@@ -544,6 +544,12 @@ class SensorService:
         if self.registration.worker_id is None:
             log.info("Reloaded configuration: runtimes %s from %s, used at registration", ",".join(detected), source)
             return
+        if self._database_down:
+            # no connection attempt of its own: a burst of reloads during an outage must not
+            # become a burst of connections; the next heartbeat that succeeds stores them
+            self._capabilities_pending = True
+            log.warning("Reloaded configuration; capabilities will be stored once the database answers")
+            return
         try:
             self.registration.update_capabilities()
             self._capabilities_pending = False
