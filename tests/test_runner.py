@@ -520,3 +520,35 @@ def test_what_a_sensor_starts_in_a_group_of_its_own_stops_with_it(spec_db_url, t
         assert out.stat().st_size == size, "the command timeout started still runs"
     finally:
         daemon.stop()
+
+
+def test_the_assignments_file_is_never_written_through_a_planted_name_and_a_failed_write_is_retried(
+        spec_db_url, tmp_path):
+    base = packs(tmp_path, **{"sh.sh": SH_SENSOR})
+    place(spec_db_url, "af.sh", "demo/sensors/sh.sh", "shell", f"OUT={tmp_path / 'af.out'}")
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the directory should be")  # writes fail: ENOTDIR
+    target = tmp_path / "victim"
+    target.write_text("keep me")
+    config = daemon_config(tmp_path, spec_db_url, "sensor-afile", base,
+                           assignments_file=str(blocked / "assignments.json"))
+    daemon = Daemon(config, {"ATTUNE_SENSOR_RUNTIMES": "shell", "DATABASE_URL": spec_db_url})
+    try:
+        daemon.wait_for_line("could not write the assignments file")
+        blocked.unlink()
+        blocked.mkdir()
+        pid = daemon.proc.pid
+        # what an attacker could plant at the name earlier versions used: never followed, never opened
+        os.symlink(target, blocked / f"assignments.json.{pid}.tmp")
+        os.mkfifo(blocked / f"assignments.json.{pid}.tmp2")
+        daemon.signal(signal.SIGHUP)  # the next read writes it again, though nothing changed
+        written = wait_for(lambda: (blocked / "assignments.json").exists()
+                           and json.loads((blocked / "assignments.json").read_text()))
+        assert [s["sensor_ref"] for s in written["sensors"]] == ["af.sh"]
+        assert written["sensors"][0]["state"] in ("running", "starting")
+        beats = sum("heartbeat: worker" in line for line in daemon.lines)
+        daemon.wait_for_line("heartbeat: worker", count=beats + 2)  # not hung on the FIFO
+    finally:
+        daemon.stop()
+    assert target.read_text() == "keep me"
+    assert daemon.output.count("could not write the assignments file") == 1  # said once
