@@ -1,6 +1,9 @@
 -- Not a versioned migration: run by every `migrate run` after the migrations, to restore what
 -- attune-sensor derives and others may drop (the load index, its trigger, the one-row tables'
--- rows). Idempotent, and it keeps every row that is there (docs/operations.md, "Repair").
+-- rows). Idempotent, and it keeps every row that is there (docs/operations.md, "Repair"). It
+-- repeats definitions of migration 1 on purpose: a migration is history and never edited, this
+-- file is the current state repaired to; a migration that changes one of these objects changes
+-- it here too.
 CREATE TABLE IF NOT EXISTS attune_sensor.worker_load (
     worker_id BIGINT NOT NULL,
     runtime TEXT NOT NULL,
