@@ -10,12 +10,14 @@ platform's rows can exist.
 """
 
 import json
+import signal
 
 import pytest
 
 from attune_sensor.db import Database, schema
 from attune_sensor.placement.scheduler import NoEligibleWorker, Scheduler
-from support import config_for, query, run_cli
+from attune_sensor.worker.service import EVEN_OUT_MOVES_PER_PASS
+from support import add_pending_sensors, config_for, query, run_cli, wait_for
 
 PLATFORM_CAPABILITIES = {"runtimes": ["python", "shell"], "max_concurrent_sensors": 10, "sensor_version": "0.1.0",
                          "runtime_versions": {"python": ["3.11.2"]}, "detected_interpreters": []}
@@ -116,3 +118,59 @@ def test_workers_says_who_runs_each_row(attune_url, tmp_path, daemons):
     lines = run_cli("--config", path, "workers").stdout.splitlines()
     assert any(line.startswith("sensor-platform ") and "active (platform)" in line for line in lines)
     assert any(line.startswith("sensor-ours ") and "(platform)" not in line for line in lines)
+
+
+# --- a restart does not empty the worker that restarts ------------------------------------------
+
+def held(url):
+    rows = query(url, "SET search_path TO public, attune; SELECT w.name, count(a.sensor_ref) FROM worker AS w "
+                      "LEFT JOIN attune_sensor.assignment AS a ON a.worker_id = w.id "
+                      "WHERE w.status = 'active' GROUP BY w.name")
+    return dict(rows)
+
+
+def test_a_rolling_restart_leaves_every_worker_its_share(db_url, tmp_path, daemons):
+    names = ["sensor-r1", "sensor-r2", "sensor-r3"]
+    configs = {name: config_for(tmp_path, db_url, name, capabilities={"runtimes": ["shell"]},
+                                max_concurrent_sensors=20) for name in names}
+    add_pending_sensors(db_url, 12, "shell")
+    running = {}
+    for name in names:
+        running[name] = daemons(configs[name])
+        running[name].wait_for_line("heartbeat: worker")
+    assert run_cli("rebalance", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
+    wait_for(lambda: held(db_url) == dict.fromkeys(names, 4), 20, what="12 sensors even over 3 workers")
+    for name in names:  # a rolling restart: each stops (and hands over) and comes back
+        running[name].signal(signal.SIGTERM)
+        assert running[name].wait() == 0
+        running[name] = daemons(configs[name])
+        running[name].wait_for_line("heartbeat: worker")
+        wait_for(lambda: held(db_url) == dict.fromkeys(names, 4), 20,
+                 what=f"every worker at its share after {name} restarted: {held(db_url)}")
+    assert sum(held(db_url).values()) == 12
+    assert "Sensors moved to even out the fleet after this worker registered: 4 moved" in running["sensor-r3"].output
+
+
+def test_a_worker_back_from_a_restart_takes_its_share_a_bounded_number_of_moves_per_pass(db_url, tmp_path, daemons):
+    count = 3 * EVEN_OUT_MOVES_PER_PASS  # 30: a share of 15 takes two passes
+    configs = [config_for(tmp_path, db_url, name, capabilities={"runtimes": ["shell"]}, max_concurrent_sensors=40)
+               for name in ("sensor-first", "sensor-second")]
+    add_pending_sensors(db_url, count, "shell")
+    first = daemons(configs[0])
+    wait_for(lambda: held(db_url).get("sensor-first") == count, 20, what="all on the first worker")
+    second = daemons(configs[1])
+    second.wait_for_line("heartbeat: worker")
+    # a new worker moves nothing (adding hosts is evened out by `rebalance`)
+    assert held(db_url) == {"sensor-first": count, "sensor-second": 0} and "even out" not in second.output
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+    second = daemons(configs[1])  # back: it takes its share, 10 moves a pass
+    wait_for(lambda: held(db_url) == {"sensor-first": count // 2, "sensor-second": count // 2}, 20,
+             what=f"an even fleet: {held(db_url)}")
+    second.wait_for_line("Sensors moved to even out the fleet", count=2)  # logged just after the moves
+    passes = [line for line in second.lines if "Sensors moved to even out the fleet" in line]
+    moved = [int(line.split(": ")[-1].split(" moved")[0]) for line in passes]
+    assert moved == [EVEN_OUT_MOVES_PER_PASS, count // 2 - EVEN_OUT_MOVES_PER_PASS], passes
+    assert "more at the next beat" in passes[0] and "more at the next beat" not in passes[1]
+    # planned moves: the first worker is their previous worker until it says it let them go
+    first.wait_for_line("released sensor")
