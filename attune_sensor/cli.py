@@ -370,7 +370,8 @@ def cmd_workers(args):
         return 0
     header = ("NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT")
     rows = [(w["name"], w["host"] or "",
-             w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else ""),
+             w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else "")
+             + (" (platform)" if w["by"] == "platform" else ""),  # run by the platform's sensor service
              ",".join(w["runtimes"]), f"{'-' if w['sensors'] is None else w['sensors']}/{w['capacity']}",
              _age(w["heartbeat_age"])) for w in workers]
     _print_table(header, rows)

@@ -87,6 +87,18 @@ class WorkerNameHeldByOtherRole(WorkerNameConflict):
         ))
 
 
+class WorkerNameHeldByPlatform(WorkerNameConflict):
+    """The name belongs to a live sensor row of the Attune platform's own sensor service (a
+    sensor row attune-sensor did not register): the platform's to run, never ours to share."""
+
+    def __init__(self, name, owner_host):
+        super().__init__(name, owner_host, (
+            f"worker name {name!r} belongs to the Attune platform's own sensor service, live on host "
+            f"{owner_host!r} (a sensor row attune-sensor did not register); attune-sensor leaves it to the "
+            "platform: set sensor.worker_name to another name"
+        ))
+
+
 class ForeignWriter(WorkerNameConflict):
     """Another program rewrote our row while we ran: two writers must not share one row."""
 

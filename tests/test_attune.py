@@ -244,20 +244,25 @@ def test_an_operators_status_is_logged_and_set_back(attune_db, tmp_path, daemons
     assert daemon.proc.poll() is None
 
 
-def test_the_reaper_marks_only_sensor_rows(attune_db):
+def test_the_reaper_marks_only_sensor_rows_attune_sensor_registered(attune_db):
+    """The platform's own sensor service writes no meta (its INSERT leaves it NULL): its row is
+    the platform's to reap (docs/design.md, "Only our rows are ours"), as an action worker's is."""
     from attune_sensor import fleet
     from attune_sensor.db import Database
 
-    write(attune_db, "INSERT INTO attune.worker (name, worker_type, worker_role, status, last_heartbeat) VALUES "
-                     "('exec-old', 'local', 'action', 'active', now() - interval '1 day'), "
-                     "('platform-sensor', 'local', 'sensor', 'active', now() - interval '1 day')")
+    write(attune_db, "INSERT INTO attune.worker (name, worker_type, worker_role, status, last_heartbeat, meta) VALUES "
+                     "('exec-old', 'local', 'action', 'active', now() - interval '1 day', NULL), "
+                     "('platform-sensor', 'local', 'sensor', 'active', now() - interval '1 day', NULL), "
+                     "('our-sensor', 'local', 'sensor', 'active', now() - interval '1 day', "
+                     "'{\"instance_id\": \"i-1\", \"sensor_version\": \"0.1.0\"}')")
     db = Database(attune_db)
     try:
         reaped, _ = fleet.reap_stale(db, "a-reaper", 3.0)
     finally:
         db.close()
-    assert [r[1] for r in reaped] == ["platform-sensor"]
+    assert [r[1] for r in reaped] == ["our-sensor"]
     assert row(attune_db, "exec-old")["status"] == "active"
+    assert (row(attune_db, "platform-sensor")["status"], row(attune_db, "platform-sensor")["meta"]) == ("active", None)
 
 
 def test_migrate_without_createrole_says_what_a_dba_runs(attune_templates):

@@ -47,16 +47,36 @@ def expired(timestamp, period):
 
 
 LISTED_ROLES = "w.worker_role::text IN ('sensor', 'hybrid')"
-# The reaper marks sensor rows, and hybrid rows only when attune-sensor registered them: the
-# platform's own workers follow its own stale rule (docs/operations.md, "Attune platform").
-REAPED_ROLES = "(w.worker_role::text = 'sensor' OR (w.worker_role::text = 'hybrid' AND w.meta ? 'instance_id'))"
+
+# What a reap writes into meta, and so what a worker that comes back removes (registration.py).
+REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
+
+
+# Only our rows are ours (docs/design.md): every registration of attune-sensor writes a meta
+# object naming its instance_id (registration.py). The platform's own sensor service never
+# writes meta: its INSERT leaves it NULL and its UPDATE does not touch it, so its rows carry no
+# meta, or only the marks an earlier attune-sensor's reaper left there. Such a row is the
+# platform's: its executor reaps it (90 s), nothing there reads assignments, and `workers` says
+# "platform". A row with any other meta (a row this version wrote, or one written by hand for
+# a test or a spec-flavoured tool) stays ours, as before.
+HAS_INSTANCE = "coalesce(jsonb_typeof(w.meta -> 'instance_id') = 'string', false)"
+# (CASE: a meta that is not an object is not the platform's, and `-` would fail on a scalar.)
+PLATFORM_ROW = (f"(w.worker_role::text = 'sensor' AND NOT {HAS_INSTANCE} AND (w.meta IS NULL OR "
+                f"CASE WHEN jsonb_typeof(w.meta) = 'object' THEN w.meta ? 'reaped_at' "
+                f"AND w.meta - ARRAY{list(REAPER_META_KEYS)}::text[] = '{{}}'::jsonb ELSE false END))")
+# The rows placement may use: listed, and not the platform's (scheduler.py).
+PLACEABLE_ROLES = f"({LISTED_ROLES} AND NOT {PLATFORM_ROW})"
+# The reaper marks sensor rows that are not the platform's, and hybrid rows only when
+# attune-sensor registered them: the platform's own workers follow its own stale rule
+# (docs/operations.md, "On an Attune platform database").
+REAPED_ROLES = (f"((w.worker_role::text = 'sensor' AND NOT {PLATFORM_ROW}) "
+                f"OR (w.worker_role::text = 'hybrid' AND {HAS_INSTANCE}))")
+# Who runs the row, as `workers` shows it.
+RUN_BY = f"(CASE WHEN {PLATFORM_ROW} THEN 'platform' ELSE 'attune-sensor' END)"
 
 # The sensors placed on worker `w` (scheduler.py), counted from the assignments themselves: what
 # `workers` shows and what the scheduler's capacity test reads.
 PLACED_SENSORS = f"(SELECT count(*) FROM {ASSIGNMENTS} AS a WHERE a.worker_id = w.id)"
-
-# What a reap writes into meta, and so what a worker that comes back removes (registration.py).
-REAPER_META_KEYS = ("reaped_at", "reaped_by", "reaped_last_heartbeat")
 
 
 def _mark_reaped(reaper_param):
@@ -124,7 +144,8 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
        {interval},
        coalesce(w.meta ? 'reaped_at', false) AS reaped,
        {cordoned},
-       {sensors}
+       {sensors},
+       {run_by}
   FROM worker AS w
  WHERE {roles}
    AND (%(runtime)s::text IS NULL OR w.capabilities -> 'runtimes' ? %(runtime)s::text)
@@ -134,7 +155,7 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
 """
 
 COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity",
-           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors")
+           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors", "by")
 
 
 def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
@@ -165,7 +186,7 @@ def workers_sql(table):
     sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
     return WORKERS_SQL.format(runtimes=RUNTIMES, capacity=CAPACITY, age=seconds_since("w.last_heartbeat"),
                               stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
-                              cordoned=cordoned, sensors=sensors)
+                              cordoned=cordoned, sensors=sensors, run_by=RUN_BY)
 
 
 def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, table=None):
@@ -188,7 +209,8 @@ _PLACEMENT_GAUGES = f"""
                  WHERE a.worker_id IS NULL OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id)),
     'stranded', (SELECT count(*) FROM {ASSIGNMENTS} AS a
                   WHERE a.worker_id IS NOT NULL AND NOT EXISTS (
-                        SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR})),"""
+                        SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR}
+                           AND NOT {PLATFORM_ROW})),"""
 GAUGES_SQL = f"""
 SELECT jsonb_build_object({_PLACEMENT_GAUGES}
     'active', jsonb_build_object(

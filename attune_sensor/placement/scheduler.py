@@ -1,6 +1,8 @@
 """Sensor placement: each sensor on exactly one eligible worker, least-loaded first.
 
-The platform only filters (every matching worker starts a sensor); this decides. One rule of
+The platform does not assign (at start its sensor service runs every sensor with an enabled
+rule, with no placement check); this decides, on the rows attune-sensor registered only (never
+on the platform's own sensor rows, where nothing reads assignments: fleet.PLATFORM_ROW). One rule of
 eligibility, in SQL, in one place (ELIGIBLE): active, not stale by its own interval, not
 cordoned, not unhealthy, offers the runtime, its labels hold the selector, every `no_schedule`
 taint tolerated, and capacity left. `prefer_no_schedule` taints only rank a worker lower.
@@ -26,7 +28,7 @@ import uuid
 from .. import placement
 from ..runner import launch
 from ..errors import AttuneSensorError
-from ..fleet import CAPACITY, GAUGES_DUE, LISTED_ROLES, PLACED_SENSORS, STALE_EXPR  # CAPACITY: schema.capacity_of
+from ..fleet import CAPACITY, GAUGES_DUE, PLACEABLE_ROLES, PLACED_SENSORS, PLATFORM_ROW, STALE_EXPR  # CAPACITY: schema.capacity_of
 from ..db.schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD, stale_condition
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
@@ -162,14 +164,17 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 # Assignments whose worker is gone, inactive or stale go back to pending (never deleted). A
 # worker that is inactive but not stale may still run them (an operator set its status): it
 # stays their previous worker until it stops them or turns stale (docs/design.md, "At most one
-# copy"); a stopping daemon has stopped its sensors before it says so (hand_over).
+# copy"); a stopping daemon has stopped its sensors before it says so (hand_over). So do those
+# on a row of the platform's own sensor service (placed there by an earlier version): nothing
+# there reads assignments, so it is nobody's previous worker.
 RELEASE_SQL = f"""
 SELECT pg_advisory_xact_lock(%(lock)s);
 UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL,
        previous_worker_id = coalesce(a.previous_worker_id,
-           (SELECT w.id FROM worker AS w WHERE w.id = a.worker_id AND NOT {STALE_EXPR}))
+           (SELECT w.id FROM worker AS w WHERE w.id = a.worker_id AND NOT {STALE_EXPR} AND NOT {PLATFORM_ROW}))
  WHERE a.worker_id IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR})
+   AND NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id AND w.status = 'active' AND NOT {STALE_EXPR}
+                      AND NOT {PLATFORM_ROW})
 RETURNING a.sensor_ref
 """
 
@@ -261,7 +266,8 @@ SELECT a.sensor_ref, left(a.runtime, 64),
        CASE WHEN octet_length(a.env::text) <= 300000 THEN a.env ELSE '{{"(env too large)": ""}}'::jsonb END,
        a.assigned_at,
        a.previous_worker_id IS NULL OR a.previous_worker_id = a.worker_id
-         OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {stale}),
+         OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.previous_worker_id AND NOT {stale}
+                           AND NOT {platform_row}),
        (SELECT w.name FROM worker AS w WHERE w.id = a.previous_worker_id),
        {sensor_id} AS sensor_id,
        (SELECT count(*) FROM stopped)
@@ -329,7 +335,8 @@ WITH candidates AS (
       CROSS JOIN LATERAL (
           SELECT w.id, w.ratio_after FROM {worker_load} AS l
            CROSS JOIN LATERAL (SELECT w.id, ({placed} + 1)::float8 / {capacity} AS ratio_after FROM worker AS w
-                                WHERE w.id = l.worker_id AND w.id <> s.id AND ({eligible_for_a}) OFFSET 0) AS w
+                                WHERE w.id = l.worker_id AND w.id <> s.id AND {roles} AND ({eligible_for_a})
+                               OFFSET 0) AS w
            WHERE l.runtime = a.runtime
            ORDER BY l.ratio, l.worker_id LIMIT 1) AS dst
      WHERE dst.ratio_after < s.ratio - 1e-9
@@ -382,24 +389,24 @@ class Scheduler:
         cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
-        walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=LISTED_ROLES, eligible=eligible,
+        walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=PLACEABLE_ROLES, eligible=eligible,
                                     penalized_or_not=condition)
                  for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
         self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING, **walks)
         self._prepared_place = PLACE_PENDING_SQL.format(assignments=ASSIGNMENTS, **walks)  # $n for %(name)s
         for n, key in enumerate(_PREPARED_PARAMS, 1):
             self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
-        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=LISTED_ROLES, worker_load=WORKER_LOAD,
+        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=PLACEABLE_ROLES, worker_load=WORKER_LOAD,
                                      stale=STALE_EXPR)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
             return (sql.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
                     .replace("%(tolerations)s::jsonb", "a.tolerations"))
         may_run = for_a(f"({self._checks['runtime']}) AND ({self._checks['selector']})")
-        self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR,
+        self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR, platform_row=PLATFORM_ROW,
                                      sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
         self._rebalance_step = REBALANCE_STEP_SQL.format(
-            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS,
+            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, roles=PLACEABLE_ROLES,
             eligible_for_a=for_a(eligible), placed=PLACED_SENSORS, capacity=CAPACITY)
         self._release_mine = RELEASE_MINE_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, capacity=CAPACITY,
                                                      stale=STALE_EXPR)
@@ -563,7 +570,7 @@ class Scheduler:
         counts = ", ".join(
             f"count(*) FILTER (WHERE {' AND '.join(f'({self._checks[n]})' for n in list(self._checks)[:i + 1])})"
             for i in range(len(self._checks)))
-        row = self.db.execute(DIAGNOSE_SQL.format(counts=counts, roles=LISTED_ROLES), params)[0]
+        row = self.db.execute(DIAGNOSE_SQL.format(counts=counts, roles=PLACEABLE_ROLES), params)[0]
         for name, count in zip(self._checks, row):
             if count == 0:
                 return WHY_NOT[name].format(runtime=params["runtime"], selector=params["selector"])

@@ -24,9 +24,10 @@ import uuid
 
 from .. import __version__
 from ..db import json_param
-from ..errors import ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerTakenOver
+from ..errors import (ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerNameHeldByPlatform,
+                      WorkerTakenOver)
 from .runtimes import runtime_versions
-from ..fleet import GATED_REAP_CTES, REAPER_META_KEYS
+from ..fleet import GATED_REAP_CTES, PLATFORM_ROW, REAPER_META_KEYS
 from ..db.schema import DEFAULT_RECORDED_INTERVAL, heartbeat_interval_of, multiplier_of, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
@@ -67,8 +68,9 @@ RETURNING w.id, {TRACKED}
 SELECT upsert.*, (SELECT extract(epoch FROM remaining)::float8 FROM previous) FROM upsert
 """
 
-OWNER_SQL = ("SELECT coalesce(meta ->> 'hostname', host, '?'), meta ->> 'instance_id', worker_role::text "
-             "FROM worker WHERE name = %s")
+# who holds a name we could not take; whether the row is the platform's own sensor service's
+OWNER_SQL = ("SELECT coalesce(w.meta ->> 'hostname', w.host, '?'), w.meta ->> 'instance_id', w.worker_role::text, "
+             f"{PLATFORM_ROW} FROM worker AS w WHERE w.name = %s")
 
 READ_SQL = f"SELECT {TRACKED}, status::text FROM worker WHERE id = %s"
 
@@ -214,7 +216,8 @@ class SensorWorkerRegistration:
     def register(self):
         """Inserts or takes over the row; returns its id. Raises WorkerNameConflict when a live
         worker on another machine holds the name, WorkerNameHeldByOtherRole when a worker of
-        another role (an action worker) does."""
+        another role (an action worker) does, WorkerNameHeldByPlatform when a live sensor row of
+        the platform's own sensor service (fleet.PLATFORM_ROW) does."""
         rows = self.db.execute(REGISTER_SQL, {
             "name": self.worker_name,
             "worker_type": self.worker_type,
@@ -226,9 +229,13 @@ class SensorWorkerRegistration:
         })
         if not rows:
             owner = self.db.execute(OWNER_SQL, (self.worker_name,))
-            host, _, role = owner[0] if owner else ("?", None, "sensor")
+            host, _, role, platforms = owner[0] if owner else ("?", None, "sensor", False)
             if role not in ("sensor", "hybrid"):
                 raise WorkerNameHeldByOtherRole(self.worker_name, role, host)
+            if platforms:
+                # a live sensor row no attune-sensor registered: the platform's own sensor
+                # service runs it (docs/design.md, "Only our rows are ours")
+                raise WorkerNameHeldByPlatform(self.worker_name, host)
             raise WorkerNameConflict(self.worker_name, host)
         self.worker_id = rows[0][0]
         self._remember(rows[0][1:-1])

@@ -41,6 +41,13 @@ STOP_STATEMENT_TIMEOUT = 2.0
 # while heartbeats keep their rhythm. At stop it gets a fixed time, inside TimeoutStopSec.
 RECONCILE_SHARE = 0.5
 STOP_RECONCILE_BUDGET = 5.0
+# A worker that comes back (a restart: it handed its sensors over when it stopped, and its
+# registration took its own row again) is brought back to its share: each pass from then on makes
+# at most this many rebalance moves (scheduler.rebalance: each evens the fleet out and restarts
+# one sensor, as a planned move: it starts here once its previous worker said it stopped it), and
+# the next beat goes on while a pass used them all. A new worker (a row of its own made now) moves
+# nothing: adding hosts is evened out by `rebalance` (docs/scheduling.md, "Failover").
+EVEN_OUT_MOVES_PER_PASS = 10
 # How often a daemon reads the sensors placed on it: a statement of its own at this slower
 # cadence, never one more on the heartbeat path (docs/scheduling.md, "The worker's side").
 ASSIGNMENT_READ_PERIOD = 10.0
@@ -466,22 +473,39 @@ class SensorService:
         else:
             self._write_error = None
 
-    def _reconcile(self, why, budget=None):
+    def _reconcile(self, why, budget=None, even_out=True):
         """Failover and pending sensors (scheduler.py), after the events that change capacity.
         Bounded in time per pass so the loop keeps its rhythm; what is left goes on at the next
-        beat. Returns True when a pass ran."""
+        beat. From the registration of a worker that comes back (its row older than this
+        registration), and while `even_out`, each pass also makes up to EVEN_OUT_MOVES_PER_PASS
+        rebalance moves until the fleet is even. Returns True when a pass ran."""
         if self.scheduler is None:
             return False
+        evening = even_out and getattr(self, "_evening_out", False)
+        moves = []
         try:
+            if even_out and why == "this worker registered" and "created" in self.table.columns:
+                # registered a moment ago, no heartbeat since: an older `created` is a row taken again
+                evening = bool(self.db.execute("SELECT created < last_heartbeat FROM worker WHERE id = %s",
+                                               (self.registration.worker_id,))[0][0])
             released, placed = self.scheduler.reconcile(
                 budget=self.interval * RECONCILE_SHARE if budget is None else budget,
                 worker_id=self.registration.worker_id)
+            unfinished = self.scheduler.unfinished
+            if evening and not unfinished:
+                moves = self.scheduler.rebalance(limit=EVEN_OUT_MOVES_PER_PASS)
             # how many stay pending and why: only after a pass that changed something
             waiting = self.scheduler.pending_summary() if released or placed else (0, [])
         except DATABASE_TROUBLE as exc:
             log.warning("sensor placement after %s skipped (the next survey tries again): %s", why, exc)
             return False
-        self._placement_unfinished = self.scheduler.unfinished
+        # a pass that used all its moves goes on at the next beat, until a pass moves fewer
+        self._evening_out = evening and (unfinished or len(moves) >= EVEN_OUT_MOVES_PER_PASS)
+        self._placement_unfinished = unfinished or self._evening_out
+        if moves:
+            log.info("Sensors moved to even out the fleet after %s: %d moved (%s)%s", why, len(moves),
+                     ", ".join(f"{ref} from {source} to {target}" for ref, source, target in moves[:20]),
+                     "; more at the next beat" if self._evening_out else "")
         if released or placed:
             shown = ", ".join(f"{ref} on {worker}" for ref, worker in sorted(placed.items())[:20])
             count, kinds = waiting
@@ -597,7 +621,7 @@ class SensorService:
                         # now, not when a reaper would notice
                         self.scheduler.hand_over(registration.worker_id)
                         report.clear(self.db, registration.worker_id, platform=self.table.sensor_processes)
-                        self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET)
+                        self._reconcile("this worker stopped", budget=STOP_RECONCILE_BUDGET, even_out=False)
                 else:
                     log.warning("Did not deregister worker %s: the row is no longer this instance's",
                                 registration.worker_name)
