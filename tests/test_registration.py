@@ -114,8 +114,10 @@ def test_reaper_is_elected_one_at_a_time(db_url):
     holder = __import__("psycopg2").connect(db_url)
     with holder.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (fleet.REAPER_LOCK_KEY,))
-        query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, last_heartbeat) "
-                      "VALUES ('old2', 'local', 'sensor', 'active', '{}', now() - interval '1 hour')")
+        # a row attune-sensor registered (its meta carries an instance id): the platform's own are not ours to reap
+        query(db_url, "INSERT INTO worker (name, worker_type, worker_role, status, capabilities, meta, last_heartbeat) "
+                      "VALUES ('old2', 'local', 'sensor', 'active', '{}', '{\"instance_id\": \"x\"}', "
+                      "now() - interval '1 hour')")
         assert fleet.reap_stale(db, "api-lock", 3.0)[0] == []  # someone else holds the lock
         assert worker_row(db_url, "old2")["status"] == "active"
     holder.rollback()
