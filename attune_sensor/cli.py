@@ -303,14 +303,10 @@ def _check_arguments(args):
 
 def cmd_run(args):
     config = _load(args)
-    import logging
-
     from . import logs
     from .worker.service import SensorService
 
     logs.setup(config.log.level, config.log.format)
-    for line in config.warnings:
-        logging.getLogger(logs.LOGGER_NAME).warning("%s", line)
     try:
         service = SensorService(config, config_path=args.config)
     except ValueError as exc:  # ATTUNE_SENSOR_RUNTIMES holds a bad name

@@ -106,6 +106,8 @@ class SensorService:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
                      sensor.worker_name, sensor.host, ",".join(self.registration.capabilities["runtimes"]),
                      self.runtime_source)
+            for line in self.config.warnings:  # right after the start-up line (a readable secret)
+                log.warning("%s", line)
             if not self._register_until_done():
                 log.info("Stopped before the worker was registered")
                 return
