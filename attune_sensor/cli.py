@@ -8,6 +8,8 @@ Every failure is one line on stderr, `attune-sensor: <what went wrong>`, and a s
 
 import argparse
 import json
+import os
+import re
 import sys
 
 from . import __version__
@@ -22,6 +24,10 @@ EX_SOFTWARE = 70
 MAX_REF = 255            # a sensor ref, as the scheduler stores it
 MAX_WORKER_NAME = 255
 MAX_REPEATED = 64        # --selector, --tolerate, --env: each at most this many times
+# The template unit's instances (systemd/attune-sensor@.service runs `--instance %i`): the file
+# each reads, and the names allowed (they become part of a path and of the worker's name).
+INSTANCE_CONFIG = "/etc/attune/sensor-{}.yaml"
+INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +51,8 @@ def _parser():
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: $ATTUNE_CONFIG, else /etc/attune/config.yaml, else "
                              "/etc/attune/attune.yaml)")
+    # --instance NAME: the template unit's instance attune-sensor@NAME (its file and its worker name)
+    common.add_argument("--instance", metavar="NAME", default=argparse.SUPPRESS, help="the template unit's instance (attune-sensor@NAME): reads /etc/attune/sensor-NAME.yaml and names the worker sensor-HOSTNAME-NAME")
     parser = _Parser(
         prog="attune-sensor",
         description="Attune sensor worker: registers this host in the shared PostgreSQL worker "
@@ -56,6 +64,7 @@ def _parser():
     )
     parser.add_argument("--config", metavar="PATH", help="configuration file (default: $ATTUNE_CONFIG, else "
                                                          "/etc/attune/config.yaml, else /etc/attune/attune.yaml)")
+    parser.add_argument("--instance", metavar="NAME", help="the template unit's instance (attune-sensor@NAME): reads /etc/attune/sensor-NAME.yaml and names the worker sensor-HOSTNAME-NAME")
     parser.add_argument("--version", action="version", version=f"attune-sensor {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -194,7 +203,15 @@ def main(argv=None):
 
 
 def _load(args):
-    return config_module.load(args.config)
+    """The configuration, as the unit finds it: --config, else for --instance NAME the template
+    unit's /etc/attune/sensor-NAME.yaml, else $ATTUNE_CONFIG and the default paths. An instance
+    also names the default worker (sensor-{hostname}-NAME), through the environment so that the
+    daemon's reloads read it the same way."""
+    instance = getattr(args, "instance", None)
+    if instance is None:
+        return config_module.load(args.config)
+    os.environ[config_module.INSTANCE_VARIABLE] = instance
+    return config_module.load(args.config or INSTANCE_CONFIG.format(instance))
 
 
 # --- the command line's values, checked before anything is read or connected ------------------
@@ -253,6 +270,9 @@ def _check_arguments(args):
         _text(args.sensor_ref, "SENSOR_REF", MAX_REF)
     if getattr(args, "worker", None) is not None:
         _text(args.worker, "--worker", MAX_WORKER_NAME)
+    if getattr(args, "instance", None) is not None and not INSTANCE_RE.fullmatch(_text(args.instance, "--instance", 64)):
+        raise UsageError(f"--instance {_shown(args.instance)}: expected 1-64 letters, digits or . _ @ : - "
+                         "(starting with a letter or digit), as in attune-sensor@NAME")
     if args.command == "workers" and args.runtime is not None:
         args.runtime = _runtime(args.runtime)
     if args.command != "place":
@@ -356,30 +376,54 @@ def _age(seconds):
     return f"{seconds // 3600}h ago"
 
 
+def _pending_count(db, table, config):
+    """Sensors waiting for an eligible worker (placed on none, or on one that is gone); None
+    where this database or role has no assignments."""
+    if not table.assignments:
+        return None
+    from .placement.scheduler import Scheduler
+
+    try:
+        return Scheduler(db, table, config.sensor.stale_multiplier).pending_summary(groups=0)[0]
+    except AttuneSensorError:
+        return None
+
+
 def cmd_workers(args):
     from . import fleet
 
     config = _load(args)
-    workers = _fleet_query(config, runtime=args.runtime, stale_only=args.stale)
-    stats = fleet.summary(workers)
+    db, table = _attached_db(config)
+    try:
+        workers = fleet.list_workers(db, config.sensor.stale_multiplier, table=table, runtime=args.runtime,
+                                     stale_only=args.stale)
+        pending = _pending_count(db, table, config)
+    finally:
+        db.close()
+    stats = dict(fleet.summary(workers), pending=pending)
     if args.json:
         json.dump({"workers": workers, "summary": stats}, sys.stdout, indent=None if args.watch else 2, default=str)
         print(flush=True)
         if args.watch:
             _watch(args, config)
         return 0
-    header = ("NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT")
+    header = ("NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT", "LABELS", "TAINTS")
     rows = [(w["name"], w["host"] or "",
              w["status"] + (" (stale)" if w["stale"] else "") + (" (cordoned)" if w["cordoned"] else "")
              + (" (platform)" if w["by"] == "platform" else ""),  # run by the platform's sensor service
              ",".join(w["runtimes"]), f"{'-' if w['sensors'] is None else w['sensors']}/{w['capacity']}",
-             _age(w["heartbeat_age"])) for w in workers]
+             _age(w["heartbeat_age"]),
+             ",".join(f"{k}={v}" for k, v in w["labels"].items()) or "-",
+             ",".join(w["taints"]) or "-") for w in workers]
     _print_table(header, rows)
     lag = stats["max_heartbeat_lag"]
     print()
     print(f"active: {stats['active']} of {stats['total']}   stale: {stats['stale']}   "
           f"capacity: {stats['capacity']} sensors   max heartbeat lag: {'-' if lag is None else f'{lag:.1f}s'}")
     print("runtimes: " + (", ".join(f"{k} {v}" for k, v in stats["runtimes"].items()) or "-"))
+    if pending is not None:
+        print(f"pending: {pending} sensor(s) waiting for an eligible worker"
+              + (" (attune-sensor assignments --pending lists them)" if pending else ""))
     if args.watch:
         _watch(args, config)
     return 0
@@ -491,7 +535,9 @@ def cmd_metrics(args):
             label_text = ",".join(f'{k}="{_prometheus_escape(v)}"' for k, v in labels.items())
             lines.append(f"attune_sensor_{name}{{{label_text}}} {value}" if label_text else f"attune_sensor_{name} {value}")
 
-    gauge("workers_active", "Active workers by role.", [({"role": r}, n) for r, n in stats["active"].items()])
+    # only the roles this worker table can hold: the platform's enum has no hybrid
+    gauge("workers_active", "Active workers by role.", [({"role": r}, n) for r, n in stats["active"].items()
+                                                        if table.allows("worker_role", r)])
     gauge("workers_stale", "Active workers whose heartbeat is overdue.", [({}, stats["stale"])])
     gauge("workers_reaped", "Workers marked inactive by the stale reaper and not back since.",
           [({}, stats["reaped"])])
@@ -612,6 +658,8 @@ def cmd_config(args):
             return 0  # configured, but wrongly: 'run' then fails with the precise message
         raise
     if not args.is_configured:
+        for line in config.warnings:
+            print(f"attune-sensor: warning: {_one_line(line)}", file=sys.stderr)
         sys.stdout.write(yaml.safe_dump(config_module.describe(config), sort_keys=False))
     return 0
 

@@ -24,7 +24,7 @@ def test_workers_table_and_summary(db_url):
     result = cli(db_url, "workers")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT"]
+    assert lines[0].split() == ["NAME", "HOST", "STATUS", "RUNTIMES", "SENSORS", "HEARTBEAT", "LABELS", "TAINTS"]
     assert "0/5" in lines[1].split()  # sensors placed / capacity
     assert [line.split()[0] for line in lines[1:4]] == ["s-node", "s-off", "s-py"]
     assert "a-1" not in result.stdout

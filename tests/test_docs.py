@@ -71,7 +71,7 @@ def test_the_shipped_config_names_every_key():
 
 COMMANDS = (("run",), ("migrate", "run"), ("migrate", "info"), ("workers",), ("check",), ("metrics",), ("place",),
             ("rebalance",), ("unplace",), ("assignments",), ("config",))
-GLOBAL = {"--help", "--config"}  # every command takes them; the top-level lines document them
+GLOBAL = {"--help", "--config", "--instance"}  # every command takes them; the top-level lines document them
 
 
 def help_options(*command):

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import socket
+import stat
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .dsn import redact_dsn
@@ -30,6 +31,9 @@ DEFAULT_CONFIG_PATH = "/etc/attune/config.yaml"
 # The platform's packaged configuration file, read when DEFAULT_CONFIG_PATH does not exist.
 PLATFORM_CONFIG_PATH = "/etc/attune/attune.yaml"
 ENV_PREFIX = "ATTUNE__"
+# The template unit's instance (attune-sensor@NAME, `attune-sensor --instance NAME`): its worker
+# is named sensor-{hostname}-NAME unless sensor.worker_name says otherwise.
+INSTANCE_VARIABLE = "ATTUNE_SENSOR_INSTANCE"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -383,6 +387,8 @@ class Config:
     # resolve inside it (runner/launch.py)
     packs_base_dir: str = "/opt/attune/packs"
     source: str = ""  # the file it came from, for messages
+    # lines to warn about at start and in `attune-sensor config` (a file that exposes a secret)
+    warnings: tuple = field(default=(), compare=False)
 
     def with_sensor(self, **changes):
         return replace(self, sensor=replace(self.sensor, **changes))
@@ -624,6 +630,7 @@ def load(path=None, environ=None):
     has_env_url = bool(environ.get("DATABASE_URL") or environ.get("ATTUNE__DATABASE__URL"))
     # The default file may be absent when the environment carries the URL (containers).
     data = _read_file(path, required=explicit or not has_env_url)
+    warnings = _exposed_secrets(path, data)
 
     values = {}  # (section, key) -> (value, label naming where it came from); section "" is the top level
 
@@ -683,7 +690,41 @@ def load(path=None, environ=None):
     _check_runtimes_variable(environ)
     if ("database", "url") not in clean:
         raise DatabaseUrlMissing(f"database.url is not set: put it in {path} or set DATABASE_URL")
-    return _build(clean, path)
+    return replace(_build(clean, path, environ.get(INSTANCE_VARIABLE) or None), warnings=warnings)
+
+
+# Where a file may hold a secret: the database URL and the message queue URL (a password in
+# them), and the platform's secret keys (read by its other services, never by attune-sensor).
+_SECRET_URLS = (("database", "url"), ("message_queue", "url"), ("rabbitmq", "url"))
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:[^/?#@]+@")
+_SECRET_KEYS = (("security", "jwt_secret"), ("security", "encryption_key"), ("security", "oidc", "client_secret"),
+                ("security", "ldap", "search_bind_password"), ("agent", "bootstrap_token"))
+
+
+def _exposed_secrets(path, data):
+    """One warning line when the file holds a password or secret key and every user may read
+    it (not refused: the platform's own file may be laid out so; docs/operations.md)."""
+    def value_at(keys):
+        value = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def has_password(url):  # libpq's rules for the database, user:password@ for an AMQP URL
+        return isinstance(url, str) and (redact_dsn(url) != url or _URL_PASSWORD.match(url) is not None)
+
+    held = [".".join(keys) for keys in _SECRET_URLS if has_password(value_at(keys))]
+    held += [".".join(keys) for keys in _SECRET_KEYS if value_at(keys) not in (None, "")]
+    if not held:
+        return ()
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ()
+    if not mode & stat.S_IROTH:
+        return ()
+    return (f"config file {path} holds a secret ({', '.join(held)}) and is readable by every user "
+            f"(mode {stat.S_IMODE(mode):04o}): chmod o-r {path} (the package's file is 0640 root:attune)",)
 
 
 def _check_runtimes_variable(environ):
@@ -695,7 +736,7 @@ def _check_runtimes_variable(environ):
         raise ConfigError(str(exc)) from None
 
 
-def _build(clean, path):
+def _build(clean, path, instance=None):
     def section(name):
         return {key: value for (sec, key), value in clean.items() if sec == name}
 
@@ -709,7 +750,8 @@ def _build(clean, path):
         except ValueError as exc:
             raise ConfigError(f"sensor.capabilities.runtimes (in {path}): {exc}") from None
     if "worker_name" not in sensor:
-        default_name = f"sensor-{hostname}"
+        # an instance of the template unit gets its own row: two on one host must not share one
+        default_name = f"sensor-{hostname}" + (f"-{instance}" if instance else "")
         if not NAME_RE.fullmatch(default_name):
             raise ConfigError(f"sensor.worker_name: the default {default_name!r} is not a valid name; set it explicitly")
         sensor["worker_name"] = default_name

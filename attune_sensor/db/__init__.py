@@ -122,7 +122,8 @@ class Database:
             if exc.pgcode in (errorcodes.UNDEFINED_TABLE, errorcodes.UNDEFINED_OBJECT,
                               errorcodes.UNDEFINED_COLUMN, errorcodes.UNDEFINED_FUNCTION):
                 raise SchemaMissing(
-                    "the database has no attune-sensor schema (" + detail + "); run 'attune-sensor migrate run'"
+                    "the database lacks a table, column or function attune-sensor needs (" + detail + "); run "
+                    "'attune-sensor migrate run'"
                 ) from None
             if exc.pgcode and (exc.pgcode.startswith(("08", "57", "53"))
                                or exc.pgcode == errorcodes.READ_ONLY_SQL_TRANSACTION):

@@ -29,6 +29,18 @@ CAPACITY = capacity_of("w")
 RUNTIMES = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'runtimes') = 'array' THEN "
             "(SELECT coalesce(jsonb_agg(r ORDER BY n), '[]') FROM jsonb_array_elements(w.capabilities -> 'runtimes') "
             "WITH ORDINALITY AS e(r, n) WHERE jsonb_typeof(r) = 'string') ELSE '[]'::jsonb END)")
+# Its placement labels (capabilities.labels, the string entries of the map) and taints
+# (capabilities.taints, {key, value?, effect?} objects or key[=value][:effect] strings), each
+# taint shown as the text the configuration takes.
+LABELS = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'labels') = 'object' THEN "
+          "(SELECT coalesce(jsonb_object_agg(k, v ORDER BY k), '{}') FROM jsonb_each(w.capabilities -> 'labels') "
+          "AS e(k, v) WHERE jsonb_typeof(v) = 'string') ELSE '{}'::jsonb END)")
+TAINTS = ("(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' THEN "
+          "(SELECT coalesce(jsonb_agg(CASE WHEN jsonb_typeof(t) = 'string' THEN t #>> '{}' ELSE "
+          "(t ->> 'key') || coalesce('=' || (t ->> 'value'), '') || coalesce(':' || (t ->> 'effect'), '') "
+          "END ORDER BY n), '[]') FROM jsonb_array_elements(w.capabilities -> 'taints') WITH ORDINALITY AS e(t, n) "
+          "WHERE jsonb_typeof(t) = 'string' OR (jsonb_typeof(t) = 'object' AND jsonb_typeof(t -> 'key') = 'string')) "
+          "ELSE '[]'::jsonb END)")
 
 
 def seconds_since(timestamp):
@@ -145,7 +157,9 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
        coalesce(w.meta ? 'reaped_at', false) AS reaped,
        {cordoned},
        {sensors},
-       {run_by}
+       {run_by},
+       {labels},
+       {taints}
   FROM worker AS w
  WHERE {roles}
    AND (%(runtime)s::text IS NULL OR w.capabilities -> 'runtimes' ? %(runtime)s::text)
@@ -155,7 +169,7 @@ SELECT w.id, w.name, w.host, w.worker_role::text, w.worker_type::text, w.status:
 """
 
 COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity",
-           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors", "by")
+           "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors", "by", "labels", "taints")
 
 
 def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
@@ -186,7 +200,7 @@ def workers_sql(table):
     sensors = PLACED_SENSORS if table.assignments else "NULL::bigint"
     return WORKERS_SQL.format(runtimes=RUNTIMES, capacity=CAPACITY, age=seconds_since("w.last_heartbeat"),
                               stale=STALE_EXPR, interval=heartbeat_interval_of("w"), roles=LISTED_ROLES,
-                              cordoned=cordoned, sensors=sensors, run_by=RUN_BY)
+                              cordoned=cordoned, sensors=sensors, run_by=RUN_BY, labels=LABELS, taints=TAINTS)
 
 
 def list_workers(db, multiplier, runtime=None, stale_only=False, name=None, table=None):

@@ -113,6 +113,8 @@ class SensorService:
             log.info("Registering sensor worker %s (host %s, runtimes %s from %s)",
                      sensor.worker_name, sensor.host, ",".join(self.registration.capabilities["runtimes"]),
                      self.runtime_source)
+            for line in self.config.warnings:  # right after the start-up line (a readable secret)
+                log.warning("%s", line)
             if not self._register_until_done():
                 log.info("Stopped before the worker was registered")
                 return
@@ -269,9 +271,12 @@ class SensorService:
                 log.warning("heartbeat: worker %s was missing from the database and was registered again as id %s",
                             registration.worker_name, registration.worker_id)
             if registration.outside_change:
-                log.warning("worker %s: %s; it is active again since this daemon is alive (to keep a live "
-                            "worker out of scheduling, cordon it)", registration.worker_name,
-                            registration.outside_change)
+                # cordons are the platform's: the spec's schema has none
+                log.warning("worker %s: %s; it is active again since this daemon is alive (%s)",
+                            registration.worker_name, registration.outside_change,
+                            "to keep a live worker out of scheduling, cordon it"
+                            if self.table is not None and self.table.is_platform
+                            else "to take it out of service, stop its daemon")
                 registration.outside_change = None
             if self._capabilities_pending:
                 registration.update_capabilities()
