@@ -130,7 +130,7 @@ def main():
         fail(f"BENCH_FOOTPRINT_BEATS must be two counts, the first smaller: got {FIRST},{LAST}")
     # Installed packages run from byte-code compiled at install time (py3compile in the .deb);
     # compile the working tree the same way so PYTHONDONTWRITEBYTECODE cannot skew start-up.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "attune_sensor")], check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "attune_sensor")], check=True, timeout=120)
     with database() as (_, url), tempfile.TemporaryDirectory() as workdir:
         insert_workers(url, 1)  # the baseline's row (id 1)
         base_ready, base_rss, d_ready = [], [], []

@@ -9,6 +9,7 @@ a toy bench mostly waits for heartbeats, so side by side they take about as long
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,16 +51,7 @@ def bench_env(extra=None):
 def runs(tmp_path_factory):
     """Starts every run at once; yields name -> (Popen, output file)."""
     directory = tmp_path_factory.mktemp("bench")
-    started = {}
-    plan = {name: (name, {}) for name in TABLES}
-    plan.update({name: (bench, extra) for name, (bench, extra, _) in FAILING.items()})
-    for name, (bench, extra) in plan.items():
-        output = directory / f"{name}.txt"
-        with open(output, "w") as handle:
-            proc = subprocess.Popen([sys.executable, "-u", str(BENCH / f"{bench}.py")], cwd=BENCH,
-                                    env=bench_env(extra), stdin=subprocess.DEVNULL, stdout=handle,
-                                    stderr=subprocess.STDOUT)
-        started[name] = (proc, output)
+    started = {name: launch(directory, name, name, {}) for name in TABLES}
     yield started
     for proc, _ in started.values():
         if proc.poll() is None:
@@ -67,13 +59,28 @@ def runs(tmp_path_factory):
             proc.wait()
 
 
+def launch(directory, name, bench, extra):
+    """bench/BENCH.py as a subprocess, its output to a file. -X faulthandler: a run that hangs
+    is sent SIGABRT at the time limit and prints where each of its threads was."""
+    output = directory / f"{name}.txt"
+    with open(output, "w") as handle:
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-u", str(BENCH / f"{bench}.py")], cwd=BENCH,
+                                env=bench_env(extra), stdin=subprocess.DEVNULL, stdout=handle,
+                                stderr=subprocess.STDOUT)
+    return proc, output
+
+
 def finished(runs, name):
     proc, output = runs[name]
     try:
         code = proc.wait(TIMEOUT)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(signal.SIGABRT)  # faulthandler: where it hung
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         pytest.fail(f"bench/{name}.py did not finish within {TIMEOUT} s:\n{output.read_text()}")
     return code, output.read_text()
 
@@ -108,8 +115,9 @@ def test_bench_runs_at_toy_size(runs, name):
 
 
 @pytest.mark.parametrize("name", sorted(FAILING))
-def test_bench_fails_clearly(runs, name):
-    code, text = finished(runs, name)
+def test_bench_fails_clearly(tmp_path, name):
+    bench, extra, _ = FAILING[name]
+    code, text = finished({name: launch(tmp_path, name, bench, extra)}, name)  # on its own, after the others
     assert code != 0, text
     assert FAILING[name][2] in text, text
     assert "Traceback" not in text, text
