@@ -70,7 +70,7 @@ def read_line(proc, expected, timeout):
         selector.register(proc.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
             fail(f"the baseline process did not say {expected!r} within {timeout:g} s")
-    line = proc.stdout.readline().strip()
+    line = proc.stdout.readline().decode().strip()  # unbuffered: what select() saw is all there is
     if line != expected:
         proc.wait(10)
         fail(f"the baseline process said {line!r} instead of {expected!r} (exit code {proc.returncode})")
@@ -79,14 +79,16 @@ def read_line(proc, expected, timeout):
 def baseline(url, worker_id, updates):
     """(seconds from exec to connected, RSS in KiB after `updates` heartbeat statements)."""
     started = time.perf_counter()
+    # bufsize=0: a buffered reader could swallow "ready" and "done" in one read, and select()
+    # would then wait for a line already read (a bench that hung under load)
     proc = subprocess.Popen([sys.executable, "-c", BASELINE, url, str(worker_id), str(updates), HEARTBEAT_SQL],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=daemon_env())
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=daemon_env())
     try:
         read_line(proc, "ready", READY_TIMEOUT)
         ready = time.perf_counter() - started
         read_line(proc, "done", 600)
         rss = rss_kib(proc.pid)
-        proc.stdin.write("\n")
+        proc.stdin.write(b"\n")
         proc.stdin.close()
         if proc.wait(30) != 0:
             fail(f"the baseline process exited with code {proc.returncode}")

@@ -9,7 +9,6 @@ systemd the cgroup does it), and never inherits the daemon's secrets or its noti
 (launch.environment).
 """
 
-import ctypes
 import errno
 import os
 import signal
@@ -42,6 +41,8 @@ def _die_with(parent):
     """preexec_fn: SIGKILL when the daemon dies; a daemon already gone means exit now."""
     global _libc
     if _libc is None:
+        import ctypes  # only once a sensor starts: a daemon running none does not carry it
+
         _libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls it
     libc = _libc
 

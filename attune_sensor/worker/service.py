@@ -20,7 +20,6 @@ from dataclasses import replace
 from .. import config as config_module
 from .. import fleet, logs
 from ..db import Backoff, Database, schema
-from ..db.migrations import OWN_SCHEMA_VERSION
 from ..errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
 from ..placement.scheduler import Scheduler
 from ..runner import fence, launch, leftovers, report
@@ -171,6 +170,8 @@ class SensorService:
     def _find_worker_table(self):
         """Where the worker table is and what it is decides the interval and capabilities."""
         table = schema.attach(self.db, self.config.database.schema)
+        from ..db.migrations import OWN_SCHEMA_VERSION  # here: reading the files costs start-up time and memory
+
         schema.check_own_schema(table, OWN_SCHEMA_VERSION)
         schema.check_worker_type(table, self.registration.worker_type)
         self.table = table
