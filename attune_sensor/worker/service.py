@@ -92,6 +92,7 @@ class SensorService:
         self._reported = None  # the sensor states last written (runner/report.py)
         self._ready = []  # the sensors' pipes the last wait found readable
         self._sensors_from = None  # clock() before which no sensor starts (a live row taken over)
+        self._evening_out = False  # a worker back from a restart still taking its share (_reconcile)
         self._written = None  # what the assignments file last said, and the last error writing it
         self._write_error = None
         self._previous_reaped = False  # what earlier instances of this worker left running, killed
@@ -487,7 +488,7 @@ class SensorService:
         rebalance moves until the fleet is even. Returns True when a pass ran."""
         if self.scheduler is None:
             return False
-        evening = even_out and getattr(self, "_evening_out", False)
+        evening = even_out and self._evening_out
         moves = []
         try:
             if even_out and why == "this worker registered" and "created" in self.table.columns:
