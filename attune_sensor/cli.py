@@ -466,7 +466,7 @@ def cmd_check(args):
     if worker["stale"]:
         print(f"CRITICAL: worker {name} (id {worker['id']}) is stale, last heartbeat {age}")
         return CHECK_CRITICAL
-    mine = _my_sensor_states(config)
+    mine, pending_for_me = _my_placement(config, worker["id"])
     failed = [(r["sensor_ref"], " ".join(str(r["detail"] or "").split())[:200]) for r in mine if r["state"] == "failed"]
     if failed:
         shown = "; ".join(f"{ref}: {detail}" for ref, detail in failed[:3])
@@ -474,7 +474,7 @@ def cmd_check(args):
         return CHECK_CRITICAL
     cordoned = " (cordoned: the platform schedules nothing new on it)" if worker["cordoned"] else ""
     sensors = "" if worker["sensors"] is None else f", {worker['sensors']} of {worker['capacity']} sensors placed"
-    if _pending_for_me(config, worker["id"]):
+    if pending_for_me:
         print(f"WARNING: worker {name} (id {worker['id']}) active, but sensors it is eligible for are pending "
               "(placement passes failing? see the journal); last heartbeat " + age)
         return CHECK_WARNING
@@ -486,34 +486,26 @@ def cmd_check(args):
     return CHECK_OK
 
 
-def _pending_for_me(config, worker_id):
-    """True when a pending sensor could be placed on this worker now (Scheduler.survey)."""
+def _my_placement(config, worker_id):
+    """(this worker's placements with their states as it last reported them, whether a pending
+    sensor could be placed on it now) over one connection: ([], False) where this role may not
+    read them, so that check still judges the worker."""
     try:
         scheduler, db = _scheduler(config)
     except AttuneSensorError:
-        return False
+        return [], False
     try:
-        return scheduler.survey(worker_id)[1]
-    except AttuneSensorError:
-        return False
+        try:
+            rows = scheduler.assignments(worker=config.sensor.worker_name)
+        except AttuneSensorError:
+            rows = []
+        try:
+            pending_for_me = scheduler.survey(worker_id)[1]
+        except AttuneSensorError:
+            pending_for_me = False
     finally:
         db.close()
-
-
-def _my_sensor_states(config):
-    """This worker's placements with their states as it last reported them ([] when this
-    role may not read them: check still judges the worker)."""
-    try:
-        scheduler, db = _scheduler(config)
-    except AttuneSensorError:
-        return []  # a role that may not read the assignments: check still judges the worker
-    try:
-        rows = scheduler.assignments(worker=config.sensor.worker_name)
-    except AttuneSensorError:
-        return []
-    finally:
-        db.close()
-    return rows
+    return rows, pending_for_me
 
 
 def cmd_metrics(args):

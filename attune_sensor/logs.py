@@ -10,10 +10,16 @@ LOGGER_NAME = "attune_sensor"
 _PRIORITY = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
 
 
-# Characters no log line carries, whoever wrote the text (a sensor ref, another program's row):
-# C0 and C1 controls but tab and newline (joined above), DEL, and bidirectional overrides.
+# Characters no log line carries, whoever wrote the text (a sensor ref, another program's row,
+# a sensor's own output): C0 and C1 controls but tab and newline (lines are split on it before),
+# DEL, and the bidirectional overrides that reorder what an operator reads.
 _UNSAFE = {c: "?" for c in list(range(0x09)) + list(range(0x0B, 0x20)) + list(range(0x7F, 0xA0))
            + list(range(0x202A, 0x202F)) + list(range(0x2066, 0x206A)) + [0x200E, 0x200F, 0x061C]}
+
+
+def without_controls(text):
+    """`text` with each character a log line may not carry replaced by '?'."""
+    return text.translate(_UNSAFE)
 
 
 class JournalPriority(logging.Formatter):
@@ -26,7 +32,7 @@ class JournalPriority(logging.Formatter):
         self.journal = journal
 
     def format(self, record):
-        text = " ".join(self.inner.format(record).split("\n")).translate(_UNSAFE)
+        text = without_controls(" ".join(self.inner.format(record).split("\n")))
         return _PRIORITY.get(record.levelno, "<6>") + text if self.journal else text
 
 

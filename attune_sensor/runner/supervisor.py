@@ -9,7 +9,6 @@ systemd the cgroup does it), and never inherits the daemon's secrets or its noti
 (launch.environment).
 """
 
-import errno
 import os
 import signal
 import subprocess
@@ -114,15 +113,10 @@ def _signal_name(number):
         return str(number)
 
 
-# What a sensor's line may not carry into the journal or a terminal: C0 and C1 controls, DEL,
-# and the bidirectional overrides that reorder what an operator reads.
-_UNSAFE = {c for c in range(0x20) if c != 0x09} | set(range(0x7F, 0xA0)) | set(range(0x202A, 0x202F)) \
-    | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x061C}
-_SAFE = {c: "?" for c in _UNSAFE}
-
-
 def _text(line):
-    return line.decode("utf-8", "replace").rstrip("\r").translate(_SAFE)
+    """A line of a sensor's output as the journal and its stderr excerpt carry it (the excerpt
+    reaches `check` and the database without passing the log formatter)."""
+    return logs.without_controls(line.decode("utf-8", "replace").rstrip("\r"))
 
 
 class _Child:
@@ -207,8 +201,7 @@ class Supervisor:
         now = self.clock()
         for child in self.children.values():
             if child.alive and not child.release:
-                child.pending = child.pending or child.spec
-                self._stop(child, now, None)
+                self._restart(child, now)
             elif child.state == "failed":
                 child.state, child.refused = "starting", None
 
@@ -305,8 +298,7 @@ class Supervisor:
             child = self.children[ref]
             log.warning("sensor %s stops: more than max_concurrent_sensors (%d) run here", ref, self.max_running,
                         extra={"sensor_ref": ref})
-            child.pending = child.spec
-            self._stop(child, now, None)
+            self._restart(child, now)
         alive = sum(1 for c in self.children.values() if c.alive)
         started = 0
         for ref, child in sorted(self.children.items()):
@@ -357,6 +349,11 @@ class Supervisor:
         log.info("sensor %s started (pid %d): %s", spec.ref, proc.pid, " ".join(argv), extra={"sensor_ref": spec.ref})
         return True
 
+    def _restart(self, child, now):
+        """Stops a running child; once it has exited it starts again (its pending spec, or the same)."""
+        child.pending = child.pending or child.spec
+        self._stop(child, now, None)
+
     def _stop(self, child, now, kill_by):
         if not child.alive:
             child.state = "stopping" if child.release else child.state
@@ -396,11 +393,8 @@ class Supervisor:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
             return 0
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                data = b""
-            else:
-                data = b""
+        except OSError:
+            data = b""  # a pipe that failed is closed as at its end
         if not data:
             self._close(child, stream)
             return 0

@@ -200,8 +200,12 @@ class SensorService:
     def _set_capabilities(self, config, detected, interval, interpreters):
         """The registration's capabilities, with the sensor process counts as last reported."""
         self.registration.set_capabilities(config, detected, interval, interpreters)
-        self.registration.add_capability("sensor_processes_running", self._counts[0])
-        self.registration.add_capability("sensor_processes_monitored", self._counts[1])
+        self._add_counts(self._counts)
+
+    def _add_counts(self, counts):
+        """(running, monitored) sensor processes into the capabilities the platform's UI shows."""
+        self.registration.add_capability("sensor_processes_running", counts[0])
+        self.registration.add_capability("sensor_processes_monitored", counts[1])
 
     def _interval_for(self, config):
         """The heartbeat interval `config` asks for, under the worker table's rules once known."""
@@ -384,9 +388,9 @@ class SensorService:
         env.update(leftovers.marks(*self.supervisor.marks))
         return argv, env, os.path.dirname(script)
 
-    def _read_token(self, config, environ=None):
+    def _read_token(self, config):
         try:
-            return launch.api_token(config.api.token_file, self.environ if environ is None else environ)
+            return launch.api_token(config.api.token_file, self.environ)
         except launch.LaunchRefused as exc:
             raise ConfigError(str(exc)) from None
 
@@ -438,7 +442,7 @@ class SensorService:
         waiting = f"waiting for {row['previous_worker'] or 'the previous worker'} to stop it (planned move)"
         return SensorSpec(ref=row["sensor_ref"], runtime=row["runtime"], entrypoint=row["entrypoint"],
                           sensor_id=row["sensor_id"],
-                          env=dict(row["env"] or {}) if isinstance(row["env"], dict) else {"": ""},
+                          env=dict(row["env"]),  # an object: the column's CHECK, and MINE_SQL's bound
                           startable=bool(row["startable"]), waiting_for=waiting)
 
     def _report(self, worker_id, current):
@@ -453,8 +457,7 @@ class SensorService:
                 self._reported = shown
             counts = self.supervisor.counts()
             if counts != self._counts:
-                self.registration.add_capability("sensor_processes_running", counts[0])
-                self.registration.add_capability("sensor_processes_monitored", counts[1])
+                self._add_counts(counts)
                 self.registration.update_capabilities()
                 self._counts = counts
         except DATABASE_TROUBLE as exc:
@@ -550,7 +553,7 @@ class SensorService:
             # database settings wait for a restart: the running statement bound still applies
             interval = self._interval_for(replace(new, database=self.config.database))
             check_watchdog_fits(interval, self.environ)
-            token = self._read_token(new, self.environ)
+            token = self._read_token(new)
         except (ConfigError, ValueError) as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             return
