@@ -137,6 +137,12 @@ def _parser():
             "Move sensors from the most loaded workers (sensors / max_concurrent_sensors) to "
             "eligible less loaded ones, one at a time, only while a move makes the fleet "
             "more even. Prints each move.")
+    command(commands, "sync", "place the platform's runnable sensors now (on the Attune platform's database)",
+            "Make the placements equal to the Attune platform's runnable sensors now (enabled, an enabled rule on "
+            "one of their triggers, an entrypoint without ://), by its own rules: runtime aliases, "
+            "worker_selector, worker_tolerations, worker_affinity, runtime_version_constraint. New ones are "
+            "placed, those no longer runnable removed; manual placements of other refs are kept. The daemons "
+            "do the same about every 10 s. Prints each change and the sensors no worker can run.")
     unplace = command(commands, "unplace", "forget a sensor's placement",
                       "Forget the placement of sensor SENSOR_REF: its worker stops it at its next read. Exit 1 "
                       "when it is not placed.")
@@ -183,7 +189,7 @@ def main(argv=None):
         return exc.exit_code
     handler = {"run": cmd_run, "migrate": cmd_migrate, "workers": cmd_workers, "check": cmd_check,
                "metrics": cmd_metrics, "config": cmd_config, "place": cmd_place, "unplace": cmd_unplace,
-               "assignments": cmd_assignments, "rebalance": cmd_rebalance}[args.command]
+               "assignments": cmd_assignments, "rebalance": cmd_rebalance, "sync": cmd_sync}[args.command]
     try:
         return handler(args)
     except AttuneSensorError as exc:
@@ -559,10 +565,26 @@ def _scheduler(config):
     return Scheduler(db, table, config.sensor.stale_multiplier), db
 
 
+def _platform_owned(scheduler, db, ref, doing):
+    """A UsageError when `ref` is one of the platform's sensors: their placements follow the
+    platform's rows (platform/sync.py), never a command (docs/scheduling.md, "The platform's
+    sensors")."""
+    from .platform import sensors
+
+    if scheduler.table.platform_sensors and sensors.known(db, ref):
+        return UsageError(f"{doing}: sensor {ref!r} is one of the platform's: its placement follows its sensor row "
+                          "(enabled, rules, worker_selector, worker_tolerations, worker_affinity); change that "
+                          "row, and 'attune-sensor sync' applies it")
+    return None
+
+
 def cmd_place(args):
     config = _load(args)  # the arguments were checked by _check_arguments
     scheduler, db = _scheduler(config)
     try:
+        refused = _platform_owned(scheduler, db, args.sensor_ref, "place")
+        if refused:
+            raise refused
         print(scheduler.place(args.sensor_ref, args.runtime, args.selector, args.tolerate,
                               entrypoint=args.entrypoint, env=args.env))
     except ValueError as exc:
@@ -587,11 +609,52 @@ def cmd_rebalance(args):
 def cmd_unplace(args):
     scheduler, db = _scheduler(_load(args))
     try:
+        if scheduler.origin(args.sensor_ref) == "platform":
+            raise _platform_owned(scheduler, db, args.sensor_ref, "unplace") or UsageError(
+                f"unplace: sensor {args.sensor_ref!r} was placed from the platform's rows: "
+                "'attune-sensor sync' removes it once the platform no longer runs it")
         if not scheduler.unplace(args.sensor_ref):
             print(f"attune-sensor: sensor {args.sensor_ref!r} is not placed", file=sys.stderr)
             return 1
     finally:
         db.close()
+    return 0
+
+
+def cmd_sync(args):
+    from .placement.scheduler import PLACEMENT_LOCK_KEY
+    from .platform import sync
+
+    config = _load(args)
+    scheduler, db = _scheduler(config)
+    try:
+        if not scheduler.table.platform_sensors:
+            raise AttuneSensorError("sync: this database has no platform sensors to place (the Attune platform's "
+                                    "sensor, trigger, rule, runtime and runtime_version tables), or this role may "
+                                    "not read them: 'attune-sensor migrate run' grants attune_sensor_daemon that")
+        try:
+            result = sync.run(db, f"sync command ({config.sensor.worker_name})", PLACEMENT_LOCK_KEY, force=True)
+        except sync.TooManySensors as exc:
+            raise AttuneSensorError(f"sync: {exc}") from None
+        released = scheduler.release_ineligible() if result.changes else []
+        _, placed = scheduler.reconcile()
+        pending, _ = scheduler.pending_summary()
+    finally:
+        db.close()
+    for ref, change in result.changes:
+        print(f"{change} {ref}")
+    for ref, worker in released:
+        print(f"released {ref} from {worker} (it may no longer run it)")
+    for ref, worker in sorted(placed.items()):
+        print(f"placed {ref} on {worker}")
+    for ref, why in result.refused:
+        print(f"not placed {ref}: {why}")
+    for ref, why in result.defaulted:
+        print(f"warning {ref}: {why}")
+    print(f"{result.runnable} platform sensor(s) runnable: {result.count('added')} added, "
+          f"{result.count('changed')} changed, {result.count('taken over')} taken over, "
+          f"{result.count('removed')} removed, {len(result.refused)} not placeable; {len(placed)} placed, "
+          f"{pending} pending")
     return 0
 
 

@@ -148,8 +148,48 @@ CREATE TABLE sensor (
     worker_selector JSONB NOT NULL DEFAULT '{}'::jsonb,
     worker_tolerations JSONB NOT NULL DEFAULT '[]'::jsonb,
     worker_affinity JSONB NOT NULL DEFAULT '{}'::jsonb,
+    runtime_version_constraint TEXT,
     created TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- What makes a sensor runnable for the platform: an enabled rule on one of its triggers
+-- (trigger.sensor), whose trigger_params reach the sensor in ATTUNE_SENSOR_TRIGGERS; and the
+-- registered versions of its runtime, for runtime_version_constraint.
+CREATE TABLE trigger (
+    id BIGSERIAL PRIMARY KEY,
+    ref TEXT NOT NULL UNIQUE CHECK (ref = lower(ref) AND ref ~ '^[^.]+\.[^.]+$'),
+    pack_ref TEXT,
+    label TEXT NOT NULL,
+    enabled BOOLEAN NOT NULL DEFAULT TRUE,
+    sensor BIGINT REFERENCES sensor(id) ON DELETE SET NULL,
+    sensor_ref TEXT,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE rule (
+    id BIGSERIAL PRIMARY KEY,
+    ref TEXT NOT NULL UNIQUE CHECK (ref = lower(ref) AND ref ~ '^[^.]+\.[^.]+$'),
+    pack_ref TEXT NOT NULL,
+    label TEXT NOT NULL,
+    action_ref TEXT NOT NULL,
+    trigger BIGINT REFERENCES trigger(id) ON DELETE SET NULL,
+    trigger_ref TEXT NOT NULL,
+    trigger_params JSONB DEFAULT '{}'::jsonb,
+    enabled BOOLEAN NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE runtime_version (
+    id BIGSERIAL PRIMARY KEY,
+    runtime BIGINT NOT NULL REFERENCES runtime(id) ON DELETE CASCADE,
+    runtime_ref TEXT NOT NULL,
+    version TEXT NOT NULL,
+    is_default BOOLEAN NOT NULL DEFAULT FALSE,
+    available BOOLEAN NOT NULL DEFAULT TRUE,
+    UNIQUE (runtime, version)
 );
 
 CREATE TABLE sensor_process (

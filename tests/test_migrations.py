@@ -53,7 +53,7 @@ OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations"
 def test_info_lists_pending_before_run(empty_db_url):
     info = migrate(empty_db_url, "info")
     assert info.returncode == 0
-    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 2
+    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 3
     for name in MIGRATION_FILES:
         assert f"\n{name}  pending" in info.stdout
     for name in OWN_FILES:
@@ -103,11 +103,12 @@ def test_a_failed_own_migration_names_every_migration_applied_before_it(empty_db
            + ", ".join(MIGRATION_FILES) + "; applied before this run, last: none)" in result.stderr
     query(empty_db_url, "DROP TABLE attune_sensor.assignment")
     assert migrate(empty_db_url).returncode == 0
-    query(empty_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002; "
-                        "ALTER TABLE attune_sensor.assignment DROP COLUMN previous_worker_id")
+    # the newest own migration forgotten while its objects stay: applying it again fails
+    newest, before = OWN_FILES[-1], OWN_FILES[-2]
+    query(empty_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = %s", (int(newest[:14]),))
     again = migrate(empty_db_url)
-    assert again.returncode == 1 and "nothing else was applied in this run; applied before this run, last: " \
-        "own/20261201000001_own_schema.sql)" in again.stderr
+    assert again.returncode == 1 and f"migration own/{newest} failed and was rolled back (nothing else was applied " \
+        f"in this run; applied before this run, last: own/{before})" in again.stderr
 
 
 def test_info_on_a_legacy_worker_table_says_migrate_run_upgrades_it(empty_db_url):
@@ -314,16 +315,21 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
     columns."""
     assert migrate(empty_db_url).returncode == 0
     # back to what that version left: its tables and rows, without the own series' bookkeeping
-    query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run; "
+    query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run, attune_sensor.sync_gate; "
                         "DROP INDEX attune_sensor.assignment_handover; "
+                        "DROP FUNCTION attune_sensor.sync_platform_sensors, attune_sensor.offers_version, "
+                        "attune_sensor.version_key, attune_sensor.affinity_score, attune_sensor.affinity_allows, "
+                        "attune_sensor.term_matches, attune_sensor.worker_labels, attune_sensor.runtime_name; "
                         "ALTER TABLE attune_sensor.assignment DROP COLUMN entrypoint, DROP COLUMN env, "
                         "DROP COLUMN previous_worker_id, DROP CONSTRAINT assignment_ref_printable, "
-                        "DROP CONSTRAINT assignment_runtime_name; "
+                        "DROP CONSTRAINT assignment_runtime_name, DROP COLUMN origin, DROP COLUMN affinity, "
+                        "DROP COLUMN versions, DROP COLUMN triggers; "
                         "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) VALUES ('kept.1', 'python')")
     result = migrate(empty_db_url)
     assert result.returncode == 0, result.stderr
     assert "applied own/20261201000001_own_schema.sql" in result.stdout
     assert "applied own/20261201000002_sensor_runner.sql" in result.stdout
+    assert "applied own/20261201000003_platform_sensors.sql" in result.stdout
     assert query(empty_db_url, "SELECT sensor_ref, runtime, entrypoint, env FROM attune_sensor.assignment") == \
         [("kept.1", "python", None, {})]
     info = migrate(empty_db_url, "info")
@@ -331,14 +337,15 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
 
 
 def test_a_daemon_refuses_a_database_whose_own_schema_is_behind(spec_db_url, tmp_path):
-    query(spec_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002")
+    newest, before = OWN_FILES[-1], OWN_FILES[-2]
+    query(spec_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = %s", (int(newest[:14]),))
     path = tmp_path / "c.yaml"
     path.write_text(f"database: {{url: '{spec_db_url}'}}\nsensor: {{worker_name: sensor-behind}}\n")
     result = run_cli("--config", str(path), "run", env={"ATTUNE_SENSOR_RUNTIMES": "shell"}, timeout=30)
     assert result.returncode == 78
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("attune-sensor: attune-sensor's own schema (attune_sensor) is at version 20261201000001, "
-                           "this version needs 20261201000002: run 'attune-sensor migrate run'")
+    assert last.startswith(f"attune-sensor: attune-sensor's own schema (attune_sensor) is at version {before[:14]}, "
+                           f"this version needs {newest[:14]}: run 'attune-sensor migrate run'")
     assert "Traceback" not in result.stderr
 
 

@@ -61,7 +61,13 @@ OWN_GRANTS = {
     "attune_sensor.worker_load": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
+    "attune_sensor.sync_gate": "SELECT, UPDATE",
 }
+# Functions the daemon role may run that PUBLIC may not: the sync pass's write, which deletes
+# only placements of origin `platform` (migrations/own/20261201000003_platform_sensors.sql).
+OWN_FUNCTION_GRANTS = {"attune_sensor.sync_platform_sensors(jsonb, bigint)": "EXECUTE"}
+# The platform's tables the sync pass reads: its runnable sensors (platform/sensors.py).
+PLATFORM_SENSOR_TABLES = ("sensor", "trigger", "rule", "runtime", "runtime_version")
 # What earlier versions granted and this one takes back on every run.
 OWN_REVOKES = {"attune_sensor.assignment": "DELETE"}
 
@@ -96,12 +102,21 @@ def daemon_grants(cursor, table):
             sequence = cursor.fetchone()[0]
             if sequence:
                 grants.append(("USAGE", f"SEQUENCE {sequence}"))
+        readable = [name for name in PLATFORM_SENSOR_TABLES[1:] if _exists(cursor, f"{schema_name}.{name}")]
+        if len(readable) == len(PLATFORM_SENSOR_TABLES) - 1 and _exists(cursor, f"{schema_name}.sensor"):
+            # what the platform wants run, for the sync pass (platform/sensors.py)
+            grants += [("SELECT", f"{schema_name}.{name}") for name in PLATFORM_SENSOR_TABLES
+                       if ("SELECT", f"{schema_name}.{name}") not in grants]
         if _exists(cursor, f"{schema_name}.attune_sensor_migrations"):
             grants.append(("SELECT", f"{schema_name}.attune_sensor_migrations"))
     own = [name for name in OWN_GRANTS if _exists(cursor, name)]
     if own:
         grants.append(("USAGE", "SCHEMA attune_sensor"))
     grants += [(OWN_GRANTS[name], name) for name in own]
+    for name, privileges in OWN_FUNCTION_GRANTS.items():
+        cursor.execute("SELECT to_regprocedure(%s)", (name,))
+        if cursor.fetchone()[0] is not None:
+            grants.append((privileges, f"FUNCTION {name}"))
     return grants
 
 

@@ -28,7 +28,8 @@ ASSIGNMENTS = "attune_sensor.assignment"
 WORKER_LOAD = "attune_sensor.worker_load"
 FLEET_GAUGES = "attune_sensor.fleet_gauges"
 SENSOR_RUNS = "attune_sensor.sensor_run"
-OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS)
+SYNC_GATE = "attune_sensor.sync_gate"
+OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS, SYNC_GATE)
 OWN_VERSIONS = "attune_sensor.schema_migrations"  # the own series' bookkeeping (migrations/)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
@@ -81,7 +82,12 @@ SELECT n.nspname,
               OR to_regclass(format('%%I.sensor_process', n.nspname)) IS NULL THEN false
             ELSE has_table_privilege(format('%%I.sensor', n.nspname), 'SELECT')
              AND has_table_privilege(format('%%I.sensor_process', n.nspname), 'INSERT')
-             AND has_table_privilege(format('%%I.sensor_process', n.nspname), 'UPDATE') END AS sensor_processes
+             AND has_table_privilege(format('%%I.sensor_process', n.nspname), 'UPDATE') END AS sensor_processes,
+       -- what the platform wants run (platform/sensors.py), where this role may read it
+       NOT EXISTS (SELECT 1 FROM unnest(ARRAY['sensor', 'trigger', 'rule', 'runtime', 'runtime_version']) AS t(name)
+                    WHERE CASE WHEN to_regclass(format('%%I.%%I', n.nspname, t.name)) IS NULL THEN true
+                               ELSE NOT has_table_privilege(format('%%I.%%I', n.nspname, t.name), 'SELECT') END)
+           AS platform_sensors
   FROM found
   JOIN pg_class c ON c.oid = found.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -170,6 +176,9 @@ class WorkerTable:
     own_denied: bool = False  # schema attune_sensor exists, but this role may not read its versions
     # the platform's `sensor` and `sensor_process` beside the worker table, usable by this role
     sensor_processes: bool = False
+    # the platform's sensor, trigger, rule, runtime and runtime_version, readable by this role:
+    # the sync pass places what the platform wants run (platform/sync.py)
+    platform_sensors: bool = False
 
     @property
     def reaper_gate(self):
@@ -217,7 +226,7 @@ def discover(db, configured_schema=None):
             f"the connection's search_path nor schema {PLATFORM_SCHEMA!r}"
         raise SchemaMissing(f"the database has no worker table in {where}; run 'attune-sensor migrate run'"
                             + ("" if configured_schema else " or set database.schema"))
-    schema, on_path, columns, has_history, usable, versioned, own_schema, sensor_processes = rows[0]
+    schema, on_path, columns, has_history, usable, versioned, own_schema, sensor_processes, platform_sensors = rows[0]
     columns = columns or {}
     own_version = 0
     if versioned:  # a second statement: a table that may not exist cannot be named in the first
@@ -226,7 +235,7 @@ def discover(db, configured_schema=None):
                         enums={k: tuple(v) for k, v in columns.items() if v is not None},
                         has_history=bool(has_history), usable=frozenset(usable), own_version=own_version,
                         own_denied=bool(own_schema) and not versioned,
-                        sensor_processes=bool(sensor_processes))
+                        sensor_processes=bool(sensor_processes), platform_sensors=bool(platform_sensors))
     missing = [c for c in ("name", "worker_role", "status", "capabilities", "meta", "last_heartbeat")
                if c not in table.columns]
     if missing:

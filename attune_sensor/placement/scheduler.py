@@ -44,7 +44,7 @@ SYNC_RETRY_AFTER = 1.0
 # query (PgBouncer's transaction pooling keeps it on one server connection) and is deallocated
 # at its end; its name is unique, since a statement left by a failed batch outlives the rollback.
 PLACE_BATCH = 100
-_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "selector_read", "tolerations_read")
+_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "affinity", "versions")
 _PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
 _PREPARED_TYPES = "text, text, jsonb, jsonb, jsonb, jsonb, float8"
 # Sensor processes a worker reported running (runner/report.py): a sensor placed again after
@@ -55,11 +55,13 @@ _STILL_RUNNING = f"""(SELECT r.worker_id FROM {SENSOR_RUNS} AS r JOIN worker AS 
 
 TAINTS = ("jsonb_array_elements(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' "
           "THEN w.capabilities -> 'taints' ELSE '[]'::jsonb END)")
+# The platform's toleration_matches_taint: the same key always (no toleration tolerates every
+# taint), the same effect when it names one, and with `equal` the same value.
 TOLERATES = """EXISTS (SELECT 1 FROM jsonb_array_elements(%(tolerations)s::jsonb) AS tol
-    WHERE (tol ->> 'effect' IS NULL OR tol ->> 'effect' = coalesce(t ->> 'effect', 'no_schedule'))
-      AND CASE coalesce(tol ->> 'operator', 'equal')
-          WHEN 'exists' THEN coalesce(tol ->> 'key', '') IN ('', t ->> 'key')
-          ELSE tol ->> 'key' = t ->> 'key' AND (tol ->> 'value') IS NOT DISTINCT FROM (t ->> 'value') END)"""
+    WHERE tol ->> 'key' = t ->> 'key'
+      AND (tol ->> 'effect' IS NULL OR tol ->> 'effect' = coalesce(t ->> 'effect', 'no_schedule'))
+      AND (coalesce(tol ->> 'operator', 'equal') = 'exists'
+           OR (tol ->> 'value') IS NOT DISTINCT FROM (t ->> 'value')))"""
 
 # Each test as a column, so that a refusal can say which one no worker passed.
 CHECKS = {
@@ -67,10 +69,14 @@ CHECKS = {
     "schedulable": "NOT {cordoned} AND coalesce(w.capabilities -> 'health' ->> 'status', 'healthy') "
                    "IN ('healthy', 'degraded')",
     "runtime": "jsonb_typeof(w.capabilities -> 'runtimes') = 'array' AND w.capabilities -> 'runtimes' ? %(runtime)s",
-    "selector": "(CASE WHEN jsonb_typeof(w.capabilities -> 'labels') = 'object' THEN w.capabilities -> 'labels' "
-                "ELSE '{{}}'::jsonb END) @> %(selector)s::jsonb",
+    "selector": "attune_sensor.worker_labels(w.capabilities) @> %(selector)s::jsonb",
     "tolerated": f"NOT EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE coalesce(t ->> 'effect', 'no_schedule') = "
                  f"'no_schedule' AND NOT {TOLERATES})",
+    # the platform's worker_affinity (required and anti_affinity terms) and the versions its
+    # runtime_version_constraint accepts (platform/rules.py; SQL in migration 20261201000003)
+    "affinity": "%(affinity)s::jsonb = '{{}}'::jsonb "
+                "OR attune_sensor.affinity_allows(attune_sensor.worker_labels(w.capabilities), %(affinity)s::jsonb)",
+    "version": "%(versions)s::jsonb IS NULL OR attune_sensor.offers_version(w.capabilities, %(versions)s::jsonb)",
     "capacity": f"{PLACED_SENSORS} < {CAPACITY}",
 }
 WHY_NOT = {
@@ -79,6 +85,8 @@ WHY_NOT = {
     "runtime": "no schedulable worker offers runtime {runtime!r}",
     "selector": "no worker with runtime {runtime!r} has labels matching {selector}",
     "tolerated": "every matching worker has a no_schedule taint the sensor does not tolerate",
+    "affinity": "no matching worker satisfies the sensor's worker_affinity (required or anti_affinity terms)",
+    "version": "no matching worker has a version of runtime {runtime!r} its runtime_version_constraint accepts",
     "capacity": "every eligible worker is full (max_concurrent_sensors)",
 }
 PENALIZED = f"EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE t ->> 'effect' = 'prefer_no_schedule' AND NOT {TOLERATES})"
@@ -93,11 +101,27 @@ _WALK = """SELECT w.id, w.name FROM {worker_load} AS l
       CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
                            WHERE w.id = l.worker_id AND {roles} AND {eligible} AND {penalized_or_not}
                           OFFSET 0) AS w
-      WHERE l.runtime = %(runtime)s
+      WHERE l.runtime = %(runtime)s AND NOT {has_preferred}
       ORDER BY l.ratio, l.worker_id LIMIT 1"""
+# A sensor with preferred affinity terms: the workers are ranked by the weights of the terms
+# they match (the platform's preferred_affinity_score), then by taint, then by load. Every
+# eligible worker offering the runtime is scored: a walk cannot stop at the first.
+HAS_PREFERRED = "(jsonb_array_length(coalesce(%(affinity)s::jsonb -> 'preferred', '[]'::jsonb)) > 0)"
+_SCORED_WALK = """SELECT w.id, w.name FROM {worker_load} AS l
+      CROSS JOIN LATERAL (SELECT w.id, w.name,
+                                 attune_sensor.affinity_score(attune_sensor.worker_labels(w.capabilities),
+                                                              %(affinity)s::jsonb) AS score,
+                                 {penalized} AS penalized
+                            FROM worker AS w
+                           WHERE w.id = l.worker_id AND {roles} AND {eligible}
+                          OFFSET 0) AS w
+      WHERE l.runtime = %(runtime)s AND {has_preferred}
+      ORDER BY w.score DESC, w.penalized, l.ratio, l.worker_id LIMIT 1"""
 PLACE_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
 WITH chosen AS (
+    ({walk_scored})
+    UNION ALL
     ({walk_preferred})
     UNION ALL
     ({walk_penalized})
@@ -184,15 +208,19 @@ RETURNING a.sensor_ref
 # for the next pass, which reads it as it is now.
 PLACE_PENDING_SQL = """
 WITH chosen AS (
+    ({walk_scored})
+    UNION ALL
     ({walk_preferred})
     UNION ALL
     ({walk_penalized})
     LIMIT 1
 )
-UPDATE {assignments} AS a SET worker_id = chosen.id, assigned_at = now()
+UPDATE {assignments} AS a SET worker_id = chosen.id, assigned_at = now(),
+       previous_worker_id = coalesce(a.previous_worker_id, {still_running})
   FROM chosen
  WHERE a.sensor_ref = %(ref)s AND a.worker_id IS NULL AND a.runtime = %(runtime)s
-   AND a.selector = %(selector_read)s::jsonb AND a.tolerations = %(tolerations_read)s::jsonb
+   AND a.selector = %(selector)s::jsonb AND a.tolerations = %(tolerations)s::jsonb
+   AND a.affinity = %(affinity)s::jsonb AND a.versions IS NOT DISTINCT FROM %(versions)s::jsonb
 RETURNING a.sensor_ref
 """
 
@@ -240,12 +268,12 @@ SELECT EXISTS (SELECT 1 FROM {assignments} AS a WHERE a.worker_id = w.id AND NOT
 
 # Pending: no worker, or a worker id whose row is gone (deleted by hand): its sensors are
 # placed by the next pass, which releases them first.
-PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, entrypoint, env FROM {ASSIGNMENTS} " \
+PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, affinity, versions FROM {ASSIGNMENTS} " \
               "WHERE worker_id IS NULL ORDER BY created, sensor_ref LIMIT %(limit)s"
 PENDING_COUNT_SQL = f"""
-SELECT runtime, selector, tolerations, count(*), sum(count(*)) OVER () FROM {ASSIGNMENTS} AS a
+SELECT runtime, selector, tolerations, affinity, versions, count(*), sum(count(*)) OVER () FROM {ASSIGNMENTS} AS a
  WHERE a.worker_id IS NULL OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id)
- GROUP BY runtime, selector, tolerations ORDER BY count(*) DESC, runtime LIMIT 100
+ GROUP BY runtime, selector, tolerations, affinity, versions ORDER BY count(*) DESC, runtime LIMIT 100
 """
 
 # The worker's side (the service, at its assignments cadence): the sensors placed on it, each
@@ -270,6 +298,7 @@ SELECT a.sensor_ref, left(a.runtime, 64),
                            AND NOT {platform_row}),
        (SELECT w.name FROM worker AS w WHERE w.id = a.previous_worker_id),
        {sensor_id} AS sensor_id,
+       a.triggers::text,
        (SELECT count(*) FROM stopped)
   FROM {assignments} AS a
  WHERE a.worker_id = %(me)s
@@ -340,6 +369,8 @@ WITH candidates AS (
            WHERE l.runtime = a.runtime
            ORDER BY l.ratio, l.worker_id LIMIT 1) AS dst
      WHERE dst.ratio_after < s.ratio - 1e-9
+       -- a sensor with preferred affinity terms stays where its preferences placed it
+       AND jsonb_array_length(coalesce(a.affinity -> 'preferred', '[]'::jsonb)) = 0
      ORDER BY s.ratio DESC, dst.ratio_after, a.sensor_ref
      LIMIT 1
 )
@@ -390,10 +421,13 @@ class Scheduler:
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
         walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=PLACEABLE_ROLES, eligible=eligible,
-                                    penalized_or_not=condition)
+                                    penalized_or_not=condition, has_preferred=HAS_PREFERRED)
                  for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
+        walks["walk_scored"] = _SCORED_WALK.format(worker_load=WORKER_LOAD, roles=PLACEABLE_ROLES, eligible=eligible,
+                                                   penalized=PENALIZED, has_preferred=HAS_PREFERRED)
         self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING, **walks)
-        self._prepared_place = PLACE_PENDING_SQL.format(assignments=ASSIGNMENTS, **walks)  # $n for %(name)s
+        self._prepared_place = PLACE_PENDING_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING,
+                                                        **walks)  # $n for %(name)s
         for n, key in enumerate(_PREPARED_PARAMS, 1):
             self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
         self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=PLACEABLE_ROLES, worker_load=WORKER_LOAD,
@@ -401,8 +435,9 @@ class Scheduler:
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
             return (sql.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
-                    .replace("%(tolerations)s::jsonb", "a.tolerations"))
-        may_run = for_a(f"({self._checks['runtime']}) AND ({self._checks['selector']})")
+                    .replace("%(tolerations)s::jsonb", "a.tolerations").replace("%(affinity)s::jsonb", "a.affinity")
+                    .replace("%(versions)s::jsonb", "a.versions"))
+        may_run = for_a(" AND ".join(f"({self._checks[name]})" for name in ("runtime", "selector", "affinity", "version")))
         self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR, platform_row=PLATFORM_ROW,
                                      sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
         self._rebalance_step = REBALANCE_STEP_SQL.format(
@@ -437,6 +472,11 @@ class Scheduler:
         """Forgets a sensor; True when it was known."""
         return bool(self.db.execute(UNPLACE_SQL, {"lock": PLACEMENT_LOCK_KEY, "ref": ref}))
 
+    def origin(self, ref):
+        """'manual', 'platform' (placed by the sync pass), or None when the sensor is not placed."""
+        rows = self.db.execute(f"SELECT origin FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s", {"ref": ref})
+        return rows[0][0] if rows else None
+
     def assignments(self, worker=None, pending=False):
         rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
         keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at", "entrypoint",
@@ -448,7 +488,8 @@ class Scheduler:
         previous_worker}] placed on `worker_id`, and how many moved-away sensors it released
         (those not in `held`, the refs it may still be running)."""
         rows = self.db.execute(self._mine, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
-        keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker", "sensor_id")
+        keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker", "sensor_id",
+                "triggers")
         return [dict(zip(keys, row)) for row in rows], (rows[0][-1] if rows else 0)
 
     def hand_over(self, worker_id):
@@ -512,11 +553,12 @@ class Scheduler:
         stays pending is the first test no worker passed, one statement per kind shown."""
         rows = self.db.execute(PENDING_COUNT_SQL)
         shown = []
-        for runtime, selector, tolerations, count, _ in rows[:groups]:
+        for runtime, selector, tolerations, affinity, versions, count, _ in rows[:groups]:
             params = {"runtime": runtime, "selector": json.dumps(selector), "tolerations": json.dumps(tolerations),
+                      "affinity": json.dumps(affinity), "versions": None if versions is None else json.dumps(versions),
                       "multiplier": self.multiplier}
             shown.append((count, self._why_not(params, "a worker has room for them now: the next pass places them")))
-        return (int(rows[0][4]) if rows else 0), shown
+        return (int(rows[0][6]) if rows else 0), shown
 
     def sync(self):
         """Brings worker_load up to the workers: one statement over the fleet (a few
@@ -527,7 +569,7 @@ class Scheduler:
     # --- helpers ------------------------------------------------------------------------
 
     def _place_batch(self, sensors):
-        """[(ref, runtime, selector, tolerations, entrypoint, env)] as PENDING_SQL reads them ->
+        """[(ref, runtime, selector, tolerations, affinity, versions)] as PENDING_SQL reads them ->
         {ref: worker} of those placed; the others stay pending. One round trip, one transaction,
         the same statement as place(). What the row says it runs is kept as it is: the worker
         checks it (runner/launch.py)."""
@@ -535,9 +577,12 @@ class Scheduler:
         params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier, "refs": [ref for ref, *_ in sensors]}
         statements = ["SELECT pg_advisory_xact_lock(%(lock)s)", "SET LOCAL plan_cache_mode = force_generic_plan",
                       f"PREPARE {name}({_PREPARED_TYPES}) AS {self._prepared_place}"]
-        for n, (ref, runtime, selector, tolerations, *_) in enumerate(sensors):
-            one = dict(self._params(ref, runtime, selector, tolerations),
-                       selector_read=json.dumps(selector), tolerations_read=json.dumps(tolerations))
+        for n, (ref, runtime, selector, tolerations, affinity, versions) in enumerate(sensors):
+            # as the row holds them: a platform sensor's selector and tolerations are the platform's
+            # (platform/rules.py), which `place`'s own checks would refuse more of
+            one = {"ref": ref, "runtime": runtime, "selector": json.dumps(selector),
+                   "tolerations": json.dumps(tolerations), "affinity": json.dumps(affinity),
+                   "versions": None if versions is None else json.dumps(versions)}
             params.update((f"{key}_{n}", one[key]) for key in _PER_SENSOR_PARAMS)
             arguments = [f"%({key}_{n})s" if key in _PER_SENSOR_PARAMS else f"%({key})s" for key in _PREPARED_PARAMS]
             statements.append(f"EXECUTE {name}({', '.join(arguments)})")
@@ -562,6 +607,7 @@ class Scheduler:
         elif env:
             raise ValueError("--env needs --entrypoint: a placement without one runs nothing")
         return {"lock": PLACEMENT_LOCK_KEY, "ref": ref, "runtime": runtime, "multiplier": self.multiplier,
+                "affinity": "{}", "versions": None,
                 "selector": json.dumps(placement.labels(dict(selector or {}))),
                 "tolerations": json.dumps([toleration(t) for t in tolerations]),
                 "entrypoint": entrypoint, "env": json.dumps(dict(env or {}))}
@@ -585,11 +631,13 @@ def toleration(value):
             operator = value["operator"]
             if operator not in ("equal", "exists"):
                 raise ValueError(f"a toleration's operator is equal or exists, got {operator!r}")
-            clean = {"key": placement.label_key(value.get("key")) if value.get("key") else "", "operator": operator}
+            if not value.get("key"):  # the platform's rule: no toleration tolerates every taint
+                raise ValueError("a toleration names the key of the taint it tolerates")
+            clean = {"key": placement.label_key(value["key"]), "operator": operator}
             if value.get("value") is not None:
                 clean["value"] = placement.label_value(value["value"], clean["key"])
             if value.get("effect"):
-                clean["effect"] = placement.taint({"key": clean["key"] or "x", "effect": value["effect"]})["effect"]
+                clean["effect"] = placement.taint({"key": clean["key"], "effect": value["effect"]})["effect"]
             return clean
         parsed = placement.taint(value)
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 MAX_ENTRYPOINT = 4096
 MAX_ENV_ENTRIES = 64
 MAX_ENV_VALUE = 4096
+MAX_TRIGGERS = 131072  # ATTUNE_SENSOR_TRIGGERS: the assignment's bound (platform/sensors.py)
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Names that change what code runs or where the sensor's traffic and secrets go: the loader, the
 # interpreters' start-up hooks and search paths (HOME holds Python's user site-packages), the
@@ -187,13 +188,15 @@ def contract_from(config, api_token, environ):
 def environment(contract, sensor_ref, sensor_id=None, triggers="[]", extra=None):
     """The child's environment: a few of the daemon's variables, the placement's own (checked),
     then the platform's contract, which nothing else may override."""
+    if not isinstance(triggers, str) or len(triggers) > MAX_TRIGGERS:
+        raise LaunchRefused(f"ATTUNE_SENSOR_TRIGGERS must be JSON text of at most {MAX_TRIGGERS} characters")
     env = dict(contract.inherited)
     env.setdefault("PATH", DEFAULT_PATH)
     env.update(check_env(extra or {}))
     poll = contract.poll_interval
     env.update({
         "ATTUNE_SENSOR_REF": sensor_ref,
-        "ATTUNE_SENSOR_TRIGGERS": triggers or "[]",
+        "ATTUNE_SENSOR_TRIGGERS": triggers,
         "ATTUNE_API_URL": contract.api_url,
         "ATTUNE_API_TOKEN": contract.api_token,
         "ATTUNE_MQ_URL": contract.mq_url,

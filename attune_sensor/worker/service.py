@@ -93,6 +93,7 @@ class SensorService:
         self._ready = []  # the sensors' pipes the last wait found readable
         self._sensors_from = None  # clock() before which no sensor starts (a live row taken over)
         self._evening_out = False  # a worker back from a restart still taking its share (_reconcile)
+        self._sync_said = None  # the platform sensors last said to be refused or read by default (_sync)
         self._written = None  # what the assignments file last said, and the last error writing it
         self._write_error = None
         self._previous_reaped = False  # what earlier instances of this worker left running, killed
@@ -312,6 +313,7 @@ class SensorService:
                 or self.clock() < self._next_survey):
             return
         self._next_survey = self.clock() + max(ASSIGNMENT_READ_PERIOD, self.interval)
+        synced = self._sync()
         try:
             keeps, can_take, gauges_due = self.scheduler.survey(self.registration.worker_id)
             stranded = 0
@@ -321,11 +323,50 @@ class SensorService:
         except DATABASE_TROUBLE as exc:
             log.warning("could not survey sensor placement: %s", exc)
             return
-        reasons = [text for flag, text in ((keeps, "this worker holds sensors it may no longer run"),
+        reasons = [text for flag, text in ((synced, "the platform's sensors changed"),
+                                           (keeps, "this worker holds sensors it may no longer run"),
                                            (can_take, "pending sensors this worker may take"),
                                            (stranded, f"{stranded} sensor(s) on workers that are not live")) if flag]
         if reasons:
             self._reconcile(" and ".join(reasons))
+
+    def _sync(self):
+        """On the platform's database, the sync pass when the fleet-wide gate lets this daemon
+        run it (platform/sync.py): the platform's runnable sensors become assignments. Returns
+        True when it changed any; what the pass changed is logged, and the sensors it cannot
+        place or whose placement values read as their default once, when that list changes."""
+        if not self.table.platform_sensors:
+            return False
+        from ..placement.scheduler import PLACEMENT_LOCK_KEY
+        from ..platform import sync
+
+        try:
+            result = sync.run(self.db, self.registration.worker_name, PLACEMENT_LOCK_KEY)
+            if result.changes:
+                # a changed sensor may no longer fit where it is, on any worker: released now
+                self.scheduler.release_ineligible()
+        except sync.TooManySensors as exc:
+            log.warning("platform sensors not synced: %s", exc)
+            return False
+        except DATABASE_TROUBLE as exc:
+            log.warning("could not sync the platform's sensors: %s", exc)
+            return False
+        if not result.ran:
+            return False
+        if result.changes:
+            shown = ", ".join(f"{ref} {change}" for ref, change in result.changes[:20])
+            more = f" and {len(result.changes) - 20} more" if len(result.changes) > 20 else ""
+            log.info("platform sensors synced: %d runnable; %d added, %d changed, %d taken over, %d removed (%s%s)",
+                     result.runnable, result.count("added"), result.count("changed"), result.count("taken over"),
+                     result.count("removed"), shown, more)
+        said = (tuple(result.refused), tuple(result.defaulted))
+        if said != self._sync_said:
+            for ref, why in result.refused:
+                log.warning("platform sensor %s is not placed: %s", logs.without_controls(ref), why)
+            for ref, why in result.defaulted:
+                log.warning("platform sensor %s: %s", logs.without_controls(ref), why)
+            self._sync_said = said
+        return bool(result.changes)
 
     def _maybe_reap(self):
         """Re-places the sensors of the workers the last heartbeat reaped. Returns True when a
@@ -441,7 +482,7 @@ class SensorService:
     def _spec(self, row):
         waiting = f"waiting for {row['previous_worker'] or 'the previous worker'} to stop it (planned move)"
         return SensorSpec(ref=row["sensor_ref"], runtime=row["runtime"], entrypoint=row["entrypoint"],
-                          sensor_id=row["sensor_id"],
+                          sensor_id=row["sensor_id"], triggers=row["triggers"],
                           env=dict(row["env"]),  # an object: the column's CHECK, and MINE_SQL's bound
                           startable=bool(row["startable"]), waiting_for=waiting)
 

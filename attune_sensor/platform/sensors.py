@@ -1,0 +1,136 @@
+"""What the platform wants run: its runnable sensors, each as the placement attune-sensor makes
+of it. The platform's own sensor service starts a sensor that is enabled, has an enabled rule on
+one of its triggers (`trigger.sensor`), and an entrypoint it can spawn (none with `://`); it runs
+`{packs_base_dir}/{pack_ref}/sensors/{entrypoint}` with ATTUNE_SENSOR_TRIGGERS, the enabled rules
+of its triggers as [{id, ref, config: trigger_params}] (triggers by ref, rules by id)
+(sensor_manager.rs at 9206d41). One statement; every value bounded before Python sees it.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+from . import rules
+from ..runner import launch
+
+MAX_SENSORS = 100_000  # a pass reads at most this many runnable sensors (the rest: a warning)
+MAX_TRIGGERS_BYTES = 131072  # ATTUNE_SENSOR_TRIGGERS, as the assignment's CHECK bounds it
+MAX_PLACEMENT_BYTES = 65536  # each of worker_selector, worker_tolerations, worker_affinity
+MAX_VERSIONS = 1000  # registered versions read per runtime
+MAX_REF = 255  # as the assignment's sensor_ref
+RUNTIME_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")  # the assignment's assignment_runtime_name
+
+RUNNABLE_SQL = """
+SELECT s.id, left(s.ref, %(ref_max)s + 1), left(s.pack_ref, 4097), left(s.entrypoint, 4097),
+       left(s.runtime_version_constraint, 1025),
+       CASE WHEN octet_length(s.worker_selector::text) <= %(placement_max)s THEN s.worker_selector END,
+       CASE WHEN octet_length(s.worker_tolerations::text) <= %(placement_max)s THEN s.worker_tolerations END,
+       CASE WHEN octet_length(s.worker_affinity::text) <= %(placement_max)s THEN s.worker_affinity END,
+       octet_length(s.worker_selector::text) <= %(placement_max)s
+           AND octet_length(s.worker_tolerations::text) <= %(placement_max)s
+           AND octet_length(s.worker_affinity::text) <= %(placement_max)s AS placement_bounded,
+       left(r.ref, 256), left(r.name, 256), r.aliases[1:64],
+       ARRAY(SELECT left(v.version, 64) FROM runtime_version AS v WHERE v.runtime = r.id AND v.available
+              ORDER BY v.id LIMIT %(versions_max)s),
+       t.triggers
+  FROM sensor AS s
+  JOIN runtime AS r ON r.id = s.runtime
+  CROSS JOIN LATERAL (
+      SELECT CASE WHEN octet_length(j::text) <= %(triggers_max)s THEN j::text END AS triggers
+        FROM (SELECT coalesce(jsonb_agg(jsonb_build_object('id', ru.id, 'ref', ru.ref,
+                                                           'config', coalesce(ru.trigger_params, '{}'::jsonb))
+                                        ORDER BY tr.ref, ru.id), '[]'::jsonb) AS j
+                FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
+               WHERE tr.sensor = s.id) AS agg
+  ) AS t
+ WHERE s.enabled AND position('://' IN s.entrypoint) = 0
+   AND EXISTS (SELECT 1 FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id
+                WHERE tr.sensor = s.id AND ru.enabled)
+ ORDER BY s.ref
+ LIMIT %(limit)s
+"""
+
+KNOWN_SQL = "SELECT EXISTS (SELECT 1 FROM sensor WHERE ref = %(ref)s)"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A runnable platform sensor as an assignment (the sync function's `desired` entry)."""
+    sensor_ref: str
+    runtime: str
+    selector: dict
+    tolerations: list
+    affinity: dict
+    versions: dict  # {names, accept}, or None: any version
+    entrypoint: str
+    triggers: str  # JSON text
+
+    def as_json(self):
+        return {"sensor_ref": self.sensor_ref, "runtime": self.runtime, "selector": self.selector,
+                "tolerations": self.tolerations, "affinity": self.affinity, "versions": self.versions,
+                "entrypoint": self.entrypoint, "triggers": json.loads(self.triggers)}
+
+
+def runnable(db):
+    """(placements, refused, defaulted, more): the platform's runnable sensors as Placement
+    (by ref), those that cannot run on any worker ([(ref, why)]), those whose placement value the
+    platform would read as its default ([(ref, why)]), and whether there were more than
+    MAX_SENSORS."""
+    rows = db.execute(RUNNABLE_SQL, {"ref_max": MAX_REF, "placement_max": MAX_PLACEMENT_BYTES,
+                                     "versions_max": MAX_VERSIONS, "triggers_max": MAX_TRIGGERS_BYTES,
+                                     "limit": MAX_SENSORS + 1})
+    more = len(rows) > MAX_SENSORS
+    placements, refused, defaulted = [], [], []
+    for row in rows[:MAX_SENSORS]:
+        try:
+            placement, fallbacks = _placement(*row)
+        except rules.RuleError as exc:
+            refused.append((row[1], str(exc)))
+            continue
+        placements.append(placement)
+        defaulted += [(placement.sensor_ref, why) for why in fallbacks]
+    return placements, refused, defaulted, more
+
+
+def _placement(sensor_id, ref, pack_ref, entrypoint, constraint, selector, tolerations, affinity, bounded,
+               runtime_ref, runtime_name, aliases, registered, triggers):
+    if len(ref) > MAX_REF or any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise rules.RuleError(f"its ref is over {MAX_REF} characters or holds a control character")
+    if not bounded:
+        raise rules.RuleError(f"its worker_selector, worker_tolerations or worker_affinity is over "
+                              f"{MAX_PLACEMENT_BYTES} bytes")
+    if triggers is None:
+        raise rules.RuleError(f"its trigger instances (ATTUNE_SENSOR_TRIGGERS) are over {MAX_TRIGGERS_BYTES} bytes")
+    if not pack_ref:
+        raise rules.RuleError("it has no pack_ref (the platform refuses to start it too)")
+    path = f"{pack_ref}/sensors/{entrypoint}"
+    if path.startswith("/"):  # the platform joins it under packs_base_dir whatever it holds
+        raise rules.RuleError(f"its pack_ref {pack_ref[:80]!r} is an absolute path")
+    try:
+        launch.check_entrypoint_text(path)
+    except launch.LaunchRefused as exc:
+        raise rules.RuleError(f"its script {path[:200]!r}: {exc}") from None
+    names = rules.runtime_names(runtime_name, aliases)
+    kind = rules.runtime_kind(names)
+    if kind is None or not RUNTIME_NAME_RE.fullmatch(kind):
+        raise rules.RuleError(f"its runtime {runtime_ref!r} has no name a worker can offer")
+    fallbacks = []
+    parsed = {}
+    for field, value, parse, default in (("worker_selector", selector, rules.parse_selector, {}),
+                                         ("worker_tolerations", tolerations, rules.parse_tolerations, []),
+                                         ("worker_affinity", affinity, rules.parse_affinity, {})):
+        try:
+            parsed[field] = parse(value)
+        except rules.RuleError as exc:
+            parsed[field] = default
+            fallbacks.append(f"{exc}: the platform reads it as no {field}")
+    accept = rules.versions_for(constraint, list(registered or []))
+    return Placement(sensor_ref=ref, runtime=kind, selector=parsed["worker_selector"],
+                     tolerations=parsed["worker_tolerations"], affinity=parsed["worker_affinity"],
+                     versions=None if accept is None else {"names": names, "accept": accept},
+                     entrypoint=path, triggers=triggers), fallbacks
+
+
+def known(db, ref):
+    """Whether the platform has a sensor of this ref (runnable or not)."""
+    return bool(db.execute(KNOWN_SQL, {"ref": ref})[0][0])
