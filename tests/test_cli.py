@@ -121,7 +121,7 @@ def test_version_and_usage_errors():
     assert run_cli("frobnicate").returncode == 2
     help_text = run_cli("--help").stdout
     listed = re.findall(r"^    (\w+)\s", help_text, re.M)  # the commands' own lines, each with its help
-    assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "rebalance", "unplace", "assignments",
+    assert listed == ["run", "migrate", "workers", "check", "metrics", "place", "rebalance", "sync", "unplace", "assignments",
                       "config"], help_text
 
 

@@ -70,7 +70,7 @@ def test_the_shipped_config_names_every_key():
 
 
 COMMANDS = (("run",), ("migrate", "run"), ("migrate", "info"), ("workers",), ("check",), ("metrics",), ("place",),
-            ("rebalance",), ("unplace",), ("assignments",), ("config",))
+            ("rebalance",), ("unplace",), ("sync",), ("assignments",), ("config",))
 GLOBAL = {"--help", "--config", "--instance"}  # every command takes them; the top-level lines document them
 
 

@@ -376,3 +376,46 @@ def test_a_daemon_runs_the_platforms_sensor_by_itself_and_stops_it_when_its_rule
         assert "demo.watch" not in placed(url)
     finally:
         daemon.stop()
+
+
+def test_hostile_platform_rows_cost_only_their_own_sensor(platform_url):
+    url = platform_url
+    python = add_runtime(url, "core.python", "Python", ["python"])
+    add_worker(url, "w-1", capacity=10)
+    deep = "[" * 5000 + "]" * 5000
+    add_sensor(url, "demo.fine", python, "core.python")
+    add_sensor(url, "demo.deep", python, "core.python")
+    query(url, f"UPDATE sensor SET worker_affinity = '{deep}' WHERE ref = 'demo.deep'")
+    add_sensor(url, "demo.deepparams", python, "core.python", params={"x": 1})
+    query(url, f"UPDATE rule SET trigger_params = '{deep}' WHERE ref = 'demo.r_deepparams_0'")
+    add_sensor(url, "demo.huge", python, "core.python", params={"blob": "x" * 200_000})
+    add_sensor(url, "demo.nopack", python, "core.python")
+    query(url, "UPDATE sensor SET pack_ref = NULL WHERE ref = 'demo.nopack'")
+    add_sensor(url, "demo.escape", python, "core.python", entrypoint="../../../etc/cron.daily/x")
+    result = sync(url)
+    assert result.returncode == 0, result.stderr
+    assert "not placed demo.deep: worker_affinity is nested too deeply to read" in result.stdout
+    assert "not placed demo.huge: its trigger instances (ATTUNE_SENSOR_TRIGGERS) are over 131072 bytes" in result.stdout
+    assert "not placed demo.nopack: it has no pack_ref" in result.stdout
+    assert "not placed demo.escape: its script" in result.stdout and "'..'" in result.stdout
+    found = placed(url)
+    assert set(found) == {"demo.fine", "demo.deepparams"} and found["demo.fine"][0] == "w-1"
+    # the rule's parameters go to the sensor as PostgreSQL wrote them, never parsed on the way
+    assert query(url, "SELECT octet_length(triggers::text) > 10000 FROM attune_sensor.assignment "
+                      "WHERE sensor_ref = 'demo.deepparams'") == [(True,)]
+
+
+def test_a_value_nested_too_deeply_is_a_database_error_not_a_crash(spec_db_url):
+    """Any program may write a row: a JSON value deeper than Python's parser recurses comes out of
+    every statement as a DatabaseError (the daemon's loop logs it and goes on), never a
+    RecursionError that ends the process."""
+    from attune_sensor.db import Database
+    from attune_sensor.errors import DatabaseError
+
+    db = Database(spec_db_url)
+    try:
+        with pytest.raises(DatabaseError, match="nested too deeply"):
+            db.execute("SELECT %s::jsonb", ("[" * 5000 + "]" * 5000,))
+        assert db.execute("SELECT '[[1]]'::jsonb, '{\"a\": 1}'::json") == [([[1]], {"a": 1})]
+    finally:
+        db.close()

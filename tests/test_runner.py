@@ -388,24 +388,33 @@ def platform_url(request, cluster, attune_templates):
 
 
 def test_a_platform_sensor_runs_with_its_id_and_its_sensor_process_row(platform_url, tmp_path):
-    """On an Attune database a sensor the platform knows by ref runs with its id, and its state
-    is in the platform's own sensor_process, written by the least-privilege daemon role."""
+    """On an Attune database the platform's runnable sensor is placed by the daemon itself (the
+    sync pass, as the least-privilege daemon role) and runs with its id, its state in the
+    platform's own sensor_process."""
     db_url = platform_url
-    sensor_id = query(db_url, "SET search_path TO attune, public; "
-                              "INSERT INTO runtime (ref, name, distributions) VALUES ('core.python', 'Python', '{}'); "
-                              "INSERT INTO sensor (ref, label, entrypoint, runtime, runtime_ref, enabled) "
-                              "SELECT 'demo.ticker', 'Ticker', 'ticker.py', id, ref, true FROM runtime "
+    out = tmp_path / "ticker.out"
+    pack = ("INSERT INTO pack (ref, label, version) VALUES ('demo', 'demo', '1.0.0'); "
+            if query(db_url, "SELECT to_regclass('attune.pack') IS NOT NULL")[0][0] else "")
+    sensor_id = query(db_url, "SET search_path TO attune, public; " + pack +
+                              "INSERT INTO runtime (ref, name, aliases, distributions) "
+                              "VALUES ('core.python', 'Python', '{python,python3}', '{}'); "
+                              "INSERT INTO sensor (ref, pack_ref, label, entrypoint, runtime, runtime_ref, enabled) "
+                              "SELECT 'demo.ticker', 'demo', 'Ticker', 'ticker.py', id, ref, true FROM runtime "
                               "RETURNING id")[0][0]
+    query(db_url, "SET search_path TO attune, public; "
+                  "INSERT INTO trigger (ref, pack_ref, label, sensor, sensor_ref) "
+                  "VALUES ('demo.tick', 'demo', 'tick', %s, 'demo.ticker'); "
+                  f"INSERT INTO rule (ref, pack_ref, label, action_ref, trigger, trigger_ref, enabled"
+                  f"{', pack' if pack else ''}) SELECT 'demo.on_tick', 'demo', 'on tick', 'core.echo', t.id, t.ref, "
+                  f"true{', (SELECT id FROM pack)' if pack else ''} FROM trigger AS t", (sensor_id,))
     dbname = db_url.rsplit("/", 1)[1]
     role = f"runner_{dbname}"
     query(db_url, f"CREATE ROLE {role} LOGIN PASSWORD 'runner-pw' IN ROLE attune_sensor_daemon")
     daemon_url = db_url.replace("attune_admin:throwaway-admin-secret", f"{role}:runner-pw")
-    base = packs(tmp_path, **{"py.py": PY_SENSOR})
-    out = tmp_path / "ticker.out"
-    place(db_url, "demo.ticker", "demo/sensors/py.py", "python", f"OUT={out}")
+    base = packs(tmp_path, **{"ticker.py": PY_SENSOR.replace('os.environ["OUT"]', repr(str(out)))})
     daemon = start(tmp_path, daemon_url, "sensor-platform", base)
     try:
-        daemon.wait_for_line("sensor demo.ticker: tick")
+        daemon.wait_for_line("sensor demo.ticker: tick", timeout=40)
         seen = json.loads(wait_for(lambda: (tmp_path / "ticker.out.seen.json").exists()
                                    and (tmp_path / "ticker.out.seen.json").read_text()))
         assert seen["env"]["ATTUNE_SENSOR_ID"] == str(sensor_id)

@@ -24,6 +24,22 @@ APPLICATION_NAME = "attune-sensor"
 # Dead peers are noticed by the kernel within about 25 s even between our calls.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
+def _bounded_json(value, cursor):
+    """json and jsonb values as Python objects, or a DataError (a DatabaseError for the caller:
+    one line, the loop goes on) for a value nested deeper than Python's parser recurses. Any
+    program may write a row; a row of `[[[[...` must not end the daemon."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise psycopg2.DataError("a JSON value read from the database is nested too deeply to read") from None
+
+
+for _oid, _name in ((114, "JSON"), (3802, "JSONB")):
+    psycopg2.extensions.register_type(psycopg2.extensions.new_type((_oid,), _name, _bounded_json))
+
+
 class Backoff:
     """Capped exponential backoff with jitter, for retries at start-up."""
 

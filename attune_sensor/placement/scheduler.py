@@ -326,7 +326,7 @@ SELECT a.sensor_ref, w.name FROM {ASSIGNMENTS} AS a JOIN worker AS w ON w.id = a
 
 LIST_SQL = f"""
 SELECT a.sensor_ref, a.runtime, a.selector, a.tolerations, w.name, a.assigned_at, a.entrypoint,
-       r.status, r.pid, r.detail
+       r.status, r.pid, r.detail, a.origin
   FROM {ASSIGNMENTS} AS a LEFT JOIN worker AS w ON w.id = a.worker_id
   LEFT JOIN {SENSOR_RUNS} AS r ON r.worker_id = a.worker_id AND r.sensor_ref = a.sensor_ref
  WHERE (%(worker)s::text IS NULL OR w.name = %(worker)s::text)
@@ -480,7 +480,7 @@ class Scheduler:
     def assignments(self, worker=None, pending=False):
         rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
         keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at", "entrypoint",
-                "state", "pid", "detail")
+                "state", "pid", "detail", "origin")
         return [dict(zip(keys, row)) for row in rows]
 
     def mine(self, worker_id, held=()):

@@ -23,13 +23,14 @@ RUNTIME_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")  # the assignment'
 RUNNABLE_SQL = """
 SELECT s.id, left(s.ref, %(ref_max)s + 1), left(s.pack_ref, 4097), left(s.entrypoint, 4097),
        left(s.runtime_version_constraint, 1025),
-       CASE WHEN octet_length(s.worker_selector::text) <= %(placement_max)s THEN s.worker_selector END,
-       CASE WHEN octet_length(s.worker_tolerations::text) <= %(placement_max)s THEN s.worker_tolerations END,
-       CASE WHEN octet_length(s.worker_affinity::text) <= %(placement_max)s THEN s.worker_affinity END,
+       -- as text: parsed here one by one, so that one hostile value costs only its own sensor
+       CASE WHEN octet_length(s.worker_selector::text) <= %(placement_max)s THEN s.worker_selector::text END,
+       CASE WHEN octet_length(s.worker_tolerations::text) <= %(placement_max)s THEN s.worker_tolerations::text END,
+       CASE WHEN octet_length(s.worker_affinity::text) <= %(placement_max)s THEN s.worker_affinity::text END,
        octet_length(s.worker_selector::text) <= %(placement_max)s
            AND octet_length(s.worker_tolerations::text) <= %(placement_max)s
            AND octet_length(s.worker_affinity::text) <= %(placement_max)s AS placement_bounded,
-       left(r.ref, 256), left(r.name, 256), r.aliases[1:64],
+       left(r.ref, 256), left(r.name, 256), ARRAY(SELECT left(x, 64) FROM unnest(r.aliases[1:64]) AS x),
        ARRAY(SELECT left(v.version, 64) FROM runtime_version AS v WHERE v.runtime = r.id AND v.available
               ORDER BY v.id LIMIT %(versions_max)s),
        t.triggers
@@ -66,9 +67,12 @@ class Placement:
     triggers: str  # JSON text
 
     def as_json(self):
-        return {"sensor_ref": self.sensor_ref, "runtime": self.runtime, "selector": self.selector,
-                "tolerations": self.tolerations, "affinity": self.affinity, "versions": self.versions,
-                "entrypoint": self.entrypoint, "triggers": json.loads(self.triggers)}
+        """The entry as JSON text; the trigger instances go as PostgreSQL wrote them (never parsed
+        here: rule parameters are the platform's, of any shape and depth)."""
+        head = json.dumps({"sensor_ref": self.sensor_ref, "runtime": self.runtime, "selector": self.selector,
+                           "tolerations": self.tolerations, "affinity": self.affinity, "versions": self.versions,
+                           "entrypoint": self.entrypoint}, separators=(",", ":"))
+        return head[:-1] + ',"triggers":' + self.triggers + "}"
 
 
 def runnable(db):
@@ -119,6 +123,7 @@ def _placement(sensor_id, ref, pack_ref, entrypoint, constraint, selector, toler
     for field, value, parse, default in (("worker_selector", selector, rules.parse_selector, {}),
                                          ("worker_tolerations", tolerations, rules.parse_tolerations, []),
                                          ("worker_affinity", affinity, rules.parse_affinity, {})):
+        value = _json(value, field)  # unreadable: refused, not read as a default (the platform cannot load it)
         try:
             parsed[field] = parse(value)
         except rules.RuleError as exc:
@@ -129,6 +134,13 @@ def _placement(sensor_id, ref, pack_ref, entrypoint, constraint, selector, toler
                      tolerations=parsed["worker_tolerations"], affinity=parsed["worker_affinity"],
                      versions=None if accept is None else {"names": names, "accept": accept},
                      entrypoint=path, triggers=triggers), fallbacks
+
+
+def _json(text, field):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise rules.RuleError(f"{field} is nested too deeply to read") from None
 
 
 def known(db, ref):

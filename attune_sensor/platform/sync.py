@@ -10,7 +10,6 @@ SYNC_SPACING, and a change made there is seen within max(interval, 10 s) + 2 s b
 `attune_sensor.sync_platform_sensors`, which deletes only platform placements.
 """
 
-import json
 from dataclasses import dataclass, field
 
 from . import sensors
@@ -59,7 +58,7 @@ def run(db, by, lock_key, force=False):
     if more:
         raise TooManySensors(f"the platform has more than {sensors.MAX_SENSORS} runnable sensors; the sync pass "
                              "reads at most that many and changed nothing")
-    desired = json.dumps([p.as_json() for p in placements], separators=(",", ":"))
+    desired = "[" + ",".join(p.as_json() for p in placements) + "]"
     changes = [tuple(row) for row in db.execute(WRITE_SQL, {"desired": desired, "lock": lock_key})]
     return SyncResult(ran=True, runnable=len(placements), changes=sorted(changes), refused=refused,
                       defaulted=defaulted)
