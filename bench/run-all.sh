@@ -8,11 +8,11 @@
 # script's docstring: BENCH_RUNS, BENCH_FOOTPRINT_BEATS, BENCH_COUNTED_HEARTBEATS,
 # BENCH_HEARTBEATS, BENCH_FLEETS, BENCH_SCALE_SECONDS, BENCH_ROWS, BENCH_HEARTBEATS_TOTAL,
 # BENCH_DETECTION_FLEETS, BENCH_DETECTION_SLACK, BENCH_WORKERS, BENCH_SENSORS, BENCH_FAILOVER,
-# BENCH_IDLE, BENCH_WINDOW.
+# BENCH_IDLE, BENCH_WINDOW, BENCH_PLATFORM_SENSORS, BENCH_PLATFORM_WORKERS, BENCH_SYNC_SAMPLES.
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=../.venv/bin/python
-ALL=(footprint heartbeat_cost fleet_scale table_health queries detection scheduling runner)
+ALL=(footprint heartbeat_cost fleet_scale table_health queries detection scheduling runner platform_sync)
 if [ $# -gt 0 ]; then BENCHES=("$@"); else BENCHES=("${ALL[@]}"); fi
 echo "# attune-sensor benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m), PostgreSQL $(ls /usr/lib/postgresql | sort -n | tail -1)${BENCH_QUICK:+, BENCH_QUICK=$BENCH_QUICK}"
 failed=()

@@ -33,6 +33,7 @@ TABLES = {
     "scheduling": ["Placing 60 sensors over 20 workers", "A tenth of the workers die at once"],
     "runner": ["placed -> running", "failover of a killed worker's running sensors",
                "the daemon supervising idle sensors"],
+    "platform_sync": ["A sync pass at", "Peak memory of a process", "A platform sensor with one daemon"],
 }
 # runs that must fail, quickly and clearly: (bench, extra environment, what stderr says)
 FAILING = {
