@@ -152,11 +152,12 @@ def test_a_gate_set_into_the_future_opens_at_the_next_heartbeat(db_url, future):
         registration.reap_multiplier = 3.0
         query(db_url, f"UPDATE attune_sensor.reaper_gate SET last_scan = {future}, scanned_by = 'forger'")
         add_row(db_url, "dead-1", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
-        assert registration.heartbeat() is True
-        assert [name for _, name, _ in registration.reaped] == ["dead-1"]
+        beat = registration.heartbeat()
+        assert beat.updated is True and [name for _, name, _ in beat.reaped] == ["dead-1"]
         # opened, it keeps its period again: the next dead row waits for the next period
         add_row(db_url, "dead-2", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
-        assert registration.heartbeat() is True and registration.reaped == []
+        beat = registration.heartbeat()
+        assert beat.updated is True and beat.reaped == ()
         assert query(db_url, "SELECT scanned_by, last_scan <= now() FROM attune_sensor.reaper_gate") == \
             [("gatekeeper", True)]
     finally:
@@ -229,7 +230,8 @@ def test_the_workers_a_fenced_out_heartbeat_reaped_are_logged_and_their_sensors_
         registration.reap_multiplier = 3.0
         # someone else writes our row (a cordon, say): the next beat's fence misses
         query(db_url, "SET search_path TO public, attune; UPDATE worker SET host = host WHERE name = 'fenced-reaper'")
-        assert registration.heartbeat()  # adopted, then beaten with the new fence
-        assert [name for _, name, _ in registration.reaped] == ["dead-one"]
+        beat = registration.heartbeat()
+        assert beat.updated is True  # adopted, then beaten with the new fence
+        assert [name for _, name, _ in beat.reaped] == ["dead-one"]
     finally:
         db.close()

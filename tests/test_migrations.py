@@ -53,7 +53,7 @@ OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations"
 def test_info_lists_pending_before_run(empty_db_url):
     info = migrate(empty_db_url, "info")
     assert info.returncode == 0
-    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 2
+    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 3
     for name in MIGRATION_FILES:
         assert f"\n{name}  pending" in info.stdout
     for name in OWN_FILES:
@@ -107,7 +107,7 @@ def test_a_failed_own_migration_names_every_migration_applied_before_it(empty_db
                         "ALTER TABLE attune_sensor.assignment DROP COLUMN previous_worker_id")
     again = migrate(empty_db_url)
     assert again.returncode == 1 and "nothing else was applied in this run; applied before this run, last: " \
-        "own/20261201000001_own_schema.sql)" in again.stderr
+        "own/20261201000004_heartbeat_function.sql)" in again.stderr
 
 
 def test_info_on_a_legacy_worker_table_says_migrate_run_upgrades_it(empty_db_url):
@@ -331,14 +331,14 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
 
 
 def test_a_daemon_refuses_a_database_whose_own_schema_is_behind(spec_db_url, tmp_path):
-    query(spec_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002")
+    query(spec_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000004")
     path = tmp_path / "c.yaml"
     path.write_text(f"database: {{url: '{spec_db_url}'}}\nsensor: {{worker_name: sensor-behind}}\n")
     result = run_cli("--config", str(path), "run", env={"ATTUNE_SENSOR_RUNTIMES": "shell"}, timeout=30)
     assert result.returncode == 78
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("attune-sensor: attune-sensor's own schema (attune_sensor) is at version 20261201000001, "
-                           "this version needs 20261201000002: run 'attune-sensor migrate run'")
+    assert last.startswith("attune-sensor: attune-sensor's own schema (attune_sensor) is at version 20261201000002, "
+                           "this version needs 20261201000004: run 'attune-sensor migrate run'")
     assert "Traceback" not in result.stderr
 
 

@@ -62,6 +62,14 @@ OWN_GRANTS = {
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
 }
+# The functions the daemon calls (own migration 20261201000004: the heartbeat and the stale rule
+# it reaps by). PUBLIC may execute a new function unless a DBA changed the default privileges, so
+# the grant is made explicitly. Both are SECURITY INVOKER: executing lends no privilege, the
+# daemon's own grants on the tables apply.
+OWN_FUNCTION_GRANTS = {
+    "attune_sensor.heartbeat(bigint, xid, text, float8)": "EXECUTE",
+    "attune_sensor.is_stale(timestamptz, jsonb, float8)": "EXECUTE",
+}
 # What earlier versions granted and this one takes back on every run.
 OWN_REVOKES = {"attune_sensor.assignment": "DELETE"}
 
@@ -102,6 +110,10 @@ def daemon_grants(cursor, table):
     if own:
         grants.append(("USAGE", "SCHEMA attune_sensor"))
     grants += [(OWN_GRANTS[name], name) for name in own]
+    for function, privileges in OWN_FUNCTION_GRANTS.items():
+        cursor.execute("SELECT to_regprocedure(%s) IS NOT NULL", (function,))
+        if cursor.fetchone()[0]:
+            grants.append((privileges, f"FUNCTION {function}"))
     return grants
 
 
