@@ -235,3 +235,30 @@ def test_the_workers_a_fenced_out_heartbeat_reaped_are_logged_and_their_sensors_
         assert [name for _, name, _ in beat.reaped] == ["dead-one"]
     finally:
         db.close()
+
+
+def test_a_heartbeat_that_raises_after_its_reap_carries_the_workers_it_reaped(db_url):
+    """Another program rewrote our row (ForeignWriter, the daemon stops): the reap of the same
+    heartbeat committed all the same, and the exception says whom it marked."""
+    from attune_sensor.errors import ForeignWriter
+    from attune_sensor.worker.registration import partial_heartbeat
+
+    query(db_url, "SET search_path TO public, attune; "
+                  "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('dead-two', 'local', 'sensor', 'h', 'active', '{\"heartbeat_interval\": 1}', "
+                  "'{\"instance_id\": \"x\"}', now() - interval '1 hour'); "
+                  "UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
+    cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="rewritten")
+    db = Database.from_config(cfg)
+    try:
+        registration = SensorWorkerRegistration(db, cfg, ["shell"])
+        registration.register()
+        registration.reap_multiplier = 3.0
+        query(db_url, "SET search_path TO public, attune; "
+                      "UPDATE worker SET host = 'elsewhere' WHERE name = 'rewritten'")
+        with pytest.raises(ForeignWriter) as raised:
+            registration.heartbeat()
+        assert [name for _, name, _ in partial_heartbeat(raised.value).reaped] == ["dead-two"]
+        assert worker_row(db_url, "dead-two")["status"] == "inactive"
+    finally:
+        db.close()

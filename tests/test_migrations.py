@@ -348,3 +348,20 @@ def test_migrate_run_restores_a_dropped_load_trigger(spec_db_url):
     assert result.returncode == 0 and "repaired trigger count_worker_load (it was missing)" in result.stdout
     assert query(spec_db_url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'count_worker_load'") == [(1,)]
     assert "repaired" not in migrate(spec_db_url).stdout
+
+
+def test_migrate_run_restores_the_heartbeat_function_as_the_migration_made_it(spec_db_url):
+    made = query(spec_db_url, "SELECT proname, prosrc FROM pg_proc "
+                              "WHERE pronamespace = 'attune_sensor'::regnamespace AND proname IN ('heartbeat', 'is_stale') "
+                              "ORDER BY 1")
+    assert [m[0] for m in made] == ["heartbeat", "is_stale"]
+    query(spec_db_url, "DROP FUNCTION attune_sensor.heartbeat; DROP FUNCTION attune_sensor.is_stale")
+    result = migrate(spec_db_url)
+    assert result.returncode == 0, result.stderr
+    assert "repaired function attune_sensor.heartbeat (it was missing)" in result.stdout
+    assert "repaired function attune_sensor.is_stale (it was missing)" in result.stdout
+    assert query(spec_db_url, "SELECT proname, prosrc FROM pg_proc "
+                              "WHERE pronamespace = 'attune_sensor'::regnamespace AND proname IN ('heartbeat', 'is_stale') "
+                              "ORDER BY 1") == made
+    assert query(spec_db_url, "SELECT has_function_privilege('attune_sensor_daemon', "
+                              "'attune_sensor.heartbeat(bigint, xid, text, float8)', 'EXECUTE')") == [(True,)]
