@@ -1,11 +1,21 @@
 """Cost of one heartbeat: the statements a daemon sends per heartbeat (counted by
-pg_stat_statements against the heartbeats it logged), the reaper's statements, and the latency
-of the daemon's heartbeat against the same statement sent raw with psycopg2 on a connection of
-its own (the physical floor: one round trip), interleaved in the same run.
+pg_stat_statements against the heartbeats it logged), the reaper's statements, the server time
+of the daemon's heartbeat (the call of attune_sensor.heartbeat, with its gated reaper) against
+the bare fenced UPDATE sent raw beside it, and the latency of the daemon's heartbeat against the
+same statement sent raw with psycopg2 on a connection of its own (the physical floor: one round
+trip), interleaved in the same run.
+
+Server time: one daemon (reaper on) at the 0.1 s floor until it logged BENCH_SERVER_HEARTBEATS
+heartbeats, while this script sends registration.HEARTBEAT_SQL (the bare UPDATE with its real
+xmin fence, no reaper) for a row of its own at the same pace, as text on a plain connection (so
+planned at every call, like every statement of the daemon). pg_stat_statements with
+track_planning = on gives each statement's mean planning and mean execution time; the ratio of
+their sums is the figure (target <= 1.3, docs/performance.md section 2).
 
 Knobs: BENCH_COUNTED_HEARTBEATS (100 per daemon, at the 0.1 s floor), BENCH_REAPER_DAEMONS (5)
-and BENCH_REAPER_SECONDS (5), BENCH_HEARTBEATS (3000 timed heartbeats a side), BENCH_RUNS (3);
-BENCH_QUICK=1: 10 counted, 2 daemons for 2 s, 100 timed, one run.
+and BENCH_REAPER_SECONDS (5), BENCH_SERVER_HEARTBEATS (600), BENCH_HEARTBEATS (3000 timed
+heartbeats a side), BENCH_RUNS (3); BENCH_QUICK=1: 10 counted, 2 daemons for 2 s, 20 for the
+server time, 100 timed, one run.
 """
 
 import math
@@ -19,19 +29,24 @@ from common import (RUNS, Daemon, database, fail, gate_scans, knob, median, perc
 from attune_sensor import config as config_module
 from attune_sensor.db import Database
 from attune_sensor.fleet import REAP_PERIOD
-from attune_sensor.worker.registration import REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
+from attune_sensor.worker.registration import HEARTBEAT_SQL, REAPING_HEARTBEAT_SQL, SensorWorkerRegistration
 
 ITERATIONS = knob("BENCH_HEARTBEATS", 3000, 100)
 COUNTED = knob("BENCH_COUNTED_HEARTBEATS", 100, 10)
 REAPER_DAEMONS = knob("BENCH_REAPER_DAEMONS", 5, 2)
 REAPER_SECONDS = knob("BENCH_REAPER_SECONDS", 5.0, 2.0, float)
+SERVER_HEARTBEATS = knob("BENCH_SERVER_HEARTBEATS", 600, 20)
+# pg_stat_statements times planning too only with this (off by default)
+SETTINGS = ("pg_stat_statements.track_planning = on",)
 HEARTBEAT = "heartbeat: worker"
 
 
 def kind(query):
     """What a statement in pg_stat_statements is, by the shape of the project's SQL."""
-    if "UPDATE worker SET last_heartbeat" in query:  # registration.HEARTBEAT_SQL and REAPING_HEARTBEAT_SQL
-        return "heartbeat (with the reaper's CTEs)" if query.lstrip().startswith("WITH") else "heartbeat"
+    if "attune_sensor.heartbeat(" in query:  # registration.REAPING_HEARTBEAT_SQL
+        return "heartbeat (attune_sensor.heartbeat: with the gated reaper)"
+    if "UPDATE worker SET last_heartbeat" in query:  # registration.HEARTBEAT_SQL (and RESUME_SQL)
+        return "heartbeat"
     if query.strip().upper() in ("BEGIN", "COMMIT", "ROLLBACK"):
         return "transaction control"
     return "other"
@@ -95,6 +110,59 @@ def reaper_statements(url, workdir):
     return scans, separate
 
 
+def server_time(url, workdir):
+    """{statement: (calls, mean planning ms, mean execution ms)} for the daemon's heartbeat and
+    the bare fenced UPDATE sent raw beside it, from pg_stat_statements, and the heartbeats the
+    daemon logged."""
+    path = write_config(workdir, url, "server-time", heartbeat_interval=config_module.MIN_HEARTBEAT_INTERVAL,
+                        capabilities={"runtimes": ["shell"]})
+    cfg = config_module.load(None, environ={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
+    bare = SensorWorkerRegistration(Database.from_config(cfg), cfg.with_sensor(worker_name="bare"), ["shell"])
+    bare.register()
+    bare.db.close()
+    fence = {"id": bare.worker_id, "xmin": bare._row["xmin"]}
+    raw = psycopg2.connect(url)
+    raw.autocommit = True
+    cursor = raw.cursor()
+    cursor.execute("SELECT pg_stat_statements_reset()")
+    sent = 0
+    with Daemon(path, name="daemon (reaper on)") as daemon:
+        daemon.wait_for("Registered sensor worker", timeout=60)
+        deadline = time.monotonic() + SERVER_HEARTBEATS * config_module.MIN_HEARTBEAT_INTERVAL * 5 + 60
+        while True:
+            daemon.poll()
+            if daemon.count(HEARTBEAT) >= SERVER_HEARTBEATS:
+                break
+            daemon.check_running(f"{SERVER_HEARTBEATS} heartbeats")
+            if time.monotonic() > deadline:
+                fail(f"the daemon logged {daemon.count(HEARTBEAT)} of {SERVER_HEARTBEATS} heartbeats in time")
+            cursor.execute(HEARTBEAT_SQL, fence)  # as text: planned at every call, like the daemon's
+            rows = cursor.fetchall()
+            if not rows:
+                fail("the bare heartbeat matched no row: its fence missed")
+            fence["xmin"] = rows[0][0]
+            sent += 1
+            time.sleep(config_module.MIN_HEARTBEAT_INTERVAL)
+        daemon.stop_cleanly()
+        logged = daemon.count(HEARTBEAT)
+    cursor.execute("SELECT query, calls, mean_plan_time, mean_exec_time FROM pg_stat_statements "
+                   "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND toplevel")
+    found = {}
+    for query, calls, plan, execute in cursor.fetchall():
+        what = kind(query)
+        if what.startswith("heartbeat") and "RETURNING xmin::text, last_heartbeat" in " ".join(query.split()) \
+                or what.startswith("heartbeat (attune_sensor"):
+            found[what] = (calls, plan, execute)
+    raw.close()
+    for what, expected in (("heartbeat (attune_sensor.heartbeat: with the gated reaper)", logged),
+                           ("heartbeat", sent)):
+        if what not in found:
+            fail(f"pg_stat_statements has no {what!r} statement")
+        if found[what][0] < expected:
+            fail(f"pg_stat_statements counted {found[what][0]} calls of {what!r}, fewer than the {expected} made")
+    return found, logged, sent
+
+
 def latency(url):
     cfg = config_module.load(None, environ={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
     cfg = cfg.with_sensor(worker_name="latency")
@@ -134,7 +202,7 @@ def latency(url):
 
 
 def main():
-    with database() as (_, url), tempfile.TemporaryDirectory() as workdir:
+    with database(settings=SETTINGS) as (_, url), tempfile.TemporaryDirectory() as workdir:
         for reaper in (False, True):
             logged, rows = statements_per_heartbeat(url, workdir, reaper)
             if not logged:
@@ -155,6 +223,17 @@ def main():
         print(f"reaper: {REAPER_DAEMONS} daemons at 1 s for {REAPER_SECONDS:g} s: the gate opened {scans} time(s) "
               f"(its bound: {math.floor(REAPER_SECONDS / REAP_PERIOD) + 1}, one per {REAP_PERIOD:g} s fleet-wide); "
               f"{separate} reap statement(s) besides the heartbeats.")
+        found, logged, sent = server_time(url, workdir)
+        daemon = found["heartbeat (attune_sensor.heartbeat: with the gated reaper)"]
+        bare = found["heartbeat"]
+        rows = [(name, calls, f"{plan * 1000:.1f} us", f"{execute * 1000:.1f} us", f"{(plan + execute) * 1000:.1f} us")
+                for name, (calls, plan, execute) in (("daemon: attune_sensor.heartbeat(...) with the gated reaper",
+                                                      daemon), ("baseline: bare fenced UPDATE sent raw", bare))]
+        ratio = (daemon[1] + daemon[2]) / (bare[1] + bare[2])
+        table(f"Server time per heartbeat (pg_stat_statements, track_planning on; daemon at "
+              f"{config_module.MIN_HEARTBEAT_INTERVAL:g} s, {logged} heartbeats logged, {sent} bare UPDATEs beside it)",
+              ("statement", "calls", "mean planning", "mean execution", "planning + execution"), rows)
+        print(f"\nratio daemon / bare UPDATE: {ratio:.2f} (target <= 1.3: {'met' if ratio <= 1.3 else 'missed'})")
         medians, p99s = [], []
         for _ in range(RUNS):
             ours, floor = latency(url)

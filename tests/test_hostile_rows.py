@@ -152,11 +152,12 @@ def test_a_gate_set_into_the_future_opens_at_the_next_heartbeat(db_url, future):
         registration.reap_multiplier = 3.0
         query(db_url, f"UPDATE attune_sensor.reaper_gate SET last_scan = {future}, scanned_by = 'forger'")
         add_row(db_url, "dead-1", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
-        assert registration.heartbeat() is True
-        assert [name for _, name, _ in registration.reaped] == ["dead-1"]
+        beat = registration.heartbeat()
+        assert beat.updated is True and [name for _, name, _ in beat.reaped] == ["dead-1"]
         # opened, it keeps its period again: the next dead row waits for the next period
         add_row(db_url, "dead-2", '{"heartbeat_interval": 1}', "now() - interval '1 minute'")
-        assert registration.heartbeat() is True and registration.reaped == []
+        beat = registration.heartbeat()
+        assert beat.updated is True and beat.reaped == ()
         assert query(db_url, "SELECT scanned_by, last_scan <= now() FROM attune_sensor.reaper_gate") == \
             [("gatekeeper", True)]
     finally:
@@ -229,7 +230,35 @@ def test_the_workers_a_fenced_out_heartbeat_reaped_are_logged_and_their_sensors_
         registration.reap_multiplier = 3.0
         # someone else writes our row (a cordon, say): the next beat's fence misses
         query(db_url, "SET search_path TO public, attune; UPDATE worker SET host = host WHERE name = 'fenced-reaper'")
-        assert registration.heartbeat()  # adopted, then beaten with the new fence
-        assert [name for _, name, _ in registration.reaped] == ["dead-one"]
+        beat = registration.heartbeat()
+        assert beat.updated is True  # adopted, then beaten with the new fence
+        assert [name for _, name, _ in beat.reaped] == ["dead-one"]
+    finally:
+        db.close()
+
+
+def test_a_heartbeat_that_raises_after_its_reap_carries_the_workers_it_reaped(db_url):
+    """Another program rewrote our row (ForeignWriter, the daemon stops): the reap of the same
+    heartbeat committed all the same, and the exception says whom it marked."""
+    from attune_sensor.errors import ForeignWriter
+    from attune_sensor.worker.registration import partial_heartbeat
+
+    query(db_url, "SET search_path TO public, attune; "
+                  "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                  "VALUES ('dead-two', 'local', 'sensor', 'h', 'active', '{\"heartbeat_interval\": 1}', "
+                  "'{\"instance_id\": \"x\"}', now() - interval '1 hour'); "
+                  "UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'")
+    cfg = config.load(None, {"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).with_sensor(worker_name="rewritten")
+    db = Database.from_config(cfg)
+    try:
+        registration = SensorWorkerRegistration(db, cfg, ["shell"])
+        registration.register()
+        registration.reap_multiplier = 3.0
+        query(db_url, "SET search_path TO public, attune; "
+                      "UPDATE worker SET host = 'elsewhere' WHERE name = 'rewritten'")
+        with pytest.raises(ForeignWriter) as raised:
+            registration.heartbeat()
+        assert [name for _, name, _ in partial_heartbeat(raised.value).reaped] == ["dead-two"]
+        assert worker_row(db_url, "dead-two")["status"] == "inactive"
     finally:
         db.close()

@@ -53,7 +53,7 @@ OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations"
 def test_info_lists_pending_before_run(empty_db_url):
     info = migrate(empty_db_url, "info")
     assert info.returncode == 0
-    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 3
+    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 4
     for name in MIGRATION_FILES:
         assert f"\n{name}  pending" in info.stdout
     for name in OWN_FILES:
@@ -103,12 +103,12 @@ def test_a_failed_own_migration_names_every_migration_applied_before_it(empty_db
            + ", ".join(MIGRATION_FILES) + "; applied before this run, last: none)" in result.stderr
     query(empty_db_url, "DROP TABLE attune_sensor.assignment")
     assert migrate(empty_db_url).returncode == 0
-    # the newest own migration forgotten while its objects stay: applying it again fails
-    newest, before = OWN_FILES[-1], OWN_FILES[-2]
-    query(empty_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = %s", (int(newest[:14]),))
+    # a migration forgotten while its objects stay: applying it again fails (own/2 adds columns)
+    query(empty_db_url, "DELETE FROM attune_sensor.schema_migrations WHERE version = 20261201000002; "
+                        "ALTER TABLE attune_sensor.assignment DROP COLUMN previous_worker_id")
     again = migrate(empty_db_url)
-    assert again.returncode == 1 and f"migration own/{newest} failed and was rolled back (nothing else was applied " \
-        f"in this run; applied before this run, last: own/{before})" in again.stderr
+    assert again.returncode == 1 and "migration own/20261201000002_sensor_runner.sql failed and was rolled back " \
+        f"(nothing else was applied in this run; applied before this run, last: own/{OWN_FILES[-1]})" in again.stderr
 
 
 def test_info_on_a_legacy_worker_table_says_migrate_run_upgrades_it(empty_db_url):
@@ -355,3 +355,20 @@ def test_migrate_run_restores_a_dropped_load_trigger(spec_db_url):
     assert result.returncode == 0 and "repaired trigger count_worker_load (it was missing)" in result.stdout
     assert query(spec_db_url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'count_worker_load'") == [(1,)]
     assert "repaired" not in migrate(spec_db_url).stdout
+
+
+def test_migrate_run_restores_the_heartbeat_function_as_the_migration_made_it(spec_db_url):
+    made = query(spec_db_url, "SELECT proname, prosrc FROM pg_proc "
+                              "WHERE pronamespace = 'attune_sensor'::regnamespace AND proname IN ('heartbeat', 'is_stale') "
+                              "ORDER BY 1")
+    assert [m[0] for m in made] == ["heartbeat", "is_stale"]
+    query(spec_db_url, "DROP FUNCTION attune_sensor.heartbeat; DROP FUNCTION attune_sensor.is_stale")
+    result = migrate(spec_db_url)
+    assert result.returncode == 0, result.stderr
+    assert "repaired function attune_sensor.heartbeat (it was missing)" in result.stdout
+    assert "repaired function attune_sensor.is_stale (it was missing)" in result.stdout
+    assert query(spec_db_url, "SELECT proname, prosrc FROM pg_proc "
+                              "WHERE pronamespace = 'attune_sensor'::regnamespace AND proname IN ('heartbeat', 'is_stale') "
+                              "ORDER BY 1") == made
+    assert query(spec_db_url, "SELECT has_function_privilege('attune_sensor_daemon', "
+                              "'attune_sensor.heartbeat(bigint, xid, text, float8)', 'EXECUTE')") == [(True,)]

@@ -26,7 +26,7 @@ def test_register_heartbeat_deregister(db_url):
     row = worker_row(db_url, "api-1")
     assert (row["id"], row["status"], row["role"], row["worker_type"]) == (worker_id, "active", "sensor", "remote")
     before = row["last_heartbeat"]
-    assert registration.heartbeat() is True
+    assert registration.heartbeat().updated is True
     assert worker_row(db_url, "api-1")["last_heartbeat"] > before
     assert registration.deregister() is True
     assert worker_row(db_url, "api-1")["status"] == "inactive"
@@ -47,7 +47,7 @@ def test_heartbeat_reactivates_a_reaped_worker(db_url):
     registration, db = make(db_url, "api-reaped")
     registration.register()
     query(db_url, "UPDATE worker SET status = 'inactive' WHERE name = 'api-reaped'")
-    assert registration.heartbeat() is True
+    assert registration.heartbeat().updated is True
     assert worker_row(db_url, "api-reaped")["status"] == "active"
     db.close()
 
@@ -169,8 +169,9 @@ def test_a_reaped_worker_that_comes_back_is_no_longer_counted_as_reaped(db_url, 
     query(db_url, "UPDATE worker SET last_heartbeat = now() - interval '1 hour' WHERE name = 'api-back'")
     reaped, _ = fleet.reap_stale(db, "the-reaper", 3.0)
     assert [r[1] for r in reaped] == ["api-back"]
-    assert registration.heartbeat() is True  # alive after all: active again
-    assert registration.outside_change == "reaped by the-reaper"
+    beat = registration.heartbeat()
+    assert beat.updated is True  # alive after all: active again
+    assert beat.outside_change == "reaped by the-reaper"
     row = worker_row(db_url, "api-back")
     assert row["status"] == "active" and not {"reaped_at", "reaped_by"} & set(row["meta"])
     registration.deregister()  # a clean stop later must not count as reaped either

@@ -8,7 +8,7 @@ from attune_sensor import config
 from attune_sensor.worker import service as service_module
 from attune_sensor.worker.service import SensorService
 from pgcluster import free_port
-from support import add_pending_sensors, run_cli, worker_row, write_config
+from support import add_pending_sensors, query, run_cli, worker_row, write_config
 
 
 class Clock:
@@ -243,3 +243,35 @@ def test_the_loop_wakes_for_the_fences_sigterm_whatever_else_it_waits_for(spec_d
     term_at, _ = fence.deadlines(service._last_ok, 10, 3, 30)
     assert waited == [pytest.approx(term_at - service.clock())]
     assert waited[0] < 30 - 1  # before the window (3 x 10 s) less the margin
+
+
+def test_a_fenced_out_heartbeat_logs_the_workers_it_reaped_and_moves_their_sensors(db_url, tmp_path, caplog):
+    """The heartbeat's reap commits even when its fence misses (someone else wrote our row in
+    between): its workers are logged and their sensors placed again at that beat, not at some
+    later event."""
+    sql = "SET search_path TO public, attune; "
+    seen = {}
+
+    def on_sleep(service, _):
+        beats = service.notifier.sent.count("WATCHDOG=1")
+        if beats == 1 and "dead" not in seen:
+            seen["dead"] = query(db_url, sql + (
+                "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
+                "VALUES ('svc-dead', 'local', 'sensor', 'h', 'active', '{\"heartbeat_interval\": 1}', "
+                "'{\"instance_id\": \"gone\"}', now() - interval '1 hour') RETURNING id"))[0][0]
+            query(db_url, sql + "INSERT INTO attune_sensor.assignment (sensor_ref, runtime, worker_id, assigned_at) "
+                                "VALUES ('s.orphaned', 'shell', %s, now()); "
+                                "UPDATE attune_sensor.reaper_gate SET last_scan = '-infinity'; "
+                                "UPDATE worker SET host = host WHERE name = 'svc-fenced'", (seen["dead"],))
+        if beats >= 2:
+            service.stop()
+
+    service = service_for(write(tmp_path, db_url, "svc-fenced", reaper=True), on_sleep)
+    with caplog.at_level("INFO", logger="attune_sensor"):
+        service.start()
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"Marked stale worker svc-dead (id {seen['dead']}, host h) inactive" in messages
+    # placed on the only live worker, this one, which took it at once (its stop hands it back)
+    assert any(m.startswith("Sensors re-placed after reaping svc-dead") and "(s.orphaned on svc-fenced)" in m
+               for m in messages), messages
+    assert "assigned sensor s.orphaned (runtime shell)" in messages

@@ -119,31 +119,15 @@ UNION ALL
 SELECT NULL, NULL, NULL, count(*) FROM worker AS w WHERE {REAPED_ROLES} AND w.status = 'active'
 """
 
-# The reaper on the heartbeat path (docs/design.md, "Reaper"): every heartbeat carries these
-# CTEs, so a dead worker is found as soon as some live one beats, with no statement of its own.
-# The gate row (attune_sensor.reaper_gate, made by 'migrate run') lets at most one scan through
-# per REAP_PERIOD fleet-wide: a heartbeat that finds the period not over reads one row and
-# nothing else (the scan's one-time filter stays false). The advisory lock keeps two heartbeats
-# of the same instant from both opening it, without waiting. A last_scan in the future (a clock
-# stepped back, or any role that may update the gate) opens it too, or reaping would stop.
+# The reaper on the heartbeat path (docs/design.md, "Reaper"): every heartbeat carries it, so a
+# dead worker is found as soon as some live one beats, with no statement of its own. It is the
+# function attune_sensor.heartbeat (own migration 20261201000004; registration.REAPING_HEARTBEAT_SQL
+# calls it), whose statements the server plans once per session: the gate row
+# (attune_sensor.reaper_gate) lets at most one scan through per REAP_PERIOD fleet-wide, under
+# the advisory lock REAPER_LOCK_KEY; a heartbeat that finds the period not over reads one row and
+# nothing else. Its reap is the same rule as REAP_SQL's above (REAPED_ROLES, _mark_reaped, the
+# stale rule as attune_sensor.is_stale); tests/test_reaper_rules.py holds the two together.
 REAP_PERIOD = 10.0
-GATED_REAP_CTES = f"""
-gate AS MATERIALIZED (
-    UPDATE {REAPER_GATE} SET last_scan = now(), scanned_by = %(name)s
-     WHERE CASE WHEN {expired("last_scan", REAP_PERIOD)}
-                THEN pg_try_advisory_xact_lock({REAPER_LOCK_KEY}) ELSE false END
-    RETURNING 1
-),
-reaped AS (
-    UPDATE worker AS w
-       SET {_mark_reaped("%(name)s")}
-     WHERE EXISTS (SELECT 1 FROM gate)
-       AND w.id <> %(id)s
-       AND {REAPED_ROLES}
-       AND w.status = 'active'
-       AND {STALE_EXPR}
-    RETURNING w.id, w.name, w.host
-)"""
 
 # Every value read from a row's capabilities is typed and bounded (schema.py): a row that any
 # program wrote must not fail the listing of the whole fleet.

@@ -21,13 +21,14 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 
 from .. import __version__
 from ..db import json_param
 from ..errors import (ForeignWriter, WorkerNameConflict, WorkerNameHeldByOtherRole, WorkerNameHeldByPlatform,
                       WorkerTakenOver)
 from .runtimes import runtime_versions
-from ..fleet import GATED_REAP_CTES, PLATFORM_ROW, REAPER_META_KEYS
+from ..fleet import PLATFORM_ROW, REAPER_META_KEYS
 from ..db.schema import DEFAULT_RECORDED_INTERVAL, heartbeat_interval_of, multiplier_of, stale_condition
 
 # What each full write returns, to know our row as the database stored it.
@@ -81,19 +82,15 @@ WHERE id = %(id)s AND xmin = %(xmin)s::xid
 RETURNING xmin::text, last_heartbeat
 """
 
-# The same heartbeat, carrying the fleet's reaper (fleet.GATED_REAP_CTES): still one statement.
-# It always returns one row: the workers it marked inactive come back with it, for the journal
-# and their sensors' failover, even when the fence missed (the reap ran all the same: PostgreSQL
-# runs every data-modifying part of a statement); the beat's own columns are NULL then.
-REAPING_HEARTBEAT_SQL = f"""
-WITH {GATED_REAP_CTES},
-beat AS (
-    UPDATE worker SET last_heartbeat = now(), status = 'active'
-    WHERE id = %(id)s AND xmin = %(xmin)s::xid
-    RETURNING xmin::text AS xmin, last_heartbeat
-)
-SELECT (SELECT xmin FROM beat), (SELECT last_heartbeat FROM beat),
-       (SELECT coalesce(json_agg(json_build_array(id, name, host)), '[]') FROM reaped)
+# The same heartbeat, carrying the fleet's gated reaper: still one statement, a call of the
+# function attune_sensor.heartbeat (own migration 20261201000004), whose statements the server
+# plans once per session instead of at every beat (docs/design.md, "Reaper"). The worker table in
+# its body is found through the search_path each statement carries (db/schema.py), so the one
+# function serves both flavours. It always returns one row: the workers it marked inactive come
+# back with it, for the journal and their sensors' failover, even when the fence missed (the
+# reap committed all the same); the beat's own columns are NULL then.
+REAPING_HEARTBEAT_SQL = """
+SELECT beat_xmin, beat_at, reaped FROM attune_sensor.heartbeat(%(id)s, %(xmin)s::xid, %(name)s, %(multiplier)s)
 """
 
 # After the reaper marked us inactive while we were alive: active again, its marks removed.
@@ -115,6 +112,23 @@ UPDATE worker SET capabilities = %(capabilities)s
 WHERE id = %(id)s AND xmin = %(xmin)s::xid
 RETURNING {TRACKED}
 """
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What one heartbeat did (SensorWorkerRegistration.heartbeat)."""
+    updated: bool  # our row was updated; False: it was missing and was registered again
+    reaped: tuple = ()  # (id, name, host) of the workers this heartbeat's reaper marked inactive
+    outside_change: str = None  # someone else set our row's status ("reaped by X", ...): the service logs it
+
+    def __bool__(self):
+        return self.updated
+
+
+def partial_heartbeat(exc):
+    """What a heartbeat that raised `exc` had done before it raised (a Heartbeat whose reap
+    committed), or None."""
+    return getattr(exc, "heartbeat", None)
 
 
 def machine_id():
@@ -139,7 +153,7 @@ class SensorWorkerRegistration:
 
     >>> registration = SensorWorkerRegistration(db, config, runtimes=["python", "shell"])
     >>> worker_id = registration.register()
-    >>> registration.heartbeat()
+    >>> beat = registration.heartbeat()   # Heartbeat(updated, reaped, outside_change)
     >>> registration.add_capability("gpu_enabled", True)
     >>> registration.update_capabilities()
     >>> registration.deregister()
@@ -159,11 +173,11 @@ class SensorWorkerRegistration:
         self.worker_id = None
         self._row = {}  # our row as the database last returned it (TRACKED_FIELDS + status)
         self._sent_capabilities = None  # the last capabilities update sent, in case its reply is lost
-        self.outside_change = None  # set when someone else changed our status; the service logs it
-        # Set (to the stale multiplier) to carry the fleet's reaper in each heartbeat; the
-        # workers the last heartbeat marked inactive are then in `reaped`: [(id, name, host)].
+        # a status someone else set on our row, seen by a call that is not a heartbeat (a
+        # capabilities update): the next Heartbeat reports it
+        self._unreported_change = None
+        # Set (to the stale multiplier) to carry the fleet's reaper in each heartbeat.
         self.reap_multiplier = None
-        self.reaped = []
         self.previous_window = None
         self._capabilities = {}
         self.set_capabilities(config, runtimes, interpreters=interpreters)
@@ -245,21 +259,39 @@ class SensorWorkerRegistration:
         return self.worker_id
 
     def heartbeat(self):
-        """Returns True when the row was updated. A deleted row is registered again (returns
-        False); a row that another process took over or rewrote raises WorkerNameConflict."""
+        """One heartbeat; returns a Heartbeat: whether our row was updated (False: it was missing
+        and was registered again), the workers this heartbeat's reaper marked inactive, and a
+        status someone else had set on our row. A row that another process took over or
+        rewrote raises WorkerNameConflict. When anything raises after the reap committed, the
+        exception carries what was done (partial_heartbeat(exc)): the reaped workers must still
+        be logged and failed over."""
         if self.worker_id is None:
             self.register()
-            return False
+            return Heartbeat(updated=False)
+        reaped = ()
         if self.reap_multiplier is not None:
             rows = self.db.execute(REAPING_HEARTBEAT_SQL, dict(
                 self._fence(), name=self.worker_name, multiplier=self.reap_multiplier))
-            self.reaped = [tuple(r) for r in rows[0][2]]
+            reaped = tuple(tuple(r) for r in rows[0][2])
             rows = [] if rows[0][0] is None else rows  # the fence missed: someone else wrote our row
         else:
             rows = self.db.execute(HEARTBEAT_SQL, self._fence())
         if rows:
             self._row["xmin"], self._row["last_heartbeat"] = rows[0][:2]
-            return True
+            change, self._unreported_change = self._unreported_change, None
+            return Heartbeat(updated=True, reaped=reaped, outside_change=change)
+        try:
+            updated = self._after_missed_beat()
+        except Exception as exc:
+            if reaped:
+                exc.heartbeat = Heartbeat(updated=False, reaped=reaped)
+            raise
+        change, self._unreported_change = self._unreported_change, None
+        return Heartbeat(updated=updated, reaped=reaped, outside_change=change)
+
+    def _after_missed_beat(self):
+        """The fence missed: adopts what someone else wrote (or registers again when the row is
+        gone, returning False) and beats once more with the new fence. True when it got through."""
         if not self._after_fence_miss():
             return False
         # the outside change is adopted: one more try, this time with our fence
@@ -343,7 +375,7 @@ class SensorWorkerRegistration:
             raise ForeignWriter(self.worker_name, self.worker_id, changed, current["host"] or owner_host)
         if current["status"] != mine.get("status"):
             if current["status"] != "active":
-                self.outside_change = ("reaped by " + str(meta.get("reaped_by"))) if "reaped_at" in meta \
+                self._unreported_change = ("reaped by " + str(meta.get("reaped_by"))) if "reaped_at" in meta \
                     else f"status set to {current['status']} by someone else"
         mine.update(xmin=current["xmin"], meta=current["meta"], status=current["status"],
                     capabilities=current["capabilities"], last_heartbeat=current["last_heartbeat"])

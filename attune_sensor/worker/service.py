@@ -26,7 +26,7 @@ from ..runner import fence, launch, leftovers, report
 from ..runner.supervisor import SensorSpec, Supervisor
 from . import assignments_file, runtimes
 from .notify import WATCHDOG_MULTIPLE, Notifier, check_watchdog_fits, watchdog_for
-from .registration import SensorWorkerRegistration
+from .registration import SensorWorkerRegistration, partial_heartbeat
 from .signals import SignalFlags
 
 log = logs.get("service")
@@ -258,9 +258,19 @@ class SensorService:
     def _heartbeat(self):
         registration = self.registration
         self._supervise()  # the fence's deadline for this call, as of now
+        reaped = ()
         try:
             sent = self.clock()
-            beat = registration.heartbeat()
+            try:
+                beat = registration.heartbeat()
+            except Exception as exc:
+                # what the heartbeat's reaper marked committed before the failure: logged and
+                # failed over all the same (docs/design.md, "Reaper")
+                reaped = getattr(partial_heartbeat(exc), "reaped", ())
+                if not isinstance(exc, DATABASE_TROUBLE):
+                    self._log_reaped(reaped)  # the daemon stops here; peers' surveys re-place their sensors
+                raise
+            reaped = beat.reaped
             self._last_ok = sent
             if self._fenced:
                 # Proven alive again: the sensors start once the read says they are still ours.
@@ -272,19 +282,18 @@ class SensorService:
                 self._database_down = False
                 log.info("Database reachable again")
                 self.notifier.status(self._status_line())
-            if beat:
+            if beat.updated:
                 log.info("heartbeat: worker %s (id %s) active", registration.worker_name, registration.worker_id)
             else:
                 log.warning("heartbeat: worker %s was missing from the database and was registered again as id %s",
                             registration.worker_name, registration.worker_id)
-            if registration.outside_change:
+            if beat.outside_change:
                 # cordons are the platform's: the spec's schema has none
                 log.warning("worker %s: %s; it is active again since this daemon is alive (%s)",
-                            registration.worker_name, registration.outside_change,
+                            registration.worker_name, beat.outside_change,
                             "to keep a live worker out of scheduling, cordon it"
                             if self.table is not None and self.table.is_platform
                             else "to take it out of service, stop its daemon")
-                registration.outside_change = None
             if self._capabilities_pending:
                 registration.update_capabilities()
                 self._capabilities_pending = False
@@ -295,7 +304,7 @@ class SensorService:
             self.notifier.status(f"Database unreachable, heartbeats failing: {exc}")
         # After every attempt that ended within its bound, database up or down (docs/design.md, "Watchdog").
         self.notifier.watchdog()
-        ran = self._maybe_reap()
+        ran = self._after_reaping(reaped)
         if not ran and self._placement_unfinished and not self._database_down:
             ran = self._reconcile("the previous pass, which ran out of time")
         if not ran:
@@ -368,12 +377,6 @@ class SensorService:
             self._sync_said = said
         return bool(result.changes)
 
-    def _maybe_reap(self):
-        """Re-places the sensors of the workers the last heartbeat reaped. Returns True when a
-        placement pass ran."""
-        reaped, self.registration.reaped = self.registration.reaped, []
-        return self._after_reaping(reaped)
-
     # --- the sensors: supervision and the fence ------------------------------------------
 
     def _supervise(self):
@@ -436,11 +439,17 @@ class SensorService:
             raise ConfigError(str(exc)) from None
 
     def _after_reaping(self, reaped):
-        for worker_id, name, host in reaped:
-            log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
+        """Logs the workers a heartbeat reaped and re-places their sensors. Returns True when a
+        placement pass ran."""
+        self._log_reaped(reaped)
         names = [name for _, name, _ in reaped]
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""  # one line, even after a mass failure
         return bool(reaped) and self._reconcile("reaping " + ", ".join(names[:5]) + more)
+
+    @staticmethod
+    def _log_reaped(reaped):
+        for worker_id, name, host in reaped:
+            log.warning("Marked stale worker %s (id %s, host %s) inactive", name, worker_id, host)
 
     def _maybe_read_assignments(self, force=False):
         """This worker's sensors, at most every max(10 s, interval) and never on the heartbeat

@@ -332,6 +332,9 @@ REPAIRED = {
                                  "AND tgrelid = 'attune_sensor.assignment'::regclass)",
     "attune_sensor.reaper_gate's row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.reaper_gate)",
     "attune_sensor.fleet_gauges' row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.fleet_gauges)",
+    "function attune_sensor.is_stale": "SELECT to_regprocedure('attune_sensor.is_stale(timestamptz, jsonb, float8)') IS NULL",
+    "function attune_sensor.heartbeat": "SELECT to_regprocedure('attune_sensor.heartbeat(bigint, xid, text, float8)') "
+                                        "IS NULL",
 }
 
 
