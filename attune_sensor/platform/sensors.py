@@ -20,7 +20,24 @@ MAX_VERSIONS = 1000  # registered versions read per runtime
 MAX_REF = 255  # as the assignment's sensor_ref
 RUNTIME_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")  # the assignment's assignment_runtime_name
 
+# Set-based: the platform has no index on trigger.sensor, so a per-sensor subquery would scan
+# every trigger for every sensor (minutes at 10,000 sensors); here each table is read once.
 RUNNABLE_SQL = """
+WITH instances AS (
+    SELECT tr.sensor,
+           jsonb_agg(jsonb_build_object('id', ru.id, 'ref', ru.ref, 'config', coalesce(ru.trigger_params, '{}'::jsonb))
+                     ORDER BY tr.ref, ru.id) AS j
+      FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
+     WHERE tr.sensor IS NOT NULL
+     GROUP BY tr.sensor
+), versions AS (
+    SELECT v.runtime, array_agg(left(v.version, 64) ORDER BY v.id) AS registered
+      FROM (SELECT rv.runtime, rv.version, rv.id,
+                   row_number() OVER (PARTITION BY rv.runtime ORDER BY rv.id) AS n
+              FROM runtime_version AS rv WHERE rv.available) AS v
+     WHERE v.n <= %(versions_max)s
+     GROUP BY v.runtime
+)
 SELECT s.id, left(s.ref, %(ref_max)s + 1), left(s.pack_ref, 4097), left(s.entrypoint, 4097),
        left(s.runtime_version_constraint, 1025),
        -- as text: parsed here one by one, so that one hostile value costs only its own sensor
@@ -31,22 +48,13 @@ SELECT s.id, left(s.ref, %(ref_max)s + 1), left(s.pack_ref, 4097), left(s.entryp
            AND octet_length(s.worker_tolerations::text) <= %(placement_max)s
            AND octet_length(s.worker_affinity::text) <= %(placement_max)s AS placement_bounded,
        left(r.ref, 256), left(r.name, 256), ARRAY(SELECT left(x, 64) FROM unnest(r.aliases[1:64]) AS x),
-       ARRAY(SELECT left(v.version, 64) FROM runtime_version AS v WHERE v.runtime = r.id AND v.available
-              ORDER BY v.id LIMIT %(versions_max)s),
-       t.triggers
+       coalesce(versions.registered, '{}'),
+       CASE WHEN octet_length(i.j::text) <= %(triggers_max)s THEN i.j::text END
   FROM sensor AS s
+  JOIN instances AS i ON i.sensor = s.id  -- an enabled rule on one of its triggers
   JOIN runtime AS r ON r.id = s.runtime
-  CROSS JOIN LATERAL (
-      SELECT CASE WHEN octet_length(j::text) <= %(triggers_max)s THEN j::text END AS triggers
-        FROM (SELECT coalesce(jsonb_agg(jsonb_build_object('id', ru.id, 'ref', ru.ref,
-                                                           'config', coalesce(ru.trigger_params, '{}'::jsonb))
-                                        ORDER BY tr.ref, ru.id), '[]'::jsonb) AS j
-                FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
-               WHERE tr.sensor = s.id) AS agg
-  ) AS t
+  LEFT JOIN versions ON versions.runtime = r.id
  WHERE s.enabled AND position('://' IN s.entrypoint) = 0
-   AND EXISTS (SELECT 1 FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id
-                WHERE tr.sensor = s.id AND ru.enabled)
  ORDER BY s.ref
  LIMIT %(limit)s
 """
