@@ -3,9 +3,12 @@
 The platform does not assign (at start its sensor service runs every sensor with an enabled
 rule, with no placement check); this decides, on the rows attune-sensor registered only (never
 on the platform's own sensor rows, where nothing reads assignments: fleet.PLATFORM_ROW). One rule of
-eligibility, in SQL, in one place (ELIGIBLE): active, not stale by its own interval, not
-cordoned, not unhealthy, offers the runtime, its labels hold the selector, every `no_schedule`
-taint tolerated, and capacity left. `prefer_no_schedule` taints only rank a worker lower.
+eligibility, in SQL functions of the own schema (migration 20261201000005; CHECKS names them):
+active, not stale by its own interval, not cordoned, not unhealthy, offers the runtime, its
+labels hold the selector, every `no_schedule` taint tolerated, the platform's affinity and
+version constraint, and capacity left. `prefer_no_schedule` taints and preferred affinity terms
+only rank workers. Placing runs in the server (attune_sensor.place_sensor, place_queued), whose
+plans are kept per session.
 
 Assignments live in attune-sensor's own table, `attune_sensor.assignment` (created by `migrate
 run`, never in the platform's schema): one row per sensor ref, `worker_id` NULL while pending.
@@ -23,13 +26,12 @@ assignments themselves.
 
 import json
 import time
-import uuid
 
 from .. import placement
 from ..runner import launch
 from ..errors import AttuneSensorError
-from ..fleet import CAPACITY, GAUGES_DUE, PLACEABLE_ROLES, PLACED_SENSORS, PLATFORM_ROW, STALE_EXPR  # CAPACITY: schema.capacity_of
-from ..db.schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD, stale_condition
+from ..fleet import CAPACITY, GAUGES_DUE, PLACED_SENSORS, PLATFORM_ROW, STALE_EXPR  # CAPACITY: schema.capacity_of
+from ..db.schema import ASSIGNMENTS, FLEET_GAUGES, SENSOR_RUNS, WORKER_LOAD
 
 PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
 # How long a long-lived Scheduler walks the worker_load rows as they are before syncing them
@@ -37,47 +39,27 @@ PLACEMENT_LOCK_KEY = 0x4174_7475_6E67
 # a placement that finds no worker syncs first if the last sync is older than SYNC_RETRY_AFTER.
 SYNC_PERIOD = 10.0
 SYNC_RETRY_AFTER = 1.0
-# Pending sensors placed per round trip by reconcile: one transaction, one lock, the placement
-# statement prepared once and executed for each sensor (each sees the loads the ones before it
-# left), then one read of where they went. Planning the statement is most of a placement's
-# server time; a batch plans it once. The prepared statement lives in that one transaction's
-# query (PgBouncer's transaction pooling keeps it on one server connection) and is deallocated
-# at its end; its name is unique, since a statement left by a failed batch outlives the rollback.
+# Pending sensors placed per round trip by reconcile: one statement under one lock, calling
+# attune_sensor.place_queued for each (each sees the loads the ones before it left; the
+# function's plans are kept per session, docs/design.md "Placement at scale").
 PLACE_BATCH = 100
-_PER_SENSOR_PARAMS = ("ref", "runtime", "selector", "tolerations", "affinity", "versions")
-_PREPARED_PARAMS = _PER_SENSOR_PARAMS + ("multiplier",)
-_PREPARED_TYPES = "text, text, jsonb, jsonb, jsonb, jsonb, float8"
-# Sensor processes a worker reported running (runner/report.py): a sensor placed again after
-# `unplace` waits for that worker as a moved one does (docs/design.md, "At most one copy").
-_STILL_RUNNING = f"""(SELECT r.worker_id FROM {SENSOR_RUNS} AS r JOIN worker AS p ON p.id = r.worker_id
-                      WHERE r.sensor_ref = %(ref)s AND r.status IN ('starting', 'running', 'backoff', 'stopping')
-                        AND NOT {stale_condition("p", "%(multiplier)s")} LIMIT 1)"""
+# The rows placement uses (fleet.PLACEABLE_ROLES, as the server's function says it).
+ROLES = "attune_sensor.placeable(w.worker_role::text, w.meta)"
 
-TAINTS = ("jsonb_array_elements(CASE WHEN jsonb_typeof(w.capabilities -> 'taints') = 'array' "
-          "THEN w.capabilities -> 'taints' ELSE '[]'::jsonb END)")
-# The platform's toleration_matches_taint: the same key always (no toleration tolerates every
-# taint), the same effect when it names one, and with `equal` the same value.
-TOLERATES = """EXISTS (SELECT 1 FROM jsonb_array_elements(%(tolerations)s::jsonb) AS tol
-    WHERE tol ->> 'key' = t ->> 'key'
-      AND (tol ->> 'effect' IS NULL OR tol ->> 'effect' = coalesce(t ->> 'effect', 'no_schedule'))
-      AND (coalesce(tol ->> 'operator', 'equal') = 'exists'
-           OR (tol ->> 'value') IS NOT DISTINCT FROM (t ->> 'value')))"""
-
-# Each test as a column, so that a refusal can say which one no worker passed.
+# Each test as a column, so that a refusal can say which one no worker passed: the functions of
+# own migration 20261201000005, where the rule is written once (the placement functions call the
+# same ones).
 CHECKS = {
-    "alive": f"w.status = 'active' AND NOT {STALE_EXPR}",
-    "schedulable": "NOT {cordoned} AND coalesce(w.capabilities -> 'health' ->> 'status', 'healthy') "
-                   "IN ('healthy', 'degraded')",
-    "runtime": "jsonb_typeof(w.capabilities -> 'runtimes') = 'array' AND w.capabilities -> 'runtimes' ? %(runtime)s",
-    "selector": "attune_sensor.worker_labels(w.capabilities) @> %(selector)s::jsonb",
-    "tolerated": f"NOT EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE coalesce(t ->> 'effect', 'no_schedule') = "
-                 f"'no_schedule' AND NOT {TOLERATES})",
+    "alive": "attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, %(multiplier)s)",
+    "schedulable": "attune_sensor.schedulable({cordoned}, w.capabilities)",
+    "runtime": "attune_sensor.offers_runtime(w.capabilities, %(runtime)s)",
+    "selector": "attune_sensor.selector_holds(w.capabilities, %(selector)s::jsonb)",
+    "tolerated": "attune_sensor.tolerated(w.capabilities, %(tolerations)s::jsonb)",
     # the platform's worker_affinity (required and anti_affinity terms) and the versions its
-    # runtime_version_constraint accepts (platform/rules.py; SQL in migration 20261201000003)
-    "affinity": "%(affinity)s::jsonb = '{{}}'::jsonb "
-                "OR attune_sensor.affinity_allows(attune_sensor.worker_labels(w.capabilities), %(affinity)s::jsonb)",
-    "version": "%(versions)s::jsonb IS NULL OR attune_sensor.offers_version(w.capabilities, %(versions)s::jsonb)",
-    "capacity": f"{PLACED_SENSORS} < {CAPACITY}",
+    # runtime_version_constraint accepts (platform/rules.py; migration 20261201000003)
+    "affinity": "attune_sensor.affinity_holds(w.capabilities, %(affinity)s::jsonb)",
+    "version": "attune_sensor.version_holds(w.capabilities, %(versions)s::jsonb)",
+    "capacity": "attune_sensor.has_room(w.id, w.capabilities)",
 }
 WHY_NOT = {
     "alive": "no live sensor worker",
@@ -89,68 +71,18 @@ WHY_NOT = {
     "version": "no matching worker has a version of runtime {runtime!r} its runtime_version_constraint accepts",
     "capacity": "every eligible worker is full (max_concurrent_sensors)",
 }
-PENALIZED = f"EXISTS (SELECT 1 FROM {TAINTS} AS t WHERE t ->> 'effect' = 'prefer_no_schedule' AND NOT {TOLERATES})"
-
-# The walk: worker_load's index for the sensor's runtime, in ratio order; the first eligible
-# worker without an untolerated prefer_no_schedule taint, else the first with one. A worker
-# with no worker_load row yet (registered since the last sync) is not walked: Scheduler.place
-# syncs and walks again before it calls a sensor pending. OFFSET 0 keeps the planner from
-# flattening the per-worker test into a join: left to itself it estimates the jsonb tests as
-# rare, scans every worker that offers the runtime and sorts them all.
-_WALK = """SELECT w.id, w.name FROM {worker_load} AS l
-      CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
-                           WHERE w.id = l.worker_id AND {roles} AND {eligible} AND {penalized_or_not}
-                          OFFSET 0) AS w
-      WHERE l.runtime = %(runtime)s AND NOT {has_preferred}
-      ORDER BY l.ratio, l.worker_id LIMIT 1"""
-# A sensor with preferred affinity terms: the workers are ranked by the weights of the terms
-# they match (the platform's preferred_affinity_score), then by taint, then by load. Every
-# eligible worker offering the runtime is scored: a walk cannot stop at the first.
-HAS_PREFERRED = "(jsonb_array_length(coalesce(%(affinity)s::jsonb -> 'preferred', '[]'::jsonb)) > 0)"
-_SCORED_WALK = """SELECT w.id, w.name FROM {worker_load} AS l
-      CROSS JOIN LATERAL (SELECT w.id, w.name,
-                                 attune_sensor.affinity_score(attune_sensor.worker_labels(w.capabilities),
-                                                              %(affinity)s::jsonb) AS score,
-                                 {penalized} AS penalized
-                            FROM worker AS w
-                           WHERE w.id = l.worker_id AND {roles} AND {eligible}
-                          OFFSET 0) AS w
-      WHERE l.runtime = %(runtime)s AND {has_preferred}
-      ORDER BY w.score DESC, w.penalized, l.ratio, l.worker_id LIMIT 1"""
+# `place`: attune_sensor.place_sensor (own migration 20261201000005) takes the lock, walks and
+# writes; its plans are kept per session, so the lock is held for the run, not for planning.
 PLACE_SQL = """
+SELECT worker_name, placed_with
+  FROM attune_sensor.place_sensor(%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb,
+                                  %(entrypoint)s::text, %(env)s::jsonb, %(multiplier)s, %(lock)s)
+"""
+# A failover pass's batch: each pending sensor as it is now, in order, each placement seeing the
+# ones before it (the function is VOLATILE: each of its statements reads afresh).
+PLACE_BATCH_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
-WITH chosen AS (
-    ({walk_scored})
-    UNION ALL
-    ({walk_preferred})
-    UNION ALL
-    ({walk_penalized})
-    LIMIT 1
-), placed AS (
-    INSERT INTO {assignments} AS a (sensor_ref, runtime, selector, tolerations, entrypoint, env, worker_id,
-                                    assigned_at, previous_worker_id)
-    VALUES (%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, %(entrypoint)s::text,
-            %(env)s::jsonb, (SELECT id FROM chosen), CASE WHEN EXISTS (SELECT 1 FROM chosen) THEN now() END,
-            {still_running})
-    ON CONFLICT (sensor_ref) DO UPDATE
-       SET runtime = EXCLUDED.runtime, selector = EXCLUDED.selector, tolerations = EXCLUDED.tolerations,
-           entrypoint = EXCLUDED.entrypoint, env = EXCLUDED.env,
-           worker_id = EXCLUDED.worker_id, assigned_at = EXCLUDED.assigned_at
-     WHERE a.worker_id IS NULL
-    RETURNING a.worker_id
-)
--- (the statement's own insert is not visible to its reads: a sensor placed before is looked up,
--- one placed now is named by `chosen`)
-SELECT CASE WHEN EXISTS (SELECT 1 FROM placed WHERE worker_id IS NOT NULL) THEN (SELECT name FROM chosen)
-            ELSE (SELECT w.name FROM {assignments} AS a JOIN worker AS w ON w.id = a.worker_id
-                   WHERE a.sensor_ref = %(ref)s) END,
-       -- placed before with something else: what it was placed with (the row is left as it is)
-       (SELECT jsonb_build_object('runtime', a.runtime, 'selector', a.selector, 'tolerations', a.tolerations,
-                                  'entrypoint', a.entrypoint, 'env', a.env)
-          FROM {assignments} AS a
-         WHERE a.sensor_ref = %(ref)s AND a.worker_id IS NOT NULL
-           AND (a.runtime, a.selector, a.tolerations, a.entrypoint, a.env) IS DISTINCT FROM
-               (%(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb, %(entrypoint)s::text, %(env)s::jsonb))
+SELECT p.ref, attune_sensor.place_queued(p.ref, %(multiplier)s) FROM unnest(%(refs)s::text[]) AS p(ref)
 """
 
 DIAGNOSE_SQL = """
@@ -202,28 +134,6 @@ UPDATE {ASSIGNMENTS} AS a SET worker_id = NULL, assigned_at = NULL,
 RETURNING a.sensor_ref
 """
 
-# The batch's statement (reconcile): places a sensor that is still pending as it was read, and
-# nothing else. It never inserts: a sensor unplaced since the pending list was read stays
-# forgotten, and one placed again meanwhile with another runtime, selector or tolerations waits
-# for the next pass, which reads it as it is now.
-PLACE_PENDING_SQL = """
-WITH chosen AS (
-    ({walk_scored})
-    UNION ALL
-    ({walk_preferred})
-    UNION ALL
-    ({walk_penalized})
-    LIMIT 1
-)
-UPDATE {assignments} AS a SET worker_id = chosen.id, assigned_at = now(),
-       previous_worker_id = coalesce(a.previous_worker_id, {still_running})
-  FROM chosen
- WHERE a.sensor_ref = %(ref)s AND a.worker_id IS NULL AND a.runtime = %(runtime)s
-   AND a.selector = %(selector)s::jsonb AND a.tolerations = %(tolerations)s::jsonb
-   AND a.affinity = %(affinity)s::jsonb AND a.versions IS NOT DISTINCT FROM %(versions)s::jsonb
-RETURNING a.sensor_ref
-"""
-
 # A live worker keeps only what it may still run (docs/scheduling.md, "What a worker keeps"): a
 # sensor whose runtime it no longer offers or whose selector its labels no longer hold, and
 # beyond its capacity the last ones by ref (those its supervisor stops first), go back to
@@ -268,8 +178,8 @@ SELECT EXISTS (SELECT 1 FROM {assignments} AS a WHERE a.worker_id = w.id AND NOT
 
 # Pending: no worker, or a worker id whose row is gone (deleted by hand): its sensors are
 # placed by the next pass, which releases them first.
-PENDING_SQL = f"SELECT sensor_ref, runtime, selector, tolerations, affinity, versions FROM {ASSIGNMENTS} " \
-              "WHERE worker_id IS NULL ORDER BY created, sensor_ref LIMIT %(limit)s"
+PENDING_SQL = f"SELECT sensor_ref FROM {ASSIGNMENTS} WHERE worker_id IS NULL ORDER BY created, sensor_ref " \
+              "LIMIT %(limit)s"
 PENDING_COUNT_SQL = f"""
 SELECT runtime, selector, tolerations, affinity, versions, count(*), sum(count(*)) OVER () FROM {ASSIGNMENTS} AS a
  WHERE a.worker_id IS NULL OR NOT EXISTS (SELECT 1 FROM worker AS w WHERE w.id = a.worker_id)
@@ -317,11 +227,6 @@ UPDATE {ASSIGNMENTS}
        previous_worker_id = CASE WHEN previous_worker_id = %(me)s THEN NULL ELSE previous_worker_id END
  WHERE worker_id = %(me)s OR previous_worker_id = %(me)s
 RETURNING sensor_ref
-"""
-
-PLACED_SQL = f"""
-SELECT a.sensor_ref, w.name FROM {ASSIGNMENTS} AS a JOIN worker AS w ON w.id = a.worker_id
- WHERE a.sensor_ref = ANY(%(refs)s)
 """
 
 LIST_SQL = f"""
@@ -417,20 +322,10 @@ class Scheduler:
         self.clock = clock
         self.unfinished = False  # the last reconcile stopped at its limit or budget
         self._synced_at = None
-        cordoned = "w.cordoned" if "cordoned" in table.columns else "false"
+        cordoned = "w.cordoned" if "cordoned" in table.columns else "NULL"
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
-        walks = {name: _WALK.format(worker_load=WORKER_LOAD, roles=PLACEABLE_ROLES, eligible=eligible,
-                                    penalized_or_not=condition, has_preferred=HAS_PREFERRED)
-                 for name, condition in (("walk_preferred", f"NOT {PENALIZED}"), ("walk_penalized", PENALIZED))}
-        walks["walk_scored"] = _SCORED_WALK.format(worker_load=WORKER_LOAD, roles=PLACEABLE_ROLES, eligible=eligible,
-                                                   penalized=PENALIZED, has_preferred=HAS_PREFERRED)
-        self._place = PLACE_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING, **walks)
-        self._prepared_place = PLACE_PENDING_SQL.format(assignments=ASSIGNMENTS, still_running=_STILL_RUNNING,
-                                                        **walks)  # $n for %(name)s
-        for n, key in enumerate(_PREPARED_PARAMS, 1):
-            self._prepared_place = self._prepared_place.replace(f"%({key})s", f"${n}")
-        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=PLACEABLE_ROLES, worker_load=WORKER_LOAD,
+        self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=ROLES, worker_load=WORKER_LOAD,
                                      stale=STALE_EXPR)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
@@ -441,7 +336,7 @@ class Scheduler:
         self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR, platform_row=PLATFORM_ROW,
                                      sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
         self._rebalance_step = REBALANCE_STEP_SQL.format(
-            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, roles=PLACEABLE_ROLES,
+            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, roles=ROLES,
             eligible_for_a=for_a(eligible), placed=PLACED_SENSORS, capacity=CAPACITY)
         self._release_mine = RELEASE_MINE_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, capacity=CAPACITY,
                                                      stale=STALE_EXPR)
@@ -458,9 +353,9 @@ class Scheduler:
         `entrypoint` (under the worker's packs_base_dir) and `env` are what the worker runs."""
         params = self._params(ref, runtime, selector, tolerations, entrypoint, env)
         self._sync_if_due(SYNC_PERIOD)
-        worker, other = self.db.execute(self._place, params)[0]
+        worker, other = self.db.execute(PLACE_SQL, params)[0]
         if not worker and self._sync_if_due(SYNC_RETRY_AFTER):
-            worker, other = self.db.execute(self._place, params)[0]  # a worker that joined may take it
+            worker, other = self.db.execute(PLACE_SQL, params)[0]  # a worker that joined may take it
         if other is not None:
             raise PlacementConflict(ref, worker, other, params)
         if worker:
@@ -569,25 +464,12 @@ class Scheduler:
     # --- helpers ------------------------------------------------------------------------
 
     def _place_batch(self, sensors):
-        """[(ref, runtime, selector, tolerations, affinity, versions)] as PENDING_SQL reads them ->
-        {ref: worker} of those placed; the others stay pending. One round trip, one transaction,
-        the same statement as place(). What the row says it runs is kept as it is: the worker
-        checks it (runner/launch.py)."""
-        name = "attune_place_" + uuid.uuid4().hex
-        params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier, "refs": [ref for ref, *_ in sensors]}
-        statements = ["SELECT pg_advisory_xact_lock(%(lock)s)", "SET LOCAL plan_cache_mode = force_generic_plan",
-                      f"PREPARE {name}({_PREPARED_TYPES}) AS {self._prepared_place}"]
-        for n, (ref, runtime, selector, tolerations, affinity, versions) in enumerate(sensors):
-            # as the row holds them: a platform sensor's selector and tolerations are the platform's
-            # (platform/rules.py), which `place`'s own checks would refuse more of
-            one = {"ref": ref, "runtime": runtime, "selector": json.dumps(selector),
-                   "tolerations": json.dumps(tolerations), "affinity": json.dumps(affinity),
-                   "versions": None if versions is None else json.dumps(versions)}
-            params.update((f"{key}_{n}", one[key]) for key in _PER_SENSOR_PARAMS)
-            arguments = [f"%({key}_{n})s" if key in _PER_SENSOR_PARAMS else f"%({key})s" for key in _PREPARED_PARAMS]
-            statements.append(f"EXECUTE {name}({', '.join(arguments)})")
-        statements += [f"DEALLOCATE {name}", PLACED_SQL]
-        return dict(self.db.execute(";\n".join(statements), params))
+        """[(ref, ...)] as PENDING_SQL reads them -> {ref: worker} of those placed; the others
+        stay pending. One round trip under one lock (PLACE_BATCH_SQL). What the row says it runs
+        is kept as it is: the worker checks it (runner/launch.py)."""
+        rows = self.db.execute(PLACE_BATCH_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
+                                                 "refs": [ref for ref, *_ in sensors]})
+        return {ref: worker for ref, worker in rows if worker is not None}
 
     def _sync_if_due(self, period):
         if self._synced_at is not None and self.clock() - self._synced_at < period:
@@ -616,7 +498,7 @@ class Scheduler:
         counts = ", ".join(
             f"count(*) FILTER (WHERE {' AND '.join(f'({self._checks[n]})' for n in list(self._checks)[:i + 1])})"
             for i in range(len(self._checks)))
-        row = self.db.execute(DIAGNOSE_SQL.format(counts=counts, roles=PLACEABLE_ROLES), params)[0]
+        row = self.db.execute(DIAGNOSE_SQL.format(counts=counts, roles=ROLES), params)[0]
         for name, count in zip(self._checks, row):
             if count == 0:
                 return WHY_NOT[name].format(runtime=params["runtime"], selector=params["selector"])
