@@ -634,7 +634,7 @@ def cmd_sync(args):
                                     "not read them: 'attune-sensor migrate run' grants attune_sensor_daemon that")
         try:
             result = sync.run(db, f"sync command ({config.sensor.worker_name})", PLACEMENT_LOCK_KEY, force=True)
-        except sync.TooManySensors as exc:
+        except (sync.TooManySensors, sync.Superseded) as exc:
             raise AttuneSensorError(f"sync: {exc}") from None
         released = scheduler.release_ineligible() if result.changes else []
         _, placed = scheduler.reconcile()
@@ -651,10 +651,11 @@ def cmd_sync(args):
         print(f"not placed {ref}: {why}")
     for ref, why in result.defaulted:
         print(f"warning {ref}: {why}")
+    for ref in result.manual:
+        print(f"manual placement kept {ref}: the platform runs it too; 'unplace' it to place it by the platform's rules")
     print(f"{result.runnable} platform sensor(s) runnable: {result.count('added')} added, "
-          f"{result.count('changed')} changed, {result.count('taken over')} taken over, "
-          f"{result.count('removed')} removed, {len(result.refused)} not placeable; {len(placed)} placed, "
-          f"{pending} pending")
+          f"{result.count('changed')} changed, {result.count('removed')} removed, {len(result.refused)} not "
+          f"placeable, {len(result.manual)} held by manual placements; {len(placed)} placed, {pending} pending")
     return 0
 
 

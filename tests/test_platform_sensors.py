@@ -9,74 +9,13 @@ import random
 import pytest
 
 from attune_sensor.platform import rules
+from platform_db import add_runtime, add_sensor, add_worker, placed, sync
 from support import Daemon, attune_database, query, run_cli, wait_for, write_config
 
 
 @pytest.fixture(params=["fixture", "platform"])
 def platform_url(request, cluster, attune_templates):
     return attune_database(cluster, attune_templates(request.param))
-
-
-def add_worker(url, name, runtimes=("python", "shell"), capacity=5, labels=None, taints=None, versions=None):
-    capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30}
-    if labels is not None:
-        capabilities["labels"] = labels
-    if taints is not None:
-        capabilities["taints"] = taints
-    if versions is not None:
-        capabilities["runtime_versions"] = versions
-    query(url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
-               "VALUES (%s, 'local', 'sensor', %s, 'active', %s, '{}', now())", (name, name, json.dumps(capabilities)))
-
-
-def add_runtime(url, ref, name, aliases, versions=()):
-    runtime_id = query(url, "INSERT INTO runtime (ref, name, aliases, distributions) VALUES (%s, %s, %s, '{}') "
-                            "RETURNING id", (ref, name, list(aliases)))[0][0]
-    for version in versions:
-        query(url, "INSERT INTO runtime_version (runtime, runtime_ref, version) VALUES (%s, %s, %s)",
-              (runtime_id, ref, version))
-    return runtime_id
-
-
-def _pack(url, pack_ref):
-    """The pack's id where the platform's schema has a pack table (its rule needs one)."""
-    if not query(url, "SELECT to_regclass('pack') IS NOT NULL")[0][0]:
-        return None
-    query(url, "INSERT INTO pack (ref, label, version) VALUES (%s, %s, '1.0.0') ON CONFLICT (ref) DO NOTHING",
-          (pack_ref, pack_ref))
-    return query(url, "SELECT id FROM pack WHERE ref = %s", (pack_ref,))[0][0]
-
-
-def add_sensor(url, ref, runtime_id, runtime_ref, entrypoint="s.py", enabled=True, rules_enabled=(True,),
-               params=None, constraint=None, selector=None, tolerations=None, affinity=None):
-    """A platform sensor with one trigger and a rule per entry of `rules_enabled`. Returns its id."""
-    pack_ref, name = ref.split(".")
-    pack_id = _pack(url, pack_ref)
-    sensor_id = query(url, "INSERT INTO sensor (ref, pack_ref, label, entrypoint, runtime, runtime_ref, enabled, "
-                           "runtime_version_constraint, worker_selector, worker_tolerations, worker_affinity) "
-                           "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                      (ref, pack_ref, name, entrypoint, runtime_id, runtime_ref, enabled, constraint,
-                       json.dumps(selector or {}), json.dumps(tolerations or []), json.dumps(affinity or {})))[0][0]
-    trigger_id = query(url, "INSERT INTO trigger (ref, pack_ref, label, sensor, sensor_ref) VALUES (%s, %s, %s, %s, %s) "
-                            "RETURNING id", (f"{pack_ref}.t_{name}", pack_ref, name, sensor_id, ref))[0][0]
-    pack_column = ", pack" if pack_id is not None else ""
-    pack_value = f", {int(pack_id)}" if pack_id is not None else ""
-    for n, rule_enabled in enumerate(rules_enabled):
-        query(url, f"INSERT INTO rule (ref, pack_ref, label, action_ref, trigger, trigger_ref, trigger_params, "
-                   f"enabled{pack_column}) VALUES (%s, %s, %s, 'core.echo', %s, %s, %s, %s{pack_value})",
-              (f"{pack_ref}.r_{name}_{n}", pack_ref, name, trigger_id, f"{pack_ref}.t_{name}",
-               json.dumps(params if params is not None else {"n": n}), rule_enabled))
-    return sensor_id
-
-
-def sync(url):
-    return run_cli("sync", env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
-
-
-def placed(url):
-    return {ref: (worker, origin) for ref, worker, origin in query(
-        url, "SELECT a.sensor_ref, w.name, a.origin FROM attune_sensor.assignment a "
-             "LEFT JOIN worker w ON w.id = a.worker_id")}
 
 
 def test_sync_places_exactly_what_the_platform_runs_by_its_rules(platform_url):
@@ -139,7 +78,8 @@ def test_sync_places_exactly_what_the_platform_runs_by_its_rules(platform_url):
     row = query(url, "SELECT runtime, entrypoint, triggers FROM attune_sensor.assignment WHERE sensor_ref = 'demo.timer'")
     rule_id = query(url, "SELECT id FROM rule WHERE ref = 'demo.r_timer_0'")[0][0]
     assert row == [("python", "demo/sensors/s.py", [{"id": rule_id, "ref": "demo.r_timer_0", "config": {"interval": 5}}])]
-    assert "8 platform sensor(s) runnable: 8 added, 0 changed, 0 taken over, 0 removed, 1 not placeable; 7 placed, " \
+    assert "8 platform sensor(s) runnable: 8 added, 0 changed, 0 removed, 1 not placeable, 0 held by manual " \
+           "placements; 7 placed, " \
            "2 pending" in result.stdout  # demo.nokey and ext.keyless
 
     # the platform changes its mind: a rule disabled, a sensor disabled, a selector changed
@@ -155,7 +95,7 @@ def test_sync_places_exactly_what_the_platform_runs_by_its_rules(platform_url):
     assert found["demo.sh"][0] in ("w-eu", "w-gpu") or found["demo.sh"][0] is None
     assert found["demo.sh"][0] != "w-gpu"  # tainted, not tolerated
     # nothing changed: a pass changes nothing
-    assert "0 added, 0 changed, 0 taken over, 0 removed" in sync(url).stdout
+    assert "0 added, 0 changed, 0 removed" in sync(url).stdout
 
 
 def test_place_and_unplace_leave_the_platforms_sensors_to_its_rows(platform_url):
@@ -178,7 +118,9 @@ def test_place_and_unplace_leave_the_platforms_sensors_to_its_rows(platform_url)
     assert "removed demo.owned" in out and "demo.owned" not in placed(url)
 
 
-def test_sync_takes_over_a_manual_placement_of_a_sensor_the_platform_comes_to_know(platform_url):
+def test_a_manual_placement_of_a_sensor_the_platform_comes_to_know_is_kept_until_unplaced(platform_url):
+    """The sync never rewrites or deletes a manual placement (it cannot tell a daemon host's
+    word from the platform's); it says so, and `unplace` hands the sensor to the platform's rules."""
     url = platform_url
     env = {"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"}
     add_worker(url, "w-1")
@@ -186,7 +128,11 @@ def test_sync_takes_over_a_manual_placement_of_a_sensor_the_platform_comes_to_kn
     python = add_runtime(url, "core.python", "Python", ["python"])
     add_sensor(url, "demo.late", python, "core.python")
     out = sync(url).stdout
-    assert "taken over demo.late" in out
+    assert "manual placement kept demo.late" in out and "1 held by manual placements" in out
+    assert query(url, "SELECT origin, entrypoint, worker_id IS NOT NULL FROM attune_sensor.assignment") == \
+        [("manual", "x/y.py", True)]
+    assert run_cli("unplace", "demo.late", env=env).returncode == 0
+    assert "added demo.late" in sync(url).stdout
     assert query(url, "SELECT origin, entrypoint, worker_id IS NOT NULL FROM attune_sensor.assignment") == \
         [("platform", "demo/sensors/s.py", True)]
 
@@ -196,15 +142,16 @@ def test_the_daemon_role_deletes_platform_placements_only_through_the_sync_funct
     deletes only those of origin `platform`, and PUBLIC may not run it."""
     grants = query(platform_url, "SELECT has_table_privilege('attune_sensor_daemon', 'attune_sensor.assignment', "
                                  "'DELETE'), has_function_privilege('attune_sensor_daemon', "
-                                 "'attune_sensor.sync_platform_sensors(jsonb, bigint)', 'EXECUTE'), "
-                                 "has_function_privilege('public', 'attune_sensor.sync_platform_sensors(jsonb, bigint)', "
-                                 "'EXECUTE')")
+                                 "'attune_sensor.sync_platform_sensors(jsonb, text[], text, bigint)', 'EXECUTE'), "
+                                 "has_function_privilege('public', "
+                                 "'attune_sensor.sync_platform_sensors(jsonb, text[], text, bigint)', 'EXECUTE')")
     assert grants == [(False, True, False)]
     query(platform_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime) VALUES ('ext.m', 'python')")
     query(platform_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime, origin) "
                         "VALUES ('old.p', 'python', 'platform')")
+    query(platform_url, "UPDATE attune_sensor.sync_gate SET pass_token = 'pass-1'")
     changes = query(platform_url, "SET ROLE attune_sensor_daemon; "
-                                  "SELECT * FROM attune_sensor.sync_platform_sensors('[]', 1)")
+                                  "SELECT * FROM attune_sensor.sync_platform_sensors('[]', '{}', 'pass-1', 1)")
     assert changes == [("old.p", "removed")]
     assert query(platform_url, "SELECT sensor_ref FROM attune_sensor.assignment") == [("ext.m",)]
 

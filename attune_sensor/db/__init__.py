@@ -134,7 +134,11 @@ class Database:
             self.close()
             raise self._unavailable("database call failed", exc) from None
         except psycopg2.Error as exc:
-            detail = scrub(exc.pgerror or exc, self.url)
+            # the primary message only: DETAIL and CONTEXT may carry a failing row's values or a
+            # statement's text (rule parameters, capabilities), which no log line should show
+            primary = exc.diag.message_primary if exc.diag is not None else None
+            detail = scrub(primary or exc.pgerror or exc, self.url)
+            detail = detail if len(detail) <= 500 else detail[:497] + "..."
             if exc.pgcode in (errorcodes.UNDEFINED_TABLE, errorcodes.UNDEFINED_OBJECT,
                               errorcodes.UNDEFINED_COLUMN, errorcodes.UNDEFINED_FUNCTION):
                 raise SchemaMissing(

@@ -54,10 +54,15 @@ def role_state(cursor):
 # index's rows of workers gone (scheduler.SYNC_SQL) and its own sensor reports
 # (runner/report.py). Assignments are never deleted by a daemon, only by `unplace`, an
 # operator's command run as the schema owner (or a role granted DELETE on it).
+_PLACED_COLUMNS = ("sensor_ref, runtime, selector, tolerations, entrypoint, env, worker_id, assigned_at, "
+                   "previous_worker_id")
 OWN_GRANTS = {
     "attune_sensor.schema_migrations": "SELECT",
     "attune_sensor.reaper_gate": "SELECT, UPDATE",
-    "attune_sensor.assignment": "SELECT, INSERT, UPDATE",
+    # by column: never `origin`, `affinity`, `versions`, `triggers` (the sync function's, which owns
+    # the platform's placements: a daemon host cannot relabel a manual placement as the
+    # platform's, which the next pass would delete)
+    "attune_sensor.assignment": f"SELECT, INSERT ({_PLACED_COLUMNS}), UPDATE ({_PLACED_COLUMNS})",
     "attune_sensor.worker_load": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
@@ -72,12 +77,14 @@ OWN_GRANTS = {
 OWN_FUNCTION_GRANTS = {
     "attune_sensor.heartbeat(bigint, xid, text, float8)": "EXECUTE",
     "attune_sensor.is_stale(timestamptz, jsonb, float8)": "EXECUTE",
-    "attune_sensor.sync_platform_sensors(jsonb, bigint)": "EXECUTE",
+    "attune_sensor.sync_platform_sensors(jsonb, text[], text, bigint)": "EXECUTE",
 }
 # The platform's tables the sync pass reads: its runnable sensors (platform/sensors.py).
 PLATFORM_SENSOR_TABLES = ("sensor", "trigger", "rule", "runtime", "runtime_version")
 # What earlier versions granted and this one takes back on every run.
-OWN_REVOKES = {"attune_sensor.assignment": "DELETE"}
+# Table-wide UPDATE and INSERT on the assignments went before their column grants replaced
+# them (a table-wide revoke takes the column grants too: revokes come first).
+OWN_REVOKES = {"attune_sensor.assignment": "DELETE, INSERT, UPDATE"}
 
 
 def _exists(cursor, relation):
@@ -149,11 +156,11 @@ def grant_daemon_role(cursor, table):
                 "then run 'attune-sensor migrate run' again to grant it what the daemon needs")
         cursor.execute(f"CREATE ROLE {ROLE} NOLOGIN")
     grants = daemon_grants(cursor, table)
-    for privileges, target in grants:
-        cursor.execute(f"GRANT {privileges} ON {target} TO {ROLE}")
     for name, privileges in OWN_REVOKES.items():
         if _exists(cursor, name):
             cursor.execute(f"REVOKE {privileges} ON {name} FROM {ROLE}")
+    for privileges, target in grants:
+        cursor.execute(f"GRANT {privileges} ON {target} TO {ROLE}")
     return grants
 
 

@@ -70,7 +70,7 @@ SELECT n.nspname,
               WHERE CASE WHEN to_regnamespace('attune_sensor') IS NULL THEN false
                          WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false
                          WHEN to_regclass(own) IS NULL THEN false
-                         ELSE has_table_privilege(own, 'UPDATE') END
+                         ELSE has_any_column_privilege(own, 'UPDATE') END
        ) AS usable,
        CASE WHEN to_regnamespace('attune_sensor') IS NULL THEN false
             WHEN NOT has_schema_privilege('attune_sensor', 'USAGE') THEN false

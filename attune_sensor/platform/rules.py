@@ -34,12 +34,22 @@ EXPRESSION_OPERATORS = ("in", "not_in", "exists", "does_not_exist")
 EFFECTS = ("no_schedule", "prefer_no_schedule")
 
 
+# What Rust's str::trim takes away (char::is_whitespace: Unicode's White_Space), not Python's
+# str.strip, which also drops the separators U+001C-U+001F.
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+               "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def trim(text):
+    return text.strip(WHITE_SPACE)
+
+
 class RuleError(ValueError):
     """The platform would refuse this value; str() says which part and why."""
 
 
 def normalize_runtime_name(name):
-    text = name.strip().lower()
+    text = trim(name).lower()
     return _RUNTIME_NAMES.get(text, text)
 
 
@@ -47,7 +57,7 @@ def runtime_names(name, aliases):
     """The normalised names a runtime row answers to (its aliases and its name), in order."""
     names = []
     for item in list(aliases or []) + [name]:
-        if isinstance(item, str) and item.strip():
+        if isinstance(item, str) and trim(item):
             normal = normalize_runtime_name(item)
             if normal not in names:
                 names.append(normal)
@@ -72,7 +82,7 @@ def _string(value, what):
 
 
 def _key(value, what):
-    if not _string(value, what).strip():
+    if not trim(_string(value, what)):
         raise RuleError(f"{what} must be non-empty")
     return value
 
@@ -82,7 +92,7 @@ def _label_map(value, what):
         raise RuleError(f"{what} must be an object of string labels")
     for key, item in value.items():
         _key(key, f"{what} key")
-        if not _string(item, f"{what}[{key!r}]").strip():
+        if not trim(_string(item, f"{what}[{key!r}]")):
             raise RuleError(f"{what}[{key!r}] must be a non-empty string")
     return dict(value)
 
@@ -120,7 +130,7 @@ def parse_tolerations(value):
         toleration = {"key": key, "operator": operator}
         if item.get("value") is not None:
             toleration["value"] = _string(item["value"], f"worker_tolerations {key!r} value")
-            if operator == "equal" and not toleration["value"].strip():
+            if operator == "equal" and not trim(toleration["value"]):
                 raise RuleError(f"worker_tolerations {key!r} value must be non-empty when provided")
         if item.get("effect") is not None:
             if item["effect"] not in EFFECTS:
@@ -148,7 +158,7 @@ def _term(value, what):
         if operator in ("in", "not_in"):
             if not values:
                 raise RuleError(f"{what} expression {key!r} requires at least one value")
-            if any(not item.strip() for item in values):
+            if any(not trim(item) for item in values):
                 raise RuleError(f"{what} expression {key!r} values must be non-empty")
         elif values:
             raise RuleError(f"{what} expression {key!r} must not set values with {operator}")
@@ -187,7 +197,9 @@ _SEMVER_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
                         r"(?:-((?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
                         r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
                         r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$")
-_PARTIAL_RE = re.compile(r"^(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*)"
+# semver's comparator version: major, then minor and patch each a number or a wildcard (*, x, X:
+# missing), a pre-release only after a numeric patch
+_PARTIAL_RE = re.compile(r"^(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*|[*xX])(?:\.(0|[1-9][0-9]*|[*xX])"
                          r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?)?)?$")
 _OPERATORS = ("=", ">", ">=", "<", "<=", "~", "^")
 
@@ -231,7 +243,7 @@ def _strict(text):
 
 def parse_version(text):
     """version_matching::parse_version: "3.12" is 3.12.0, "v3" is 3.0.0. None when it is no version."""
-    trimmed = text.strip()
+    trimmed = trim(text)
     stripped = trimmed[1:] if trimmed[:1] in ("v", "V") else trimmed
     version = _strict(stripped)
     if version is not None:
@@ -250,7 +262,7 @@ def version_key(text):
 def _comparators(part):
     """One comma-separated part of a constraint, preprocessed as parse_constraint does, ->
     [(op, major, minor|None, patch|None, pre)]."""
-    p = part.strip()
+    p = trim(part)
     digits = "0123456789"
     if p[:1] and p[0] in digits + "vV":
         stripped = p[1:] if p[:1] in ("v", "V") else p
@@ -261,15 +273,18 @@ def _comparators(part):
         ver = ver[1:] if ver[:1] in ("v", "V") else ver
         dots = ver.count(".")
         ver = f"{ver}.0.0" if dots == 0 and ver else f"{ver}.0" if dots == 1 else ver
-    if op == "*" and not ver:
+    if op in ("*", "x", "X") and not ver:
         return []
     op = op or "^"
     match = _PARTIAL_RE.match(ver)
     if op not in _OPERATORS or not match:
-        raise RuleError(f"invalid runtime_version_constraint part {part.strip()!r}")
+        raise RuleError(f"invalid runtime_version_constraint part {trim(part)!r}")
     major, minor, patch, pre = match.groups()
-    return [(op, int(major), None if minor is None else int(minor), None if patch is None else int(patch),
-             tuple(pre.split(".")) if pre else ())]
+    minor = None if minor is None or minor in "*xX" else int(minor)
+    patch = None if minor is None or patch is None or patch in "*xX" else int(patch)
+    if pre and patch is None:
+        raise RuleError(f"invalid runtime_version_constraint part {trim(part)!r}")
+    return [(op, int(major), minor, patch, tuple(pre.split(".")) if pre else ())]
 
 
 def parse_constraint(text):
@@ -282,18 +297,30 @@ def parse_constraint(text):
 
 
 def _matches_one(op, major, minor, patch, pre, v):
+    """One comparator, as semver::Comparator::matches (a missing minor or patch: any)."""
     low = Version(major, minor or 0, patch or 0, pre)
-    if op in ("=", ">", ">=", "<", "<=") and minor is not None and patch is not None:
+    if minor is not None and patch is not None and op in ("=", ">", ">=", "<", "<="):
         return {"=": v == low, ">": v > low, ">=": v >= low, "<": v < low, "<=": v <= low}[op]
+    # the first version past the partial one: 3 -> 4.0.0, 3.12 -> 3.13.0
+    past = Version(major + 1, 0, 0) if minor is None else Version(major, minor + 1, 0)
+    if op == "=":
+        return low <= v < past
+    if op == ">":
+        return v >= past
+    if op == ">=":
+        return v >= low
+    if op == "<":
+        return v < low
+    if op == "<=":
+        return v < past
     if op == "~":
         high = (major + 1, 0, 0) if minor is None else (major, minor + 1, 0)
-    else:  # "^" (and a partial with another operator, which preprocessing never leaves)
-        if major > 0 or minor is None:
-            high = (major + 1, 0, 0)
-        elif minor > 0 or patch is None:
-            high = (0, minor + 1, 0)
-        else:
-            high = (0, 0, patch + 1)
+    elif major > 0 or minor is None:  # "^"
+        high = (major + 1, 0, 0)
+    elif minor > 0 or patch is None:
+        high = (0, minor + 1, 0)
+    else:
+        high = (0, 0, patch + 1)
     return low <= v < Version(*high)
 
 
@@ -310,12 +337,13 @@ def versions_for(constraint, registered):
     (a runtime_version_constraint), sorted; None when there is no constraint (any version).
     Raises RuleError when no version could ever satisfy it here (the platform refuses to start
     such a sensor anywhere)."""
-    if constraint is None or not constraint.strip():
+    if constraint is None:
         return None
     if not registered:
         raise RuleError(f"declares runtime_version_constraint {constraint!r} but its runtime has no registered "
                         "versions")
-    comparators = parse_constraint(constraint)
+    # blank is still a constraint to the platform (it tests is_some()): any registered version
+    comparators = parse_constraint(constraint) if trim(constraint) else []
     keys = set()
     for text in registered:
         version = parse_version(text)

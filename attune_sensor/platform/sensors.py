@@ -8,27 +8,41 @@ of its triggers as [{id, ref, config: trigger_params}] (triggers by ref, rules b
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from . import rules
 from ..runner import launch
 
-MAX_SENSORS = 100_000  # a pass reads at most this many runnable sensors (the rest: a warning)
+MAX_SENSORS = 100_000  # a pass reads at most this many runnable sensors (more: it changes nothing)
+CHUNK = 500  # sensors read and written per call: at most 64 MiB of trigger instances at once
 MAX_TRIGGERS_BYTES = 131072  # ATTUNE_SENSOR_TRIGGERS, as the assignment's CHECK bounds it
 MAX_PLACEMENT_BYTES = 65536  # each of worker_selector, worker_tolerations, worker_affinity
 MAX_VERSIONS = 1000  # registered versions read per runtime
 MAX_REF = 255  # as the assignment's sensor_ref
 RUNTIME_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")  # the assignment's assignment_runtime_name
 
-# Set-based: the platform has no index on trigger.sensor, so a per-sensor subquery would scan
-# every trigger for every sensor (minutes at 10,000 sensors); here each table is read once.
+# The runnable sensors' ids, in ref order: one semi-join (the platform has no index on
+# trigger.sensor: a per-sensor subquery would scan every trigger for every sensor, for minutes
+# at 10,000 sensors and whatever the statistics say).
+RUNNABLE_IDS_SQL = """
+SELECT s.id FROM sensor AS s
+ WHERE s.enabled AND position('://' IN s.entrypoint) = 0
+   AND s.id IN (SELECT tr.sensor FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
+                 WHERE tr.sensor IS NOT NULL)
+ ORDER BY s.ref
+ LIMIT %(limit)s
+"""
+# A chunk of them in full, each table read once. Its trigger instances come only when they
+# differ from what its placement holds (the pass sends only what changed: rule parameters may
+# be 128 KiB per sensor), with whether they are over the bound either way.
 RUNNABLE_SQL = """
 WITH instances AS (
     SELECT tr.sensor,
            jsonb_agg(jsonb_build_object('id', ru.id, 'ref', ru.ref, 'config', coalesce(ru.trigger_params, '{}'::jsonb))
                      ORDER BY tr.ref, ru.id) AS j
       FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
-     WHERE tr.sensor IS NOT NULL
+     WHERE tr.sensor = ANY(%(ids)s::bigint[])
      GROUP BY tr.sensor
 ), versions AS (
     SELECT v.runtime, array_agg(left(v.version, 64) ORDER BY v.id) AS registered
@@ -49,14 +63,15 @@ SELECT s.id, left(s.ref, %(ref_max)s + 1), left(s.pack_ref, 4097), left(s.entryp
            AND octet_length(s.worker_affinity::text) <= %(placement_max)s AS placement_bounded,
        left(r.ref, 256), left(r.name, 256), ARRAY(SELECT left(x, 64) FROM unnest(r.aliases[1:64]) AS x),
        coalesce(versions.registered, '{}'),
-       CASE WHEN octet_length(i.j::text) <= %(triggers_max)s THEN i.j::text END
+       octet_length(i.j::text) <= %(triggers_max)s AS triggers_bounded,
+       CASE WHEN a.triggers IS DISTINCT FROM i.j THEN i.j::text END AS triggers
   FROM sensor AS s
   JOIN instances AS i ON i.sensor = s.id  -- an enabled rule on one of its triggers
   JOIN runtime AS r ON r.id = s.runtime
   LEFT JOIN versions ON versions.runtime = r.id
- WHERE s.enabled AND position('://' IN s.entrypoint) = 0
+  LEFT JOIN attune_sensor.assignment AS a ON a.sensor_ref = s.ref AND a.origin = 'platform'
+ WHERE s.id = ANY(%(ids)s::bigint[]) AND s.enabled AND position('://' IN s.entrypoint) = 0
  ORDER BY s.ref
- LIMIT %(limit)s
 """
 
 KNOWN_SQL = "SELECT EXISTS (SELECT 1 FROM sensor WHERE ref = %(ref)s)"
@@ -72,7 +87,7 @@ class Placement:
     affinity: dict
     versions: dict  # {names, accept}, or None: any version
     entrypoint: str
-    triggers: str  # JSON text
+    triggers: str  # JSON text; None: as its placement holds them (unchanged)
 
     def as_json(self):
         """The entry as JSON text; the trigger instances go as PostgreSQL wrote them (never parsed
@@ -80,20 +95,22 @@ class Placement:
         head = json.dumps({"sensor_ref": self.sensor_ref, "runtime": self.runtime, "selector": self.selector,
                            "tolerations": self.tolerations, "affinity": self.affinity, "versions": self.versions,
                            "entrypoint": self.entrypoint}, separators=(",", ":"))
-        return head[:-1] + ',"triggers":' + self.triggers + "}"
+        return head if self.triggers is None else head[:-1] + ',"triggers":' + self.triggers + "}"
 
 
-def runnable(db):
-    """(placements, refused, defaulted, more): the platform's runnable sensors as Placement
-    (by ref), those that cannot run on any worker ([(ref, why)]), those whose placement value the
-    platform would read as its default ([(ref, why)]), and whether there were more than
-    MAX_SENSORS."""
-    rows = db.execute(RUNNABLE_SQL, {"ref_max": MAX_REF, "placement_max": MAX_PLACEMENT_BYTES,
-                                     "versions_max": MAX_VERSIONS, "triggers_max": MAX_TRIGGERS_BYTES,
-                                     "limit": MAX_SENSORS + 1})
-    more = len(rows) > MAX_SENSORS
+def runnable_ids(db):
+    """The ids of the platform's runnable sensors in ref order, at most MAX_SENSORS + 1."""
+    return [row[0] for row in db.execute(RUNNABLE_IDS_SQL, {"limit": MAX_SENSORS + 1})]
+
+
+def runnable(db, ids):
+    """(placements, refused, defaulted) for the sensors `ids` (a chunk of runnable_ids): those
+    still runnable as Placement (by ref), those that cannot run on any worker ([(ref, why)]),
+    and those whose placement value the platform would read as its default ([(ref, why)])."""
+    rows = db.execute(RUNNABLE_SQL, {"ids": list(ids), "ref_max": MAX_REF, "placement_max": MAX_PLACEMENT_BYTES,
+                                     "versions_max": MAX_VERSIONS, "triggers_max": MAX_TRIGGERS_BYTES})
     placements, refused, defaulted = [], [], []
-    for row in rows[:MAX_SENSORS]:
+    for row in rows:
         try:
             placement, fallbacks = _placement(*row)
         except rules.RuleError as exc:
@@ -101,17 +118,19 @@ def runnable(db):
             continue
         placements.append(placement)
         defaulted += [(placement.sensor_ref, why) for why in fallbacks]
-    return placements, refused, defaulted, more
+    return placements, refused, defaulted
 
 
 def _placement(sensor_id, ref, pack_ref, entrypoint, constraint, selector, tolerations, affinity, bounded,
-               runtime_ref, runtime_name, aliases, registered, triggers):
-    if len(ref) > MAX_REF or any(ord(c) < 32 or ord(c) == 127 for c in ref):
+               runtime_ref, runtime_name, aliases, registered, triggers_bounded, triggers):
+    # what the assignment's CHECKs refuse, refused here first (a row they refused would fail the
+    # whole write): a control character is any of Unicode's (C0, DEL and C1: category Cc)
+    if len(ref) > MAX_REF or any(unicodedata.category(c) == "Cc" for c in ref):
         raise rules.RuleError(f"its ref is over {MAX_REF} characters or holds a control character")
     if not bounded:
         raise rules.RuleError(f"its worker_selector, worker_tolerations or worker_affinity is over "
                               f"{MAX_PLACEMENT_BYTES} bytes")
-    if triggers is None:
+    if not triggers_bounded:
         raise rules.RuleError(f"its trigger instances (ATTUNE_SENSOR_TRIGGERS) are over {MAX_TRIGGERS_BYTES} bytes")
     if not pack_ref:
         raise rules.RuleError("it has no pack_ref (the platform refuses to start it too)")

@@ -354,7 +354,7 @@ class SensorService:
             if result.changes:
                 # a changed sensor may no longer fit where it is, on any worker: released now
                 self.scheduler.release_ineligible()
-        except sync.TooManySensors as exc:
+        except (sync.TooManySensors, sync.Superseded) as exc:
             log.warning("platform sensors not synced: %s", exc)
             return False
         except DATABASE_TROUBLE as exc:
@@ -365,15 +365,18 @@ class SensorService:
         if result.changes:
             shown = ", ".join(f"{ref} {change}" for ref, change in result.changes[:20])
             more = f" and {len(result.changes) - 20} more" if len(result.changes) > 20 else ""
-            log.info("platform sensors synced: %d runnable; %d added, %d changed, %d taken over, %d removed (%s%s)",
-                     result.runnable, result.count("added"), result.count("changed"), result.count("taken over"),
-                     result.count("removed"), shown, more)
-        said = (tuple(result.refused), tuple(result.defaulted))
+            log.info("platform sensors synced: %d runnable; %d added, %d changed, %d removed (%s%s)",
+                     result.runnable, result.count("added"), result.count("changed"), result.count("removed"),
+                     shown, more)
+        said = (tuple(result.refused), tuple(result.defaulted), tuple(result.manual))
         if said != self._sync_said:
             for ref, why in result.refused:
                 log.warning("platform sensor %s is not placed: %s", logs.without_controls(ref), why)
             for ref, why in result.defaulted:
                 log.warning("platform sensor %s: %s", logs.without_controls(ref), why)
+            for ref in result.manual:
+                log.warning("platform sensor %s is held by a manual placement (kept as it is; 'attune-sensor unplace' "
+                            "it to place it by the platform's rules)", logs.without_controls(ref))
             self._sync_said = said
         return bool(result.changes)
 

@@ -13,12 +13,15 @@ ALTER TABLE attune_sensor.assignment
     ADD COLUMN triggers JSONB NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(triggers) = 'array'
                                                             AND octet_length(triggers::text) <= 131072);
 
--- The sync pass's one-row gate: one pass fleet-wide at a time and at most one per
--- platform.SYNC_SPACING, whichever daemon comes first (platform/sync.py).
+-- The sync pass's one-row gate: at most one pass per sync.SYNC_SPACING, whichever daemon comes
+-- first (platform/sync.py). A pass writes in several calls; each carries the token its claim
+-- set, and a call whose token is no longer the gate's (a newer pass claimed it: `attune-sensor
+-- sync`, or a pass that outlived the spacing) is refused, so two passes never interleave writes.
 CREATE TABLE attune_sensor.sync_gate (
     only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
     last_sync TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
-    synced_by TEXT
+    synced_by TEXT,
+    pass_token TEXT
 );
 INSERT INTO attune_sensor.sync_gate DEFAULT VALUES;
 
@@ -38,12 +41,12 @@ SELECT CASE n WHEN 'nodejs' THEN 'node' WHEN 'node.js' THEN 'node' WHEN 'python3
 $$;
 
 -- worker_labels_from_capabilities: the labels, when they are an object of strings; else none.
+-- No sub-SELECT, so that the planner inlines it (a SQL function with one is planned per call).
 CREATE FUNCTION attune_sensor.worker_labels(capabilities jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-SELECT CASE WHEN jsonb_typeof(capabilities -> 'labels') = 'object'
-             AND NOT EXISTS (SELECT 1 FROM jsonb_each(capabilities -> 'labels') AS l
-                              WHERE jsonb_typeof(l.value) <> 'string')
-            THEN capabilities -> 'labels' ELSE '{}'::jsonb END
+SELECT CASE WHEN jsonb_typeof(capabilities -> 'labels') IS DISTINCT FROM 'object' THEN '{}'::jsonb
+            WHEN jsonb_path_exists(capabilities -> 'labels', '$.* ? (@.type() != "string")') THEN '{}'::jsonb
+            ELSE capabilities -> 'labels' END
 $$;
 
 -- selector_term_matches: every match_label, every expression.
@@ -132,58 +135,68 @@ SELECT want IS NULL
                 WHERE attune_sensor.version_key(version) IN (SELECT jsonb_array_elements_text(want -> 'accept')))
 $$;
 
--- The sync pass's write (platform/sync.py): the assignments of origin `platform` made equal to
--- `desired` (a JSON array of the runnable sensors' placements), in one statement under the
--- placement lock. New sensors arrive pending; a changed one keeps its worker (the next survey
--- releases it if that worker may no longer run it); a manual placement of the same ref is taken
--- over; a platform placement no longer desired is deleted. Manual placements are never touched
--- otherwise. SECURITY DEFINER: the daemon role may delete no assignment itself (least
--- privilege, db/access.py); through this it deletes only platform placements, which the next
--- pass would make again if they were still runnable.
-CREATE FUNCTION attune_sensor.sync_platform_sensors(desired jsonb, lock_key bigint)
+-- The sync pass's write (platform/sync.py), in calls of bounded size under the placement lock:
+-- `upserts` (a JSON array of runnable sensors' placements) made equal, then, in the pass's last
+-- call, `keep` (every runnable ref): the platform placements not in it are deleted. New sensors
+-- arrive pending; a changed one keeps its worker (the next survey releases it if that worker may
+-- no longer run it); an entry without `triggers` keeps the row's (unchanged: the pass sends
+-- only what changed). Only placements of origin `platform` are written or deleted: a manual
+-- placement of the same ref is left as it is and reported ('manual kept'), since no caller can
+-- prove here that the ref is the platform's. SECURITY DEFINER: the daemon role may delete no
+-- assignment itself (least privilege, db/access.py); through this only platform placements,
+-- which the next pass makes again while they are runnable. Raises when `token` is no longer
+-- the gate's (another pass took over).
+CREATE FUNCTION attune_sensor.sync_platform_sensors(upserts jsonb, keep text[], token text, lock_key bigint)
 RETURNS TABLE (sensor_ref text, change text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
-    IF jsonb_typeof(desired) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION 'sync_platform_sensors: desired must be a JSON array';
+    IF jsonb_typeof(upserts) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'sync_platform_sensors: upserts must be a JSON array';
     END IF;
     PERFORM pg_advisory_xact_lock(lock_key);
+    IF NOT EXISTS (SELECT 1 FROM attune_sensor.sync_gate WHERE pass_token = token) THEN
+        RAISE EXCEPTION 'sync_platform_sensors: another sync pass took over' USING ERRCODE = 'lock_not_available';
+    END IF;
     RETURN QUERY
     WITH d AS (
         SELECT x.sensor_ref, x.runtime, coalesce(x.selector, '{}') AS selector,
                coalesce(x.tolerations, '[]') AS tolerations, coalesce(x.affinity, '{}') AS affinity,
-               x.versions, x.entrypoint, coalesce(x.triggers, '[]') AS triggers
-          FROM jsonb_to_recordset(desired) AS x(sensor_ref text, runtime text, selector jsonb, tolerations jsonb,
+               x.versions, x.entrypoint, x.triggers
+          FROM jsonb_to_recordset(upserts) AS x(sensor_ref text, runtime text, selector jsonb, tolerations jsonb,
                                                 affinity jsonb, versions jsonb, entrypoint text, triggers jsonb)
     ), manual AS (
-        SELECT a.sensor_ref FROM attune_sensor.assignment AS a JOIN d ON d.sensor_ref = a.sensor_ref
-         WHERE a.origin = 'manual'
+        SELECT a.sensor_ref FROM attune_sensor.assignment AS a
+         WHERE a.origin = 'manual' AND a.sensor_ref IN (SELECT d.sensor_ref FROM d)
     ), upserted AS (
         INSERT INTO attune_sensor.assignment AS a (sensor_ref, runtime, selector, tolerations, affinity, versions,
                                                    entrypoint, env, triggers, origin)
         SELECT d.sensor_ref, d.runtime, d.selector, d.tolerations, d.affinity, d.versions, d.entrypoint, '{}',
-               d.triggers, 'platform'
+               coalesce(d.triggers, '[]'), 'platform'
           FROM d
         ON CONFLICT (sensor_ref) DO UPDATE
            SET runtime = EXCLUDED.runtime, selector = EXCLUDED.selector, tolerations = EXCLUDED.tolerations,
                affinity = EXCLUDED.affinity, versions = EXCLUDED.versions, entrypoint = EXCLUDED.entrypoint,
-               env = EXCLUDED.env, triggers = EXCLUDED.triggers, origin = EXCLUDED.origin
-         WHERE (a.runtime, a.selector, a.tolerations, a.affinity, a.versions, a.entrypoint, a.env, a.triggers,
-                a.origin) IS DISTINCT FROM
-               (EXCLUDED.runtime, EXCLUDED.selector, EXCLUDED.tolerations, EXCLUDED.affinity, EXCLUDED.versions,
-                EXCLUDED.entrypoint, EXCLUDED.env, EXCLUDED.triggers, EXCLUDED.origin)
+               env = EXCLUDED.env,
+               triggers = CASE WHEN (SELECT d.triggers FROM d WHERE d.sensor_ref = EXCLUDED.sensor_ref) IS NULL
+                               THEN a.triggers ELSE EXCLUDED.triggers END
+         WHERE a.origin = 'platform'
+           AND ((a.runtime, a.selector, a.tolerations, a.affinity, a.versions, a.entrypoint, a.env) IS DISTINCT FROM
+                (EXCLUDED.runtime, EXCLUDED.selector, EXCLUDED.tolerations, EXCLUDED.affinity, EXCLUDED.versions,
+                 EXCLUDED.entrypoint, EXCLUDED.env)
+                OR ((SELECT d.triggers FROM d WHERE d.sensor_ref = EXCLUDED.sensor_ref) IS NOT NULL
+                    AND a.triggers IS DISTINCT FROM EXCLUDED.triggers))
         RETURNING a.sensor_ref, a.xmax = 0 AS inserted
     ), removed AS (
         DELETE FROM attune_sensor.assignment AS a
-         WHERE a.origin = 'platform' AND NOT EXISTS (SELECT 1 FROM d WHERE d.sensor_ref = a.sensor_ref)
+         WHERE keep IS NOT NULL AND a.origin = 'platform'
+           AND NOT EXISTS (SELECT 1 FROM unnest(keep) AS k(ref) WHERE k.ref = a.sensor_ref)
         RETURNING a.sensor_ref
     )
-    SELECT u.sensor_ref, CASE WHEN u.inserted THEN 'added'
-                              WHEN u.sensor_ref IN (SELECT m.sensor_ref FROM manual AS m) THEN 'taken over'
-                              ELSE 'changed' END
-      FROM upserted AS u
+    SELECT u.sensor_ref, CASE WHEN u.inserted THEN 'added' ELSE 'changed' END FROM upserted AS u
+    UNION ALL
+    SELECT m.sensor_ref, 'manual kept' FROM manual AS m
     UNION ALL
     SELECT r.sensor_ref, 'removed' FROM removed AS r;
 END $$;
-REVOKE EXECUTE ON FUNCTION attune_sensor.sync_platform_sensors(jsonb, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION attune_sensor.sync_platform_sensors(jsonb, text[], text, bigint) FROM PUBLIC;

@@ -8,6 +8,11 @@
 -- while it held the placement lock: PL/pgSQL plans each statement once per session (per server
 -- connection: PgBouncer's transaction pooling too) and the statement sent is a short call.
 --
+-- Speed: a SQL function whose body holds a sub-SELECT is never inlined, and PostgreSQL 15 plans
+-- such a function at every call. So each test below is a one-expression SQL function the
+-- planner inlines into the statement that calls it, with the cheap case first; where a list
+-- must be searched (taints, the assignments), it calls a PL/pgSQL function, whose plan is kept.
+--
 -- Both flavours: the worker table is named unqualified and found through the caller's
 -- search_path (as attune_sensor.heartbeat, migration 4); the platform's `cordoned` column is read
 -- from the row as JSON, so one body serves the spec's table, which has none. SECURITY INVOKER:
@@ -63,23 +68,29 @@ SELECT EXISTS (
             OR (tol.x ->> 'value') IS NOT DISTINCT FROM (taint ->> 'value')))
 $$;
 
+-- Whether the worker has a taint of `effect` that `tolerations` do not tolerate (an absent effect
+-- is no_schedule).
+CREATE OR REPLACE FUNCTION attune_sensor.untolerated_taint(caps JSONB, tolerations JSONB, effect TEXT)
+RETURNS BOOLEAN LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN EXISTS (
+        SELECT 1 FROM jsonb_array_elements(caps -> 'taints') AS t(x)
+         WHERE coalesce(t.x ->> 'effect', 'no_schedule') = effect
+           AND NOT attune_sensor.tolerates(tolerations, t.x));
+END $$;
+
 -- 5. tolerated: every no_schedule taint of the worker is tolerated.
 CREATE OR REPLACE FUNCTION attune_sensor.tolerated(caps JSONB, tolerations JSONB) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-SELECT NOT EXISTS (
-    SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(caps -> 'taints') = 'array' THEN caps -> 'taints'
-                                            ELSE '[]'::jsonb END) AS t(x)
-     WHERE coalesce(t.x ->> 'effect', 'no_schedule') = 'no_schedule'
-       AND NOT attune_sensor.tolerates(tolerations, t.x))
+SELECT jsonb_typeof(caps -> 'taints') IS DISTINCT FROM 'array' OR caps -> 'taints' = '[]'::jsonb
+    OR NOT attune_sensor.untolerated_taint(caps, tolerations, 'no_schedule')
 $$;
 
 -- Ranks a worker lower: it has a prefer_no_schedule taint the sensor does not tolerate.
 CREATE OR REPLACE FUNCTION attune_sensor.penalized(caps JSONB, tolerations JSONB) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-SELECT EXISTS (
-    SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(caps -> 'taints') = 'array' THEN caps -> 'taints'
-                                            ELSE '[]'::jsonb END) AS t(x)
-     WHERE t.x ->> 'effect' = 'prefer_no_schedule' AND NOT attune_sensor.tolerates(tolerations, t.x))
+SELECT jsonb_typeof(caps -> 'taints') = 'array' AND caps -> 'taints' <> '[]'::jsonb
+   AND attune_sensor.untolerated_taint(caps, tolerations, 'prefer_no_schedule')
 $$;
 
 -- 6. affinity: the platform's required and anti-affinity terms (migration 3's functions).
@@ -106,20 +117,22 @@ $$;
 
 -- 8. capacity: fewer sensors placed on it than its capacity, counted from the assignments.
 CREATE OR REPLACE FUNCTION attune_sensor.has_room(worker_id BIGINT, caps JSONB) RETURNS BOOLEAN
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-SELECT (SELECT count(*) FROM attune_sensor.assignment AS a WHERE a.worker_id = has_room.worker_id)
-       < attune_sensor.capacity(caps)
-$$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM attune_sensor.assignment AS a WHERE a.worker_id = has_room.worker_id)
+           < attune_sensor.capacity(caps);
+END $$;
 
 -- A worker that reported the sensor's process as running and is not stale: the previous worker
 -- a new placement waits for (docs/design.md, "At most one copy").
 CREATE OR REPLACE FUNCTION attune_sensor.still_running(ref TEXT, multiplier FLOAT8) RETURNS BIGINT
-LANGUAGE sql STABLE AS $$
-SELECT r.worker_id FROM attune_sensor.sensor_run AS r JOIN worker AS p ON p.id = r.worker_id
- WHERE r.sensor_ref = ref AND r.status IN ('starting', 'running', 'backoff', 'stopping')
-   AND NOT attune_sensor.is_stale(p.last_heartbeat, p.capabilities, multiplier)
- LIMIT 1
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT r.worker_id FROM attune_sensor.sensor_run AS r JOIN worker AS p ON p.id = r.worker_id
+             WHERE r.sensor_ref = ref AND r.status IN ('starting', 'running', 'backoff', 'stopping')
+               AND NOT attune_sensor.is_stale(p.last_heartbeat, p.capabilities, multiplier)
+             LIMIT 1);
+END $$;
 
 -- The walk: the worker a sensor goes to (none: no row). worker_load's index for its runtime in
 -- ratio order, the first eligible worker without an untolerated prefer_no_schedule taint, else
