@@ -244,48 +244,10 @@ SELECT pg_advisory_xact_lock(%(lock)s);
 DELETE FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s RETURNING sensor_ref
 """
 
-# One move of a rebalance: among the most loaded schedulable workers (by ratio), one sensor
-# that another worker eligible for it would hold at a strictly lower ratio than its own now.
-# Moving only when that is true makes every move even the fleet out, so a rebalance ends, and
-# moves no sensor that is already where balance wants it. Sources and targets are found in
-# worker_load's order (as a placement walks it), so a step costs the same at 10,000 workers as
-# at 10: no worker's load is counted but the candidates'.
-REBALANCE_STEP_SQL = """
-SELECT pg_advisory_xact_lock(%(lock)s);
-WITH candidates AS (
-    SELECT DISTINCT top.worker_id AS id
-      FROM (SELECT l.worker_id FROM {worker_load} AS l ORDER BY l.ratio DESC, l.worker_id LIMIT 60) AS top
-), sources AS (
-    -- the counter chose whom to look at; their sensors, counted, decide
-    SELECT w.id, c.load::float8 / c.capacity AS ratio
-      FROM candidates JOIN worker AS w ON w.id = candidates.id
-     CROSS JOIN LATERAL (SELECT {placed} AS load, {capacity} AS capacity) AS c
-     WHERE ({schedulable}) AND c.load > 0 AND c.capacity > 0
-     ORDER BY ratio DESC, w.id LIMIT 20
-), move AS (
-    SELECT a.sensor_ref, s.id AS source_id, dst.id AS target_id
-      FROM sources AS s
-      JOIN {assignments} AS a ON a.worker_id = s.id
-      CROSS JOIN LATERAL (
-          SELECT w.id, w.ratio_after FROM {worker_load} AS l
-           CROSS JOIN LATERAL (SELECT w.id, ({placed} + 1)::float8 / {capacity} AS ratio_after FROM worker AS w
-                                WHERE w.id = l.worker_id AND w.id <> s.id AND {roles} AND ({eligible_for_a})
-                               OFFSET 0) AS w
-           WHERE l.runtime = a.runtime
-           ORDER BY l.ratio, l.worker_id LIMIT 1) AS dst
-     WHERE dst.ratio_after < s.ratio - 1e-9
-       -- a sensor with preferred affinity terms stays where its preferences placed it
-       AND jsonb_array_length(coalesce(a.affinity -> 'preferred', '[]'::jsonb)) = 0
-     ORDER BY s.ratio DESC, dst.ratio_after, a.sensor_ref
-     LIMIT 1
-)
-UPDATE {assignments} AS a SET worker_id = move.target_id, assigned_at = now(),
-       previous_worker_id = coalesce(a.previous_worker_id, move.source_id)
-  FROM move WHERE a.sensor_ref = move.sensor_ref
-RETURNING a.sensor_ref, (SELECT name FROM worker WHERE id = move.source_id),
-          (SELECT name FROM worker WHERE id = move.target_id)
-"""
-
+# Rebalance in rounds in the server (attune_sensor.rebalance_moves, own migration
+# 20261201000005): each call makes at most this many moves under one lock.
+REBALANCE_BATCH = 500
+REBALANCE_SQL = "SELECT * FROM attune_sensor.rebalance_moves(%(multiplier)s, %(limit)s, %(lock)s)"
 
 class NoEligibleWorker(AttuneSensorError):
     """The sensor is recorded as pending: no worker may take it now."""
@@ -324,7 +286,6 @@ class Scheduler:
         self._synced_at = None
         cordoned = "w.cordoned" if "cordoned" in table.columns else "NULL"
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
-        eligible = " AND ".join(f"({sql})" for sql in self._checks.values())
         self._sync = SYNC_SQL.format(capacity=CAPACITY, load=PLACED_SENSORS, roles=ROLES, worker_load=WORKER_LOAD,
                                      stale=STALE_EXPR)
         # the same rule, for the sensor `a` being moved instead of one given as parameters
@@ -335,9 +296,6 @@ class Scheduler:
         may_run = for_a(" AND ".join(f"({self._checks[name]})" for name in ("runtime", "selector", "affinity", "version")))
         self._mine = MINE_SQL.format(assignments=ASSIGNMENTS, stale=STALE_EXPR, platform_row=PLATFORM_ROW,
                                      sensor_id=PLATFORM_SENSOR_ID if table.sensor_processes else "NULL::bigint")
-        self._rebalance_step = REBALANCE_STEP_SQL.format(
-            worker_load=WORKER_LOAD, schedulable=self._checks["schedulable"], assignments=ASSIGNMENTS, roles=ROLES,
-            eligible_for_a=for_a(eligible), placed=PLACED_SENSORS, capacity=CAPACITY)
         self._release_mine = RELEASE_MINE_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, capacity=CAPACITY,
                                                      stale=STALE_EXPR)
         self._survey = SURVEY_SQL.format(assignments=ASSIGNMENTS, may_run=may_run, placed=PLACED_SENSORS,
@@ -392,18 +350,20 @@ class Scheduler:
         return [row[0] for row in self.db.execute(HAND_OVER_SQL, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id})]
 
     def rebalance(self, limit=100_000):
-        """Evens out a skewed fleet (new workers joined, say) one move at a time, each making
-        the fleet strictly more even. First, what live workers may no longer run (a runtime
+        """Evens out a skewed fleet (new workers joined, say) by moves that each make the fleet
+        strictly more even, in rounds in the server (REBALANCE_SQL). First, what live workers may no longer run (a runtime
         dropped, a selector no longer matched, beyond a lowered capacity) goes where it may.
         Returns [(sensor_ref, from_worker, to_worker)]."""
         released = dict(self.release_ineligible())
         _, placed = self.reconcile()
         moves = [(ref, released[ref], placed[ref]) for ref in sorted(released) if ref in placed]
         while len(moves) < limit:
-            moved = self.db.execute(self._rebalance_step, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})
-            if not moved:
+            batch = min(REBALANCE_BATCH, limit - len(moves))
+            moved = self.db.execute(REBALANCE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
+                                                    "limit": batch})
+            moves += [tuple(row) for row in moved]
+            if len(moved) < batch:
                 break
-            moves.append(tuple(moved[0]))
         return moves
 
     def release_ineligible(self, worker_id=None):

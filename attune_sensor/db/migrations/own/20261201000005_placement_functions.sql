@@ -269,3 +269,81 @@ BEGIN
      WHERE sensor_ref = p_ref AND worker_id IS NULL;
     RETURN chosen_name;
 END $$;
+
+-- Rebalance (docs/scheduling.md, "Commands and API"): moves that each leave the fleet strictly
+-- more even, in rounds. A round takes the 20 fullest schedulable workers by their counted
+-- sensors (found through this index on the load counter, then counted: the counter only
+-- chooses whom to look at) and moves at most one sensor from each, to the least loaded worker
+-- eligible for it, when that worker would then hold a strictly lower share than the source held
+-- before the move. Rounds go on until one moves nothing or `p_limit` moves were made. A sensor
+-- with preferred affinity terms is not moved (its preferences placed it). One call, one lock,
+-- plans kept: a move costs a walk, not a statement's planning.
+CREATE INDEX IF NOT EXISTS worker_load_fullest ON attune_sensor.worker_load (ratio DESC, worker_id);
+
+CREATE OR REPLACE FUNCTION attune_sensor.rebalance_moves(p_multiplier FLOAT8, p_limit INTEGER, p_lock BIGINT)
+RETURNS TABLE (moved_ref TEXT, from_worker TEXT, to_worker TEXT) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    source RECORD;
+    move RECORD;
+    moves INTEGER := 0;
+    progress BOOLEAN;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock);
+    LOOP
+        progress := false;
+        FOR source IN
+            SELECT w.id, w.name, c.load, c.capacity
+              FROM (SELECT DISTINCT l.worker_id
+                      FROM (SELECT worker_id FROM attune_sensor.worker_load ORDER BY ratio DESC, worker_id LIMIT 60) AS l
+                   ) AS top
+              JOIN worker AS w ON w.id = top.worker_id
+             CROSS JOIN LATERAL (SELECT (SELECT count(*) FROM attune_sensor.assignment AS a WHERE a.worker_id = w.id) AS load,
+                                        attune_sensor.capacity(w.capabilities) AS capacity) AS c
+             WHERE attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
+               AND c.load > 0 AND c.capacity > 0
+             ORDER BY c.load::float8 / c.capacity DESC, w.id
+             LIMIT 20
+        LOOP
+            EXIT WHEN moves >= p_limit;
+            SELECT a.sensor_ref, d.id AS target_id, d.name AS target_name INTO move
+              FROM attune_sensor.assignment AS a
+             CROSS JOIN LATERAL (
+                 SELECT t.id, t.name, t.ratio_after FROM attune_sensor.worker_load AS l
+                  CROSS JOIN LATERAL (
+                      SELECT w.id, w.name,
+                             ((SELECT count(*) FROM attune_sensor.assignment AS x WHERE x.worker_id = w.id) + 1)::float8
+                                 / attune_sensor.capacity(w.capabilities) AS ratio_after
+                        FROM worker AS w
+                       WHERE w.id = l.worker_id AND w.id <> source.id
+                         AND attune_sensor.placeable(w.worker_role::text, w.meta)
+                         AND attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, p_multiplier)
+                         AND attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
+                         AND attune_sensor.offers_runtime(w.capabilities, a.runtime)
+                         AND attune_sensor.selector_holds(w.capabilities, a.selector)
+                         AND attune_sensor.tolerated(w.capabilities, a.tolerations)
+                         AND attune_sensor.affinity_holds(w.capabilities, a.affinity)
+                         AND attune_sensor.version_holds(w.capabilities, a.versions)
+                         AND attune_sensor.has_room(w.id, w.capabilities)
+                      OFFSET 0) AS t
+                  WHERE l.runtime = a.runtime
+                  ORDER BY l.ratio, l.worker_id LIMIT 1) AS d
+             WHERE a.worker_id = source.id
+               AND jsonb_array_length(coalesce(a.affinity -> 'preferred', '[]'::jsonb)) = 0
+               AND d.ratio_after < source.load::float8 / source.capacity - 1e-9
+             ORDER BY d.ratio_after, a.sensor_ref
+             LIMIT 1;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE attune_sensor.assignment AS a
+               SET worker_id = move.target_id, assigned_at = now(),
+                   previous_worker_id = coalesce(a.previous_worker_id, source.id)
+             WHERE a.sensor_ref = move.sensor_ref AND a.worker_id = source.id;
+            moved_ref := move.sensor_ref;
+            from_worker := source.name;
+            to_worker := move.target_name;
+            RETURN NEXT;
+            moves := moves + 1;
+            progress := true;
+        END LOOP;
+        EXIT WHEN NOT progress OR moves >= p_limit;
+    END LOOP;
+END $$;
