@@ -317,6 +317,7 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
     # back to what that version left: its tables and rows, without the own series' bookkeeping
     query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run, attune_sensor.sync_gate; "
                         "DROP INDEX attune_sensor.assignment_handover; "
+                        "DROP TRIGGER guard_origin ON attune_sensor.assignment; DROP FUNCTION attune_sensor.guard_origin; "
                         "DROP FUNCTION attune_sensor.sync_platform_sensors, attune_sensor.offers_version, "
                         "attune_sensor.version_key, attune_sensor.affinity_score, attune_sensor.affinity_allows, "
                         "attune_sensor.term_matches, attune_sensor.worker_labels, attune_sensor.runtime_name; "
@@ -372,3 +373,15 @@ def test_migrate_run_restores_the_heartbeat_function_as_the_migration_made_it(sp
                               "ORDER BY 1") == made
     assert query(spec_db_url, "SELECT has_function_privilege('attune_sensor_daemon', "
                               "'attune_sensor.heartbeat(bigint, xid, text, float8)', 'EXECUTE')") == [(True,)]
+
+
+def test_migrate_run_restores_the_placement_functions_from_their_own_migration(spec_db_url):
+    """The functions of the idempotent own migrations are restored by applying the file again,
+    each named; a second run has nothing to repair."""
+    query(spec_db_url, "DROP FUNCTION attune_sensor.choose_worker; DROP INDEX attune_sensor.worker_load_fullest")
+    result = migrate(spec_db_url)
+    assert result.returncode == 0, result.stderr
+    assert "repaired function attune_sensor.choose_worker (it was missing)" in result.stdout
+    assert "repaired index worker_load_fullest (it was missing)" in result.stdout
+    assert query(spec_db_url, "SELECT to_regproc('attune_sensor.choose_worker') IS NOT NULL") == [(True,)]
+    assert "repaired" not in migrate(spec_db_url).stdout

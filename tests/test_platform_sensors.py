@@ -366,3 +366,17 @@ def test_a_value_nested_too_deeply_is_a_database_error_not_a_crash(spec_db_url):
         assert db.execute("SELECT '[[1]]'::jsonb, '{\"a\": 1}'::json") == [([[1]], {"a": 1})]
     finally:
         db.close()
+
+
+def test_a_pass_whose_gate_was_taken_by_a_newer_one_writes_nothing_more(platform_url):
+    """Each of a pass's writes carries the token its claim set: once `attune-sensor sync` (or a
+    pass after the spacing) claimed the gate, an older pass still writing is refused."""
+    url = platform_url
+    query(url, "UPDATE attune_sensor.sync_gate SET pass_token = 'older'")
+    python = add_runtime(url, "core.python", "Python", ["python"])
+    add_sensor(url, "demo.one", python, "core.python")
+    assert sync(url).returncode == 0  # the newer pass
+    entry = json.dumps([{"sensor_ref": "demo.two", "runtime": "python"}])
+    with pytest.raises(Exception, match="another sync pass took over"):
+        query(url, "SELECT * FROM attune_sensor.sync_platform_sensors(%s::jsonb, NULL, 'older', 1)", (entry,))
+    assert set(placed(url)) == {"demo.one"}

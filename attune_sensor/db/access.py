@@ -54,15 +54,11 @@ def role_state(cursor):
 # index's rows of workers gone (scheduler.SYNC_SQL) and its own sensor reports
 # (runner/report.py). Assignments are never deleted by a daemon, only by `unplace`, an
 # operator's command run as the schema owner (or a role granted DELETE on it).
-_PLACED_COLUMNS = ("sensor_ref, runtime, selector, tolerations, entrypoint, env, worker_id, assigned_at, "
-                   "previous_worker_id")
 OWN_GRANTS = {
     "attune_sensor.schema_migrations": "SELECT",
     "attune_sensor.reaper_gate": "SELECT, UPDATE",
-    # by column: never `origin`, `affinity`, `versions`, `triggers` (the sync function's, which owns
-    # the platform's placements: a daemon host cannot relabel a manual placement as the
-    # platform's, which the next pass would delete)
-    "attune_sensor.assignment": f"SELECT, INSERT ({_PLACED_COLUMNS}), UPDATE ({_PLACED_COLUMNS})",
+    # (never a placement's `origin`: the trigger guard_origin, own migration 20261201000003)
+    "attune_sensor.assignment": "SELECT, INSERT, UPDATE",
     "attune_sensor.worker_load": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
@@ -82,9 +78,7 @@ OWN_FUNCTION_GRANTS = {
 # The platform's tables the sync pass reads: its runnable sensors (platform/sensors.py).
 PLATFORM_SENSOR_TABLES = ("sensor", "trigger", "rule", "runtime", "runtime_version")
 # What earlier versions granted and this one takes back on every run.
-# Table-wide UPDATE and INSERT on the assignments went before their column grants replaced
-# them (a table-wide revoke takes the column grants too: revokes come first).
-OWN_REVOKES = {"attune_sensor.assignment": "DELETE, INSERT, UPDATE"}
+OWN_REVOKES = {"attune_sensor.assignment": "DELETE"}
 
 
 def _exists(cursor, relation):

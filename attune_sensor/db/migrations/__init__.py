@@ -332,24 +332,65 @@ REPAIRED = {
                                  "AND tgrelid = 'attune_sensor.assignment'::regclass)",
     "attune_sensor.reaper_gate's row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.reaper_gate)",
     "attune_sensor.fleet_gauges' row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.fleet_gauges)",
-    "function attune_sensor.is_stale": "SELECT to_regprocedure('attune_sensor.is_stale(timestamptz, jsonb, float8)') IS NULL",
-    "function attune_sensor.heartbeat": "SELECT to_regprocedure('attune_sensor.heartbeat(bigint, xid, text, float8)') "
-                                        "IS NULL",
+    "trigger guard_origin": "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'guard_origin' "
+                            "AND tgrelid = 'attune_sensor.assignment'::regclass)",
 }
+# An own migration whose first line is this may be applied again whole (CREATE OR REPLACE, IF
+# NOT EXISTS only): `migrate run` does so when one of the functions or indexes it makes is gone,
+# instead of a copy of them in repair.sql.
+IDEMPOTENT_MARK = "-- idempotent:"
+_OWN_OBJECT_MISSING = """
+SELECT NOT EXISTS (SELECT 1 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                    WHERE n.nspname = 'attune_sensor' AND format('%%I.%%I', n.nspname, p.proname) = %(name)s)
+"""
+_OWN_INDEX_MISSING = "SELECT to_regclass('attune_sensor.' || %(name)s) IS NULL"
+
+
+def _missing_made(cursor, migration):
+    """The functions and indexes an idempotent own migration makes that are not there."""
+    made = migration.objects()
+    missing = []
+    for name in made.get("function", []):
+        cursor.execute(_OWN_OBJECT_MISSING, {"name": name})
+        if cursor.fetchone()[0]:
+            missing.append(f"function {name}")
+    for name in made.get("index", []):
+        cursor.execute(_OWN_INDEX_MISSING, {"name": name})
+        if cursor.fetchone()[0]:
+            missing.append(f"index {name}")
+    return missing
 
 
 def _repair(conn, cursor, url, log):
     """Restores what attune-sensor derives if someone dropped it; returns what was restored."""
+    restored = []
     missing = []
     for what, sql in REPAIRED.items():
         cursor.execute(sql)
         if cursor.fetchone()[0]:
             missing.append(what)
-    if not missing:
-        return []
+    if missing:  # first: the tables the functions' files may index
+        _run_repair(conn, cursor, url,
+                    (resources.files(__package__) / OWN_FOLDER / "repair.sql").read_text(encoding="utf-8"))
+        for what in missing:
+            log(f"repaired {what} (it was missing)")
+        restored += [f"repaired {what}" for what in missing]
+    for migration in own_available():
+        if not migration.sql.startswith(IDEMPOTENT_MARK):
+            continue
+        gone = _missing_made(cursor, migration)
+        if gone:
+            _run_repair(conn, cursor, url, migration.sql)
+            for what in gone:
+                log(f"repaired {what} (it was missing)")
+            restored += [f"repaired {what}" for what in gone]
+    return restored
+
+
+def _run_repair(conn, cursor, url, sql):
     try:
         conn.autocommit = False
-        cursor.execute((resources.files(__package__) / OWN_FOLDER / "repair.sql").read_text(encoding="utf-8"))
+        cursor.execute(sql)
         conn.commit()
     except psycopg2.Error as exc:
         conn.rollback()
@@ -357,9 +398,6 @@ def _repair(conn, cursor, url, log):
                              + scrub(exc.pgerror or exc, url)) from None
     finally:
         conn.autocommit = True
-    for what in missing:
-        log(f"repaired {what} (it was missing)")
-    return [f"repaired {what}" for what in missing]
 
 
 def _apply(conn, cursor, url, log, migrations, table, shown="", earlier=()):

@@ -1,3 +1,4 @@
+-- idempotent: `migrate run` applies this file again when one of its functions is missing (repair)
 -- The heartbeat that carries the fleet's reaper, and the stale rule it reaps by, as functions
 -- the server keeps (docs/design.md, "Reaper" and "Staleness"). Sent as one statement, the
 -- heartbeat with the reaper's CTEs was planned afresh at every beat: planning was most of its

@@ -1,6 +1,8 @@
 -- Not a versioned migration: run by every `migrate run` after the migrations, to restore what
 -- attune-sensor derives and others may drop (the load index, its trigger, the one-row tables'
--- rows, the heartbeat's functions). Idempotent, and it keeps every row that is there (docs/operations.md, "Repair"). It
+-- rows, the guard on placements' origin). Idempotent, and it keeps every row that is there
+-- (docs/operations.md, "Repair"); the functions of the idempotent migrations (4 and 5) are
+-- restored by applying those files again (migrations._repair). It
 -- repeats definitions of migration 1 on purpose: a migration is history and never edited, this
 -- file is the current state repaired to; a migration that changes one of these objects changes
 -- it here too.
@@ -36,50 +38,22 @@ BEGIN
 END $$;
 INSERT INTO attune_sensor.reaper_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
 INSERT INTO attune_sensor.fleet_gauges DEFAULT VALUES ON CONFLICT DO NOTHING;
--- The heartbeat with its gated reaper and the stale rule it reaps by (migration 20261201000004,
--- which says why): without them every daemon's heartbeat fails.
-CREATE OR REPLACE FUNCTION attune_sensor.is_stale(beat TIMESTAMPTZ, caps JSONB, multiplier FLOAT8)
-RETURNS BOOLEAN LANGUAGE sql STABLE PARALLEL SAFE AS $$
-SELECT beat < now() - make_interval(secs => greatest(multiplier,
-         (CASE WHEN jsonb_typeof(caps -> 'stale_multiplier') IS DISTINCT FROM 'number' THEN NULL
-               WHEN (caps -> 'stale_multiplier')::numeric BETWEEN 1.5 AND 100
-               THEN (caps -> 'stale_multiplier')::numeric::float8 END))
-       * (CASE WHEN jsonb_typeof(caps -> 'heartbeat_interval') IS DISTINCT FROM 'number' THEN 30
-               WHEN (caps -> 'heartbeat_interval')::numeric <= 0 THEN 30
-               ELSE least(greatest((caps -> 'heartbeat_interval')::numeric, 0.1), 86400)::float8 END))
-$$;
-
-CREATE OR REPLACE FUNCTION attune_sensor.heartbeat(p_id BIGINT, p_fence XID, p_reaper TEXT, p_multiplier FLOAT8,
-                                        OUT beat_xmin TEXT, OUT beat_at TIMESTAMPTZ, OUT reaped JSON)
-LANGUAGE plpgsql VOLATILE AS $$
+CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    reaped := '[]';
-    UPDATE attune_sensor.reaper_gate SET last_scan = now(), scanned_by = p_reaper
-     WHERE CASE WHEN last_scan < now() - make_interval(secs => 10.0) OR last_scan > clock_timestamp()
-                THEN pg_try_advisory_xact_lock(71968425864806) ELSE false END;
-    IF FOUND THEN
-        WITH marked AS (
-            UPDATE worker AS w
-               SET status = 'inactive',
-                   meta = coalesce(w.meta, '{}'::jsonb) || jsonb_build_object(
-                       'reaped_at', now(), 'reaped_by', p_reaper, 'reaped_last_heartbeat', w.last_heartbeat)
-             WHERE w.id <> p_id
-               AND ((w.worker_role::text = 'sensor'
-                     AND NOT (w.worker_role::text = 'sensor'
-                              AND NOT coalesce(jsonb_typeof(w.meta -> 'instance_id') = 'string', false)
-                              AND (w.meta IS NULL OR CASE WHEN jsonb_typeof(w.meta) = 'object'
-                                   THEN w.meta ? 'reaped_at' AND w.meta - ARRAY['reaped_at', 'reaped_by',
-                                        'reaped_last_heartbeat']::text[] = '{}'::jsonb ELSE false END)))
-                    OR (w.worker_role::text = 'hybrid'
-                        AND coalesce(jsonb_typeof(w.meta -> 'instance_id') = 'string', false)))
-               AND w.status = 'active'
-               AND attune_sensor.is_stale(w.last_heartbeat, w.capabilities, p_multiplier)
-            RETURNING w.id, w.name, w.host
-        )
-        SELECT coalesce(json_agg(json_build_array(id, name, host)), '[]') INTO reaped FROM marked;
+    IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
+        OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
+       AND NOT pg_has_role(current_user, (SELECT relowner FROM pg_class
+                                          WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
+        RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
+              USING ERRCODE = 'insufficient_privilege';
     END IF;
-    UPDATE worker SET last_heartbeat = now(), status = 'active'
-     WHERE id = p_id AND xmin = p_fence
-    RETURNING xmin::text, last_heartbeat INTO beat_xmin, beat_at;
-END
-$$;
+    RETURN NEW;
+END $$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'guard_origin'
+                      AND tgrelid = 'attune_sensor.assignment'::regclass) THEN
+        CREATE TRIGGER guard_origin BEFORE INSERT OR UPDATE OF origin ON attune_sensor.assignment
+            FOR EACH ROW EXECUTE FUNCTION attune_sensor.guard_origin();
+    END IF;
+END $$;
