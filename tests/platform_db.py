@@ -52,8 +52,13 @@ def build(url, source):
 # --- the platform's rows, as its API or a pack installation writes them (tests of the sync pass) ---
 
 
-def add_worker(url, name, runtimes=("python", "shell"), capacity=5, labels=None, taints=None, versions=None):
+def add_worker(url, name, runtimes=("python", "shell"), capacity=5, labels=None, taints=None, versions=None,
+               schema_version=20261201000005):
+    """A live sensor worker row as a daemon of this version writes it (`schema_version`: the own
+    schema its code speaks, None for a daemon of an earlier version)."""
     capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30}
+    if schema_version is not None:
+        capabilities["attune_sensor_schema"] = schema_version
     if labels is not None:
         capabilities["labels"] = labels
     if taints is not None:

@@ -318,6 +318,7 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
     query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run, attune_sensor.sync_gate; "
                         "DROP INDEX attune_sensor.assignment_handover; "
                         "DROP TRIGGER guard_origin ON attune_sensor.assignment; DROP FUNCTION attune_sensor.guard_origin; "
+                        "DROP TRIGGER guard_platform_placement ON attune_sensor.assignment; "
                         "DROP FUNCTION attune_sensor.sync_platform_sensors, attune_sensor.offers_version, "
                         "attune_sensor.version_key, attune_sensor.affinity_score, attune_sensor.affinity_allows, "
                         "attune_sensor.term_matches, attune_sensor.worker_labels, attune_sensor.runtime_name; "

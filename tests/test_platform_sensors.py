@@ -380,3 +380,21 @@ def test_a_pass_whose_gate_was_taken_by_a_newer_one_writes_nothing_more(platform
     with pytest.raises(Exception, match="another sync pass took over"):
         query(url, "SELECT * FROM attune_sensor.sync_platform_sensors(%s::jsonb, NULL, 'older', 1)", (entry,))
     assert set(placed(url)) == {"demo.one"}
+
+
+def test_the_platforms_sensors_go_only_to_workers_of_this_version(platform_url):
+    """During a rolling upgrade a daemon of an earlier version would run a platform sensor
+    without its trigger instances: the walk passes it by, and a placement written by its own
+    (older) rule is skipped by the schema's guard."""
+    url = platform_url
+    python = add_runtime(url, "core.python", "Python", ["python"])
+    add_worker(url, "w-old", capacity=10, schema_version=None)
+    add_sensor(url, "demo.one", python, "core.python")
+    out = sync(url).stdout
+    assert "added demo.one" in out and placed(url)["demo.one"] == (None, "platform")
+    old_id = query(url, "SELECT id FROM worker WHERE name = 'w-old'")[0][0]
+    query(url, "UPDATE attune_sensor.assignment SET worker_id = %s WHERE sensor_ref = 'demo.one'", (old_id,))
+    assert placed(url)["demo.one"] == (None, "platform")  # the earlier version's write, skipped
+    add_worker(url, "w-new", capacity=10)
+    sync(url)
+    assert placed(url)["demo.one"] == ("w-new", "platform")

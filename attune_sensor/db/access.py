@@ -64,17 +64,6 @@ OWN_GRANTS = {
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.sync_gate": "SELECT, UPDATE",
 }
-# The functions the daemon calls (own migration 20261201000004: the heartbeat and the stale rule
-# it reaps by). PUBLIC may execute a new function unless a DBA changed the default privileges, so
-# the grant is made explicitly. Both are SECURITY INVOKER: executing lends no privilege, the
-# daemon's own grants on the tables apply.
-# The sync pass's write deletes only placements of origin `platform` and is SECURITY DEFINER:
-# PUBLIC may not run it (own migration 20261201000003), the daemon role may.
-OWN_FUNCTION_GRANTS = {
-    "attune_sensor.heartbeat(bigint, xid, text, float8)": "EXECUTE",
-    "attune_sensor.is_stale(timestamptz, jsonb, float8)": "EXECUTE",
-    "attune_sensor.sync_platform_sensors(jsonb, text[], text, bigint)": "EXECUTE",
-}
 # The platform's tables the sync pass reads: its runnable sensors (platform/sensors.py).
 PLATFORM_SENSOR_TABLES = ("sensor", "trigger", "rule", "runtime", "runtime_version")
 # What earlier versions granted and this one takes back on every run.
@@ -122,10 +111,10 @@ def daemon_grants(cursor, table):
     if own:
         grants.append(("USAGE", "SCHEMA attune_sensor"))
     grants += [(OWN_GRANTS[name], name) for name in own]
-    for function, privileges in OWN_FUNCTION_GRANTS.items():
-        cursor.execute("SELECT to_regprocedure(%s) IS NOT NULL", (function,))
-        if cursor.fetchone()[0]:
-            grants.append((privileges, f"FUNCTION {function}"))
+    if own:
+        # every function of the own schema (the rule's, placement's, the heartbeat's, the sync
+        # pass's): a DBA may have taken PUBLIC's default EXECUTE on new functions away
+        grants.append(("EXECUTE", "ALL FUNCTIONS IN SCHEMA attune_sensor"))
     return grants
 
 

@@ -30,6 +30,8 @@ FLEET_GAUGES = "attune_sensor.fleet_gauges"
 SENSOR_RUNS = "attune_sensor.sensor_run"
 SYNC_GATE = "attune_sensor.sync_gate"
 OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS, SYNC_GATE)
+# The capability a worker states the own schema version its code speaks in (worker/service.py).
+CONTRACT_CAPABILITY = "attune_sensor_schema"
 OWN_VERSIONS = "attune_sensor.schema_migrations"  # the own series' bookkeeping (migrations/)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")

@@ -37,14 +37,14 @@ SELECT s.id FROM sensor AS s
 # differ from what its placement holds (the pass sends only what changed: rule parameters may
 # be 128 KiB per sensor), with whether they are over the bound either way.
 RUNNABLE_SQL = """
-WITH instances AS (
+WITH instances AS MATERIALIZED (
     SELECT tr.sensor,
            jsonb_agg(jsonb_build_object('id', ru.id, 'ref', ru.ref, 'config', coalesce(ru.trigger_params, '{}'::jsonb))
                      ORDER BY tr.ref, ru.id) AS j
       FROM trigger AS tr JOIN rule AS ru ON ru.trigger = tr.id AND ru.enabled
      WHERE tr.sensor = ANY(%(ids)s::bigint[])
      GROUP BY tr.sensor
-), versions AS (
+), versions AS MATERIALIZED (
     SELECT v.runtime, array_agg(left(v.version, 64) ORDER BY v.id) AS registered
       FROM (SELECT rv.runtime, rv.version, rv.id,
                    row_number() OVER (PARTITION BY rv.runtime ORDER BY rv.id) AS n
@@ -159,7 +159,8 @@ def _placement(sensor_id, ref, pack_ref, entrypoint, constraint, selector, toler
     accept = rules.versions_for(constraint, list(registered or []))
     return Placement(sensor_ref=ref, runtime=kind, selector=parsed["worker_selector"],
                      tolerations=parsed["worker_tolerations"], affinity=parsed["worker_affinity"],
-                     versions=None if accept is None else {"names": names, "accept": accept},
+                     # always set: it says "the platform's", which only a worker of this version runs
+                     versions={"platform": True, "names": names, "accept": accept},
                      entrypoint=path, triggers=triggers), fallbacks
 
 

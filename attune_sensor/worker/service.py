@@ -200,7 +200,13 @@ class SensorService:
 
     def _set_capabilities(self, config, detected, interval, interpreters):
         """The registration's capabilities, with the sensor process counts as last reported."""
+        from ..db.migrations import OWN_SCHEMA_VERSION  # read once, at start (and reload)
+
         self.registration.set_capabilities(config, detected, interval, interpreters)
+        # the own schema this worker's code speaks: the platform's sensors are placed only on
+        # workers that run them as placed (attune_sensor.version_holds; docs/design.md, "The
+        # platform's sensors"), never on a daemon of an earlier version during an upgrade
+        self.registration.add_capability(schema.CONTRACT_CAPABILITY, OWN_SCHEMA_VERSION)
         self._add_counts(self._counts)
 
     def _add_counts(self, counts):

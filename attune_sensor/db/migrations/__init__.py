@@ -332,6 +332,11 @@ REPAIRED = {
                                  "AND tgrelid = 'attune_sensor.assignment'::regclass)",
     "attune_sensor.reaper_gate's row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.reaper_gate)",
     "attune_sensor.fleet_gauges' row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.fleet_gauges)",
+    "attune_sensor.sync_gate's row": "SELECT NOT EXISTS (SELECT 1 FROM attune_sensor.sync_gate)",
+    "index worker_load_walk": "SELECT to_regclass('attune_sensor.worker_load_walk') IS NULL",
+    "index assignment_by_worker": "SELECT to_regclass('attune_sensor.assignment_by_worker') IS NULL",
+    "index assignment_pending": "SELECT to_regclass('attune_sensor.assignment_pending') IS NULL",
+    "index assignment_handover": "SELECT to_regclass('attune_sensor.assignment_handover') IS NULL",
     "trigger guard_origin": "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'guard_origin' "
                             "AND tgrelid = 'attune_sensor.assignment'::regclass)",
 }

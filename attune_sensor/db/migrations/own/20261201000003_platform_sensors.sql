@@ -34,7 +34,7 @@ CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE
 BEGIN
     IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
         OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
-       AND NOT pg_has_role(current_user, (SELECT relowner FROM pg_class
+       AND NOT pg_catalog.pg_has_role(current_user, (SELECT relowner FROM pg_catalog.pg_class
                                           WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
         RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
               USING ERRCODE = 'insufficient_privilege';

@@ -39,7 +39,7 @@ $$;
 CREATE OR REPLACE FUNCTION attune_sensor.worker_labels(capabilities jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 SELECT CASE WHEN jsonb_typeof(capabilities -> 'labels') IS DISTINCT FROM 'object' THEN '{}'::jsonb
-            WHEN jsonb_path_exists(capabilities -> 'labels', '$.* ? (@.type() != "string")') THEN '{}'::jsonb
+            WHEN jsonb_path_exists(capabilities -> 'labels', 'strict $.* ? (@.type() != "string")') THEN '{}'::jsonb
             ELSE capabilities -> 'labels' END
 $$;
 
@@ -276,10 +276,18 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 SELECT affinity = '{}'::jsonb OR attune_sensor.affinity_allows(attune_sensor.worker_labels(caps), affinity)
 $$;
 
--- 7. version: a version the sensor's runtime_version_constraint accepts (migration 3).
+-- 7. version: for one of the platform's sensors ({platform: true, names, accept}), a worker whose
+-- code runs them as placed (it states the own schema it speaks, 20261201000003 or later: a
+-- daemon of an earlier version during an upgrade would run it without its trigger instances)
+-- and, with a runtime_version_constraint (accept), a version it accepts.
 CREATE OR REPLACE FUNCTION attune_sensor.version_holds(caps JSONB, versions JSONB) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-SELECT versions IS NULL OR attune_sensor.offers_version(caps, versions)
+SELECT versions IS NULL
+    OR ((versions -> 'platform' IS DISTINCT FROM 'true'::jsonb
+         OR CASE WHEN jsonb_typeof(caps -> 'attune_sensor_schema') = 'number'
+                 THEN (caps -> 'attune_sensor_schema')::numeric >= 20261201000003 ELSE false END)
+        AND (jsonb_typeof(versions -> 'accept') IS DISTINCT FROM 'array'
+             OR attune_sensor.offers_version(caps, versions)))
 $$;
 
 -- A worker's capacity (schema.capacity_of, which the read side uses without this schema): a
@@ -551,3 +559,24 @@ BEGIN
         EXIT WHEN NOT progress OR moves >= p_limit;
     END LOOP;
 END $$;
+
+-- Whoever writes a placement (a daemon of an earlier version during a rolling upgrade, whose
+-- rule knows no affinity or version constraint, or any program), one of the platform's sensors
+-- is only ever put on a worker that passes its affinity and version tests: a write that would
+-- do otherwise is skipped, and the sensor stays where it was (pending).
+CREATE OR REPLACE FUNCTION attune_sensor.guard_platform_placement() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM worker AS w
+                WHERE w.id = NEW.worker_id
+                  AND attune_sensor.affinity_holds(w.capabilities, NEW.affinity)
+                  AND attune_sensor.version_holds(w.capabilities, NEW.versions)) THEN
+        RETURN NEW;
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS guard_platform_placement ON attune_sensor.assignment;
+CREATE TRIGGER guard_platform_placement BEFORE UPDATE OF worker_id ON attune_sensor.assignment
+    FOR EACH ROW WHEN (NEW.worker_id IS NOT NULL AND NEW.worker_id IS DISTINCT FROM OLD.worker_id
+                       AND NEW.origin = 'platform')
+    EXECUTE FUNCTION attune_sensor.guard_platform_placement();

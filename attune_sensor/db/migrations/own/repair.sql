@@ -38,11 +38,17 @@ BEGIN
 END $$;
 INSERT INTO attune_sensor.reaper_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
 INSERT INTO attune_sensor.fleet_gauges DEFAULT VALUES ON CONFLICT DO NOTHING;
+INSERT INTO attune_sensor.sync_gate DEFAULT VALUES ON CONFLICT DO NOTHING;
+-- the indexes placement reads through (migrations 1 and 2)
+CREATE INDEX IF NOT EXISTS assignment_by_worker ON attune_sensor.assignment (worker_id) WHERE worker_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS assignment_pending ON attune_sensor.assignment (created) WHERE worker_id IS NULL;
+CREATE INDEX IF NOT EXISTS assignment_handover ON attune_sensor.assignment (previous_worker_id)
+    WHERE previous_worker_id IS NOT NULL;
 CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
         OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
-       AND NOT pg_has_role(current_user, (SELECT relowner FROM pg_class
+       AND NOT pg_catalog.pg_has_role(current_user, (SELECT relowner FROM pg_catalog.pg_class
                                           WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
         RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
               USING ERRCODE = 'insufficient_privilege';
