@@ -101,7 +101,8 @@ def populate(url, sensors, workers):
                  f"jsonb_build_object('interval', t.id % 60), true{pack_value} FROM trigger AS t")
     execute(url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
                  "SELECT 'w' || g, 'local', 'sensor', 'h' || g, 'active', jsonb_build_object('runtimes', "
-                 "'[\"python\"]'::jsonb, 'max_concurrent_sensors', 1000, 'heartbeat_interval', 3600, 'labels', "
+                 "'[\"python\"]'::jsonb, 'max_concurrent_sensors', 1000, 'heartbeat_interval', 3600, "
+                 "'attune_sensor_schema', 20261201000005, 'labels', "
                  "jsonb_build_object('zone', CASE WHEN g %% 2 = 0 THEN 'a' ELSE 'b' END)), '{}', now() "
                  "FROM generate_series(1, %s) AS g", (workers,))
 

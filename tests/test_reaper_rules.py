@@ -105,3 +105,28 @@ def test_the_heartbeats_reap_marks_what_the_read_sides_rule_calls_reapable(any_u
     marked = query(url, SEARCH_PATH + "SELECT name FROM worker WHERE status::text = 'inactive' "
                                       "AND name LIKE '%%-active-%%' ORDER BY 1")
     assert [m[0] for m in marked] == expected
+
+
+# what any program may have written: every branch of the capacity rule and of the row's owner
+CAPACITY_VALUES = [None, 0, 1, 12, 12.0, 12.5, -1, 1000000, 1000001, 1e400, "12", True, [3], {"n": 3}]
+METAS = [None, {}, {"instance_id": "i"}, {"instance_id": 7}, {"reaped_at": "x"},
+         {"reaped_at": "x", "reaped_by": "y", "note": 1}, "text", [1]]
+
+
+def test_placements_capacity_and_rows_are_the_read_sides(db_url):
+    """Placement's functions (own migration 20261201000005) against the inline rules `workers`,
+    `metrics` and `check` use without the own schema (schema.capacity_of, fleet.PLACEABLE_ROLES)."""
+    caps = [json.dumps({"max_concurrent_sensors": v}) if v != 1e400 else '{"max_concurrent_sensors": 1e400}'
+            for v in CAPACITY_VALUES] + ['"scalar"', "[]"]
+    rows = query(db_url, f"SELECT w.capabilities::text, attune_sensor.capacity(w.capabilities), {schema.capacity_of('w')} "
+                         "FROM (SELECT c::jsonb AS capabilities FROM unnest(%s::text[]) AS c) AS w", (caps,))
+    assert len(rows) == len(caps) and [r for r in rows if r[1] != r[2]] == []
+    assert {r[1] for r in rows} >= {0, 1, 12, 1000000}
+    metas = ["null" if m is None else json.dumps(m) for m in METAS]
+    rows = query(db_url, f"SELECT w.worker_role, w.meta::text, attune_sensor.placeable(w.worker_role, w.meta), "
+                         f"{fleet.PLACEABLE_ROLES} FROM (SELECT r AS worker_role, "
+                         "CASE WHEN m = 'null' THEN NULL ELSE m::jsonb END AS meta "
+                         "FROM unnest(ARRAY['sensor', 'hybrid', 'action']) AS r, unnest(%s::text[]) AS m) AS w",
+                 (metas,))
+    assert len(rows) == 3 * len(METAS) and [r for r in rows if r[2] is not r[3]] == []
+    assert {r[2] for r in rows} == {True, False}

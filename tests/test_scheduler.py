@@ -73,8 +73,8 @@ def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, tmp_p
 
 
 def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_url):
-    for n in range(3):
-        add_worker(db_url, f"cap-{n}", capacity=20)
+    for n in range(10):  # ten workers filling up: ten times the placers race for a last place
+        add_worker(db_url, f"cap-{n}", capacity=10)
     script = ("import sys\nfrom attune_sensor import config\nfrom attune_sensor.db import Database, schema\n"
               "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
               "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
@@ -87,9 +87,9 @@ def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_u
     assert all(p.wait(120) == 0 for p in placers)
     loads = dict(query(db_url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
                                "ON a.worker_id = w.id GROUP BY w.name"))
-    assert all(load <= 20 for load in loads.values()) and sum(loads.values()) == 60, loads
+    assert all(load <= 10 for load in loads.values()) and sum(loads.values()) == 100, loads
     refs = query(db_url, "SELECT count(*), count(DISTINCT sensor_ref) FROM attune_sensor.assignment")[0]
-    assert refs == (160, 160)  # 40 x 4 distinct refs: 60 placed, 100 pending, none twice
+    assert refs == (160, 160)  # 40 x 4 distinct refs: 100 placed, 60 pending, none twice
     assert load_mismatches(db_url) == []
 
 

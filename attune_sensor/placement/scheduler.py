@@ -56,7 +56,7 @@ CHECKS = {
     "selector": "attune_sensor.selector_holds(w.capabilities, %(selector)s::jsonb)",
     "tolerated": "attune_sensor.tolerated(w.capabilities, %(tolerations)s::jsonb)",
     # the platform's worker_affinity (required and anti_affinity terms) and the versions its
-    # runtime_version_constraint accepts (platform/rules.py; migration 20261201000003)
+    # runtime_version_constraint accepts (platform/rules.py; migration 20261201000005)
     "affinity": "attune_sensor.affinity_holds(w.capabilities, %(affinity)s::jsonb)",
     "version": "attune_sensor.version_holds(w.capabilities, %(versions)s::jsonb)",
     "capacity": "attune_sensor.has_room(w.id, w.capabilities)",

@@ -3,7 +3,8 @@ of it. The platform's own sensor service starts a sensor that is enabled, has an
 one of its triggers (`trigger.sensor`), and an entrypoint it can spawn (none with `://`); it runs
 `{packs_base_dir}/{pack_ref}/sensors/{entrypoint}` with ATTUNE_SENSOR_TRIGGERS, the enabled rules
 of its triggers as [{id, ref, config: trigger_params}] (triggers by ref, rules by id)
-(sensor_manager.rs at 9206d41). One statement; every value bounded before Python sees it.
+(sensor_manager.rs at 9206d41). Their ids in one statement, then CHUNK of them at a time in
+full; every value bounded before Python sees it.
 """
 
 import json

@@ -6,8 +6,10 @@ Every daemon offers to run it at its survey cadence (max(10 s, interval), never 
 path); the one-row gate `attune_sensor.sync_gate` lets the first through and keeps the others
 out for SYNC_SPACING, so a fleet of any size reads the platform's sensors about once per
 SYNC_SPACING, and a change made there is seen within max(interval, 10 s) + 2 s by a fleet of one.
-`attune-sensor sync` runs it at once. The write is one call of the SQL function
-`attune_sensor.sync_platform_sensors`, which deletes only platform placements.
+`attune-sensor sync` runs it at once. A pass reads and writes CHUNK sensors at a time through
+the SQL function `attune_sensor.sync_platform_sensors` (which writes only platform placements,
+never a manual one), and removes what is no longer runnable in its last call; each call carries
+the token of the pass's claim, so a newer pass stops an older one.
 """
 
 import secrets

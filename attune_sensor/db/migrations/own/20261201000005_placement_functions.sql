@@ -270,7 +270,7 @@ SELECT jsonb_typeof(caps -> 'taints') = 'array' AND caps -> 'taints' <> '[]'::js
    AND attune_sensor.untolerated_taint(caps, tolerations, 'prefer_no_schedule')
 $$;
 
--- 6. affinity: the platform's required and anti-affinity terms (migration 3's functions).
+-- 6. affinity: the platform's required and anti-affinity terms (the functions above).
 CREATE OR REPLACE FUNCTION attune_sensor.affinity_holds(caps JSONB, affinity JSONB) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 SELECT affinity = '{}'::jsonb OR attune_sensor.affinity_allows(attune_sensor.worker_labels(caps), affinity)
