@@ -6,7 +6,6 @@ Every failure is one line on stderr, `attune-sensor: <what went wrong>`, and a s
 2 critical, 3 unknown.
 """
 
-import argparse
 import json
 import os
 import re
@@ -30,21 +29,22 @@ INSTANCE_CONFIG = "/etc/attune/sensor-{}.yaml"
 INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), like every other error, and
-    never echoes a control character it was given."""
-
-    def error(self, message):
-        sys.stderr.write(f"attune-sensor: {_one_line(message)} (see '{self.prog} --help')\n")
-        sys.exit(2)
-
-
 def _one_line(text):
     """`text` with every character that is not printable escaped: one line, whatever it holds."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 
 def _parser():
+    import argparse  # here: the daemon's own command line does without it (_run_arguments)
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse, but a usage error is one line on stderr (exit 2), like every other error,
+        and never echoes a control character it was given."""
+
+        def error(self, message):
+            sys.stderr.write(f"attune-sensor: {_one_line(message)} (see '{self.prog} --help')\n")
+            sys.exit(2)
+
     # --config is accepted after the command too (attune-sensor workers --config F); SUPPRESS
     # keeps a subcommand from resetting what was given before it
     common = argparse.ArgumentParser(add_help=False)
@@ -173,13 +173,41 @@ def _remember_signal(signum, frame):
     _early_signals.append(signum)
 
 
+def _run_arguments(argv):
+    """The daemon's own command lines, as the units and operators write them (`run` with
+    `--config`/`--instance` before or after it, the later one winning), read without argparse,
+    whose import and parser cost about a tenth of the daemon's start (docs/performance.md,
+    section 1). The same namespace argparse would give; None for anything else, which argparse
+    then reads (and refuses with its own messages)."""
+    from types import SimpleNamespace
+
+    values = {"config": None, "instance": None}
+    command = None
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "run" and command is None:
+            command = token
+            continue
+        name, sep, value = token.partition("=")
+        if name not in ("--config", "--instance"):
+            return None
+        if not sep:
+            if not tokens or tokens[0].startswith("-"):
+                return None
+            value = tokens.pop(0)
+        values[name[2:]] = value
+    return SimpleNamespace(command="run", **values) if command else None
+
+
 def main(argv=None):
     # systemctl reload may come before the daemon is up: SIGHUP's default action would kill it.
     import signal
 
     previous_hup = signal.signal(signal.SIGHUP, _remember_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since signals.entry_point
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _run_arguments(argv) or _parser().parse_args(argv)
     if args.command != "run":
         signal.signal(signal.SIGHUP, previous_hup)
     try:

@@ -4,6 +4,8 @@ import json
 import re
 import signal
 
+import pytest
+
 from support import config_for, query, run_cli, write_config
 
 FLEET = """
@@ -202,3 +204,22 @@ def test_every_command_has_its_help():
         description = paragraphs[1].strip()
         assert description and not description.endswith(":") and not description.startswith(
             ("positional arguments", "options")), (command, result.stdout)
+
+
+@pytest.mark.parametrize("argv", [["run"], ["--config", "/x", "run"], ["run", "--config=/y"],
+                                  ["--config", "/a", "run", "--config", "/b"], ["--instance", "i1", "run"],
+                                  ["run", "--instance=i2", "--config", "c.yaml"], ["--config=", "run"]])
+def test_the_daemons_command_line_reads_as_argparse_reads_it(argv):
+    """`run`'s command lines are read without argparse (a tenth of the daemon's start,
+    docs/performance.md §1): the same namespace, and nothing else taken that way."""
+    from attune_sensor import cli
+
+    assert vars(cli._run_arguments(argv)) == vars(cli._parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["run", "x"], ["--config"], ["run", "--config", "-z"],
+                                  ["run", "run"], ["--conf", "/x", "run"], ["workers"], []])
+def test_other_command_lines_are_left_to_argparse(argv):
+    from attune_sensor import cli
+
+    assert cli._run_arguments(argv) is None
