@@ -54,13 +54,10 @@ def scheduler_for(url):
 
 
 def test_the_daemon_role_may_place_when_a_dba_revoked_public_execute_on_new_functions(cluster):
-    """access.OWN_FUNCTION_GRANTS grants EXECUTE on the heartbeat, is_stale and the sync
-    function only, because "PUBLIC may execute a new function unless a DBA changed the default
-    privileges". A DBA who did (ALTER DEFAULT PRIVILEGES ... REVOKE EXECUTE ON FUNCTIONS FROM
-    PUBLIC, a common hardening step) gets a database where migration 5's functions
-    (place_sensor, place_queued, choose_worker, alive, has_room, ...) are executable by their
-    owner only: every daemon's placement, failover pass, survey and rebalance fails with
-    "permission denied for function"."""
+    """A DBA who took PUBLIC's default EXECUTE on new functions away (ALTER DEFAULT PRIVILEGES ...
+    REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC, a common hardening step) must still get daemons that
+    place: `migrate run` grants attune_sensor_daemon EXECUTE on every function of the own schema
+    (placement, failover, survey and rebalance call them). It once granted three by name."""
     dbname = unique_name("x")
     cluster.psql(f"CREATE DATABASE {dbname}")
     owner_url = cluster.url(dbname)
