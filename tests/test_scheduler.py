@@ -79,11 +79,11 @@ def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_u
               "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
               "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
               "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db))\n"
-              "for i in range(50):\n"
+              "for i in range(80):\n"
               "    ref = f's.{i % 40}.{int(sys.argv[2]) % 4}'\n"  # placers overlap on the same refs
               "    try: s.place(ref, 'python')\n"
               "    except NoEligibleWorker: pass\n")
-    placers = [subprocess.Popen([sys.executable, "-c", script, db_url, str(p)], env=base_env()) for p in range(8)]
+    placers = [subprocess.Popen([sys.executable, "-c", script, db_url, str(p)], env=base_env()) for p in range(12)]
     assert all(p.wait(120) == 0 for p in placers)
     loads = dict(query(db_url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
                                "ON a.worker_id = w.id GROUP BY w.name"))
