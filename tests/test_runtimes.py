@@ -135,3 +135,21 @@ def test_one_interpreter_under_two_names_is_listed_once(tmp_path, link):
     names, _, interpreters = runtimes.resolve((), {"PATH": str(tmp_path)})
     assert names == ["python", "shell", "native"]
     assert interpreters == [{"name": "python", "path": os.path.join(tmp_path, "python3"), "version": "3.11.2"}]
+
+
+def test_which_finds_what_shutil_which_finds(tmp_path):
+    """launch.which stands in for shutil.which (whose import loads bz2 and lzma into the daemon)."""
+    import shutil
+
+    from attune_sensor.runner.launch import which
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tool").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "tool").chmod(0o755)
+    (tmp_path / "bin" / "plain").write_text("")
+    (tmp_path / "bin" / "adir").mkdir()
+    path = os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "bin"), "/usr/bin", "/bin"])
+    for command in ("tool", "plain", "adir", "sh", "nonexistent", "/bin/sh", str(tmp_path / "bin" / "tool"),
+                    str(tmp_path / "bin" / "plain")):
+        assert which(command, path) == shutil.which(command, path=path), command
+    assert which("tool", path) == str(tmp_path / "bin" / "tool")

@@ -7,7 +7,6 @@ with a one-line reason.
 
 import os
 import re
-import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -40,6 +39,25 @@ RUNTIME_KINDS = {"python": "python", "python3": "python", "core.python": "python
                  "node": "node", "nodejs": "node", "node.js": "node", "core.node": "node",
                  "shell": "shell", "bash": "shell", "sh": "shell", "core.shell": "shell",
                  "native": "native", "builtin": "native", "standalone": "native", "core.native": "native"}
+
+
+def which(command, path):
+    """shutil.which(command, path=path), without importing shutil: shutil loads the bz2 and lzma
+    modules for its archives, a visible share of the daemon's memory (docs/performance.md §1)."""
+    command, path = os.fspath(command), os.fspath(path)
+
+    def runnable(candidate):
+        return os.path.exists(candidate) and os.access(candidate, os.X_OK) and not os.path.isdir(candidate)
+    if os.path.dirname(command):
+        return command if runnable(command) else None
+    seen = set()
+    for directory in path.split(os.pathsep):
+        if directory not in seen:
+            seen.add(directory)
+            candidate = os.path.join(directory, command)
+            if runnable(candidate):
+                return candidate
+    return None
 
 
 class LaunchRefused(Exception):
@@ -158,7 +176,7 @@ def command(runtime, script, interpreters=(), runtimes_exec=None, environ=None):
             if interpreter.get("name") == kind and interpreter.get("path"):
                 return [interpreter["path"], script]
         path = (environ or os.environ).get("PATH", DEFAULT_PATH)
-        found = shutil.which("python3" if kind == "python" else "node", path=path)
+        found = which("python3" if kind == "python" else "node", path)
         if found:
             return [found, script]
         raise LaunchRefused(f"no {kind} interpreter found on this host (set sensor.runtimes_exec.{runtime})")

@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 
 from .. import __version__
@@ -148,6 +147,16 @@ def in_container():
     return any(os.path.exists(p) for p in ("/.dockerenv", "/run/.containerenv", "/run/systemd/container"))
 
 
+def _uuid4():
+    """A random (version 4) UUID as text, as str(uuid.uuid4()) gives it, without importing uuid,
+    which loads the platform module at every start (docs/performance.md §1)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 class SensorWorkerRegistration:
     """Registers, heartbeats and deregisters one sensor worker.
 
@@ -169,7 +178,7 @@ class SensorWorkerRegistration:
         if self.worker_type == "auto":
             self.worker_type = "container" if in_container() else "local"
         self.stale_multiplier = sensor.stale_multiplier
-        self.instance_id = str(uuid.uuid4())
+        self.instance_id = _uuid4()
         self.worker_id = None
         self._row = {}  # our row as the database last returned it (TRACKED_FIELDS + status)
         self._sent_capabilities = None  # the last capabilities update sent, in case its reply is lost

@@ -7,10 +7,11 @@ so a broken interpreter on PATH is not reported as available.
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import time
+
+from ..runner import launch
 
 ENV_VAR = "ATTUNE_SENSOR_RUNTIMES"
 RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")
@@ -144,7 +145,7 @@ def probe(environ=None):
     seen, started = set(), []
     for name, binaries in PROBES:
         for binary in binaries:
-            path = shutil.which(binary, path=search)
+            path = launch.which(binary, search)
             if path and _identity(path) not in seen:
                 seen.add(_identity(path))
                 started.append((name, _start(path, child_env)))
