@@ -57,7 +57,7 @@ def role_state(cursor):
 OWN_GRANTS = {
     "attune_sensor.schema_migrations": "SELECT",
     "attune_sensor.reaper_gate": "SELECT, UPDATE",
-    # (never a placement's `origin`: the trigger guard_origin, own migration 20261201000003)
+    # (never a placement's `origin`: the trigger guard_origin, own migration 20261201000005)
     "attune_sensor.assignment": "SELECT, INSERT, UPDATE",
     "attune_sensor.worker_load": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",

@@ -337,11 +337,10 @@ REPAIRED = {
     "index assignment_by_worker": "SELECT to_regclass('attune_sensor.assignment_by_worker') IS NULL",
     "index assignment_pending": "SELECT to_regclass('attune_sensor.assignment_pending') IS NULL",
     "index assignment_handover": "SELECT to_regclass('attune_sensor.assignment_handover') IS NULL",
-    "trigger guard_origin": "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'guard_origin' "
-                            "AND tgrelid = 'attune_sensor.assignment'::regclass)",
 }
 # An own migration whose first line is this may be applied again whole (CREATE OR REPLACE, IF
-# NOT EXISTS only): `migrate run` does so when one of the functions or indexes it makes is gone,
+# NOT EXISTS, DROP ... IF EXISTS before a trigger): `migrate run` does so when one of the
+# functions, indexes or triggers it makes is gone,
 # instead of a copy of them in repair.sql.
 IDEMPOTENT_MARK = "-- idempotent:"
 _OWN_OBJECT_MISSING = """
@@ -349,20 +348,26 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = 
                     WHERE n.nspname = 'attune_sensor' AND format('%%I.%%I', n.nspname, p.proname) = %(name)s)
 """
 _OWN_INDEX_MISSING = "SELECT to_regclass('attune_sensor.' || %(name)s) IS NULL"
+_OWN_TRIGGER_MISSING = """
+SELECT NOT EXISTS (SELECT 1 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+                   JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                    WHERE n.nspname = 'attune_sensor' AND t.tgname = %(name)s)
+"""
 
 
 def _missing_made(cursor, migration):
-    """The functions and indexes an idempotent own migration makes that are not there."""
+    """The functions, indexes and triggers an idempotent own migration makes that are not there."""
     made = migration.objects()
     missing = []
     for name in made.get("function", []):
         cursor.execute(_OWN_OBJECT_MISSING, {"name": name})
         if cursor.fetchone()[0]:
             missing.append(f"function {name}")
-    for name in made.get("index", []):
-        cursor.execute(_OWN_INDEX_MISSING, {"name": name})
-        if cursor.fetchone()[0]:
-            missing.append(f"index {name}")
+    for kind, sql in (("index", _OWN_INDEX_MISSING), ("trigger", _OWN_TRIGGER_MISSING)):
+        for name in made.get(kind, []):
+            cursor.execute(sql, {"name": name})
+            if cursor.fetchone()[0]:
+                missing.append(f"{kind} {name}")
     return missing
 
 

@@ -24,22 +24,3 @@ CREATE TABLE attune_sensor.sync_gate (
     pass_token TEXT
 );
 INSERT INTO attune_sensor.sync_gate DEFAULT VALUES;
-
--- Only the sync function (which runs as the schema's owner) sets a placement's origin: a daemon
--- host's role may insert and update placements (`place`, its worker's own), but never make a
--- manual placement the platform's, which a pass would then delete (docs/design.md, "The
--- platform's sensors"). A trigger rather than column grants: daemons of earlier versions check
--- the table-wide privilege at start, and a rolling upgrade must not stop them.
-CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
-        OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
-       AND NOT pg_catalog.pg_has_role(current_user, (SELECT relowner FROM pg_catalog.pg_class
-                                          WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
-        RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
-              USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER guard_origin BEFORE INSERT OR UPDATE OF origin ON attune_sensor.assignment
-    FOR EACH ROW EXECUTE FUNCTION attune_sensor.guard_origin();

@@ -319,6 +319,25 @@ BEGIN
              LIMIT 1);
 END $$;
 
+-- Every test of the rule at once, for worker row `w` (its columns, so that one body serves both
+-- flavours' row types) and a sensor's settings: what the walks, `rebalance_moves` and the
+-- guards ask. One expression without a sub-SELECT: the planner inlines it.
+CREATE OR REPLACE FUNCTION attune_sensor.eligible(w_id BIGINT, w_role TEXT, w_meta JSONB, w_status TEXT,
+                                                  w_beat TIMESTAMPTZ, w_caps JSONB, w_cordoned BOOLEAN,
+                                                  runtime TEXT, selector JSONB, tolerations JSONB, affinity JSONB,
+                                                  versions JSONB, multiplier FLOAT8)
+RETURNS BOOLEAN LANGUAGE sql STABLE PARALLEL SAFE AS $$
+SELECT attune_sensor.placeable(w_role, w_meta)
+   AND attune_sensor.alive(w_status, w_beat, w_caps, multiplier)
+   AND attune_sensor.schedulable(w_cordoned, w_caps)
+   AND attune_sensor.offers_runtime(w_caps, runtime)
+   AND attune_sensor.selector_holds(w_caps, selector)
+   AND attune_sensor.tolerated(w_caps, tolerations)
+   AND attune_sensor.affinity_holds(w_caps, affinity)
+   AND attune_sensor.version_holds(w_caps, versions)
+   AND attune_sensor.has_room(w_id, w_caps)
+$$;
+
 -- The walk: the worker a sensor goes to (none: no row). worker_load's index for its runtime in
 -- ratio order, the first eligible worker without an untolerated prefer_no_schedule taint, else
 -- the first with one; for a sensor with preferred affinity terms, every eligible worker scored
@@ -334,15 +353,9 @@ BEGIN
         (SELECT c.id, c.name FROM attune_sensor.worker_load AS l
           CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
                                WHERE w.id = l.worker_id
-                                 AND attune_sensor.placeable(w.worker_role::text, w.meta)
-                                 AND attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, p_multiplier)
-                                 AND attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
-                                 AND attune_sensor.offers_runtime(w.capabilities, p_runtime)
-                                 AND attune_sensor.selector_holds(w.capabilities, p_selector)
-                                 AND attune_sensor.tolerated(w.capabilities, p_tolerations)
-                                 AND attune_sensor.affinity_holds(w.capabilities, p_affinity)
-                                 AND attune_sensor.version_holds(w.capabilities, p_versions)
-                                 AND attune_sensor.has_room(w.id, w.capabilities)
+                                 AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text, w.last_heartbeat,
+                                                             w.capabilities, (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime, p_selector,
+                                                             p_tolerations, p_affinity, p_versions, p_multiplier)
                                  AND NOT attune_sensor.penalized(w.capabilities, p_tolerations)
                               OFFSET 0) AS c
           WHERE l.runtime = p_runtime
@@ -351,15 +364,9 @@ BEGIN
         (SELECT c.id, c.name FROM attune_sensor.worker_load AS l
           CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
                                WHERE w.id = l.worker_id
-                                 AND attune_sensor.placeable(w.worker_role::text, w.meta)
-                                 AND attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, p_multiplier)
-                                 AND attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
-                                 AND attune_sensor.offers_runtime(w.capabilities, p_runtime)
-                                 AND attune_sensor.selector_holds(w.capabilities, p_selector)
-                                 AND attune_sensor.tolerated(w.capabilities, p_tolerations)
-                                 AND attune_sensor.affinity_holds(w.capabilities, p_affinity)
-                                 AND attune_sensor.version_holds(w.capabilities, p_versions)
-                                 AND attune_sensor.has_room(w.id, w.capabilities)
+                                 AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text, w.last_heartbeat,
+                                                             w.capabilities, (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime, p_selector,
+                                                             p_tolerations, p_affinity, p_versions, p_multiplier)
                                  AND attune_sensor.penalized(w.capabilities, p_tolerations)
                               OFFSET 0) AS c
           WHERE l.runtime = p_runtime
@@ -374,15 +381,9 @@ BEGIN
                                     attune_sensor.penalized(w.capabilities, p_tolerations) AS penalized
                                FROM worker AS w
                               WHERE w.id = l.worker_id
-                                AND attune_sensor.placeable(w.worker_role::text, w.meta)
-                                AND attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, p_multiplier)
-                                AND attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
-                                AND attune_sensor.offers_runtime(w.capabilities, p_runtime)
-                                AND attune_sensor.selector_holds(w.capabilities, p_selector)
-                                AND attune_sensor.tolerated(w.capabilities, p_tolerations)
-                                AND attune_sensor.affinity_holds(w.capabilities, p_affinity)
-                                AND attune_sensor.version_holds(w.capabilities, p_versions)
-                                AND attune_sensor.has_room(w.id, w.capabilities)
+                                AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text, w.last_heartbeat,
+                                                            w.capabilities, (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime, p_selector,
+                                                            p_tolerations, p_affinity, p_versions, p_multiplier)
                              OFFSET 0) AS c
          WHERE l.runtime = p_runtime
          ORDER BY c.score DESC, c.penalized, l.ratio, l.worker_id LIMIT 1;
@@ -503,15 +504,9 @@ BEGIN
                                  / attune_sensor.capacity(w.capabilities) AS ratio_after
                         FROM worker AS w
                        WHERE w.id = l.worker_id AND w.id <> source.id
-                         AND attune_sensor.placeable(w.worker_role::text, w.meta)
-                         AND attune_sensor.alive(w.status::text, w.last_heartbeat, w.capabilities, p_multiplier)
-                         AND attune_sensor.schedulable((to_jsonb(w) ->> 'cordoned')::boolean, w.capabilities)
-                         AND attune_sensor.offers_runtime(w.capabilities, a.runtime)
-                         AND attune_sensor.selector_holds(w.capabilities, a.selector)
-                         AND attune_sensor.tolerated(w.capabilities, a.tolerations)
-                         AND attune_sensor.affinity_holds(w.capabilities, a.affinity)
-                         AND attune_sensor.version_holds(w.capabilities, a.versions)
-                         AND attune_sensor.has_room(w.id, w.capabilities)
+                         AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text, w.last_heartbeat,
+                                                     w.capabilities, (to_jsonb(w) ->> 'cordoned')::boolean, a.runtime, a.selector,
+                                                     a.tolerations, a.affinity, a.versions, p_multiplier)
                       OFFSET 0) AS t
                   WHERE l.runtime = a.runtime
                   ORDER BY l.ratio, l.worker_id LIMIT 1) AS d
@@ -556,3 +551,23 @@ CREATE TRIGGER guard_platform_placement BEFORE UPDATE OF worker_id ON attune_sen
     FOR EACH ROW WHEN (NEW.worker_id IS NOT NULL AND NEW.worker_id IS DISTINCT FROM OLD.worker_id
                        AND NEW.origin = 'platform')
     EXECUTE FUNCTION attune_sensor.guard_platform_placement();
+
+-- Only the sync function (which runs as the schema's owner) sets a placement's origin: a daemon
+-- host's role may insert and update placements (`place`, its worker's own), but never make a
+-- manual placement the platform's, which a pass would then delete (docs/design.md, "The
+-- platform's sensors"). A trigger rather than column grants: daemons of earlier versions check
+-- the table-wide privilege at start, and a rolling upgrade must not stop them.
+CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
+        OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
+       AND NOT pg_catalog.pg_has_role(current_user, (SELECT relowner FROM pg_catalog.pg_class
+                                          WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
+        RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
+              USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS guard_origin ON attune_sensor.assignment;
+CREATE TRIGGER guard_origin BEFORE INSERT OR UPDATE OF origin ON attune_sensor.assignment
+    FOR EACH ROW EXECUTE FUNCTION attune_sensor.guard_origin();

@@ -1,6 +1,6 @@
 -- Not a versioned migration: run by every `migrate run` after the migrations, to restore what
 -- attune-sensor derives and others may drop (the load index, its trigger, the one-row tables'
--- rows, the guard on placements' origin). Idempotent, and it keeps every row that is there
+-- rows, the placement indexes). Idempotent, and it keeps every row that is there
 -- (docs/operations.md, "Repair"); the functions of the idempotent migrations (4 and 5) are
 -- restored by applying those files again (migrations._repair). It
 -- repeats definitions of migration 1 on purpose: a migration is history and never edited, this
@@ -44,22 +44,3 @@ CREATE INDEX IF NOT EXISTS assignment_by_worker ON attune_sensor.assignment (wor
 CREATE INDEX IF NOT EXISTS assignment_pending ON attune_sensor.assignment (created) WHERE worker_id IS NULL;
 CREATE INDEX IF NOT EXISTS assignment_handover ON attune_sensor.assignment (previous_worker_id)
     WHERE previous_worker_id IS NOT NULL;
-CREATE OR REPLACE FUNCTION attune_sensor.guard_origin() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF (TG_OP = 'INSERT' AND NEW.origin IS DISTINCT FROM 'manual'
-        OR TG_OP = 'UPDATE' AND NEW.origin IS DISTINCT FROM OLD.origin)
-       AND NOT pg_catalog.pg_has_role(current_user, (SELECT relowner FROM pg_catalog.pg_class
-                                          WHERE oid = 'attune_sensor.assignment'::regclass), 'USAGE') THEN
-        RAISE EXCEPTION 'only attune_sensor.sync_platform_sensors sets a placement''s origin'
-              USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    RETURN NEW;
-END $$;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'guard_origin'
-                      AND tgrelid = 'attune_sensor.assignment'::regclass) THEN
-        CREATE TRIGGER guard_origin BEFORE INSERT OR UPDATE OF origin ON attune_sensor.assignment
-            FOR EACH ROW EXECUTE FUNCTION attune_sensor.guard_origin();
-    END IF;
-END $$;
