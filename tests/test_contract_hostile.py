@@ -15,21 +15,13 @@ import pytest
 
 from attune_sensor.db import Database, schema
 from attune_sensor.placement.scheduler import Scheduler
+from platform_db import add_worker
 from support import add_pending_sensors, query, run_cli, unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # The previous release: the last commit whose own schema ended at migration 2
 # (20261201000002_sensor_runner.sql), before the platform's sensors (migration 3).
 PREVIOUS_RELEASE = "3579038e0a82eb4f816c0fbbdf4f7fc534fa5271"
-
-
-def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None):
-    capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30,
-                    "attune_sensor_schema": 20261201000005}
-    if labels:
-        capabilities["labels"] = labels
-    query(url, "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, last_heartbeat) "
-               "VALUES (%s, 'local', 'sensor', %s, 'active', %s, '{}', now())", (name, name, json.dumps(capabilities)))
 
 
 def migrate(url):
@@ -88,7 +80,7 @@ def test_the_daemon_role_may_place_when_a_dba_revoked_public_execute_on_new_func
 
 
 def test_the_origin_guard_cannot_be_fooled_by_a_temporary_pg_class(cluster, spec_db_url):
-    """guard_origin (own migration 3) decides "is this the owner?" by reading `pg_class`
+    """guard_origin (own migration 5) decides "is this the owner?" by reading `pg_class`
     unqualified, in a SECURITY INVOKER trigger without a search_path of its own. For relations,
     pg_temp is searched before pg_catalog unless the path names it; any role may create
     temporary tables by default. So a daemon host's role makes a temporary `pg_class` saying it

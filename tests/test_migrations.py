@@ -379,10 +379,12 @@ def test_migrate_run_restores_the_heartbeat_function_as_the_migration_made_it(sp
 def test_migrate_run_restores_the_placement_functions_from_their_own_migration(spec_db_url):
     """The functions of the idempotent own migrations are restored by applying the file again,
     each named; a second run has nothing to repair."""
-    query(spec_db_url, "DROP FUNCTION attune_sensor.choose_worker; DROP INDEX attune_sensor.worker_load_fullest")
+    query(spec_db_url, "DROP FUNCTION attune_sensor.choose_worker; DROP INDEX attune_sensor.worker_load_fullest; "
+                       "DROP TRIGGER guard_origin ON attune_sensor.assignment")
     result = migrate(spec_db_url)
     assert result.returncode == 0, result.stderr
     assert "repaired function attune_sensor.choose_worker (it was missing)" in result.stdout
     assert "repaired index worker_load_fullest (it was missing)" in result.stdout
+    assert "repaired trigger guard_origin (it was missing)" in result.stdout
     assert query(spec_db_url, "SELECT to_regproc('attune_sensor.choose_worker') IS NOT NULL") == [(True,)]
     assert "repaired" not in migrate(spec_db_url).stdout

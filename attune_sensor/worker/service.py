@@ -21,7 +21,7 @@ from .. import config as config_module
 from .. import fleet, logs
 from ..db import Backoff, Database, schema
 from ..errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaMissing
-from ..placement.scheduler import Scheduler
+from ..placement.scheduler import PLACEMENT_LOCK_KEY, Scheduler
 from ..runner import fence, launch, leftovers, report
 from ..runner.supervisor import SensorSpec, Supervisor
 from . import assignments_file, runtimes
@@ -352,8 +352,7 @@ class SensorService:
         place or whose placement values read as their default once, when that list changes."""
         if not self.table.platform_sensors:
             return False
-        from ..placement.scheduler import PLACEMENT_LOCK_KEY
-        from ..platform import sync
+        from ..platform import sync  # here: only the platform's database needs it
 
         try:
             result = sync.run(self.db, self.registration.worker_name, PLACEMENT_LOCK_KEY)
