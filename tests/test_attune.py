@@ -165,7 +165,7 @@ def test_migrate_changes_none_of_the_platforms_objects_and_tuning_is_opt_in(attu
     # says what it makes (its own schema and tables) and grants, not "changes none of its objects"
     assert "\nown schema  schema attune_sensor: tables attune_sensor.schema_migrations, attune_sensor.reaper_gate, " \
            "attune_sensor.assignment, attune_sensor.worker_load, attune_sensor.fleet_gauges, attune_sensor.sensor_run, " \
-           "attune_sensor.sync_gate; functions attune_sensor.count_worker_load, attune_sensor.is_stale, " \
+           "attune_sensor.sync_gate, attune_sensor.walk_start; functions attune_sensor.count_worker_load, attune_sensor.is_stale, " \
            "attune_sensor.heartbeat, attune_sensor.runtime_name" in info.stdout
     assert "\ndaemon grants  USAGE on SCHEMA attune; SELECT, INSERT, UPDATE on attune.worker;" in info.stdout
     result = run_cli("migrate", "run", env=env)

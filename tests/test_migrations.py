@@ -53,7 +53,7 @@ OWN_FILES = sorted(p.name for p in (ROOT / "attune_sensor" / "db" / "migrations"
 def test_info_lists_pending_before_run(empty_db_url):
     info = migrate(empty_db_url, "info")
     assert info.returncode == 0
-    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 5
+    assert len(MIGRATION_FILES) == 5 and len(OWN_FILES) == 6
     for name in MIGRATION_FILES:
         assert f"\n{name}  pending" in info.stdout
     for name in OWN_FILES:
@@ -155,10 +155,10 @@ def test_the_daemon_role_may_delete_only_what_the_daemon_deletes(spec_db_url):
     assert migrate(spec_db_url).returncode == 0
     rows = query(spec_db_url, "SELECT t, has_table_privilege('attune_sensor_daemon', t, 'DELETE') FROM unnest(ARRAY["
                               "'public.worker', 'attune_sensor.assignment', 'attune_sensor.worker_load', "
-                              "'attune_sensor.sensor_run', 'attune_sensor.reaper_gate']) AS t")
+                              "'attune_sensor.sensor_run', 'attune_sensor.reaper_gate', 'attune_sensor.walk_start']) AS t")
     assert dict(rows) == {"public.worker": False, "attune_sensor.assignment": False,
                           "attune_sensor.worker_load": True, "attune_sensor.sensor_run": True,
-                          "attune_sensor.reaper_gate": False}
+                          "attune_sensor.reaper_gate": False, "attune_sensor.walk_start": False}
     # the SQL the daemon runs: DELETE only in the load index's sync and its own sensor reports
     import re
     deleting = set()
@@ -317,7 +317,8 @@ def test_own_objects_made_before_versioning_are_adopted_with_their_assignments(e
     # back to what that version left: its tables and rows, without the own series' bookkeeping
     query(empty_db_url, "DROP TABLE attune_sensor.schema_migrations, attune_sensor.sensor_run, attune_sensor.sync_gate; "
                         "DROP INDEX attune_sensor.assignment_handover; "
-                        "DROP TRIGGER guard_origin ON attune_sensor.assignment; DROP FUNCTION attune_sensor.guard_origin; "
+                        "DROP TRIGGER guard_origin ON attune_sensor.assignment; DROP TRIGGER guard_origin_change ON attune_sensor.assignment; "
+                        "DROP FUNCTION attune_sensor.guard_origin; "
                         "DROP TRIGGER guard_platform_placement ON attune_sensor.assignment; "
                         "DROP FUNCTION attune_sensor.sync_platform_sensors, attune_sensor.offers_version, "
                         "attune_sensor.version_key, attune_sensor.affinity_score, attune_sensor.affinity_allows, "

@@ -3,13 +3,16 @@ capacity under concurrent placers, pending sensors, and failover after a kill -9
 
 import json
 import signal
+
+import psycopg2
 import subprocess
 import sys
+import threading
 
 from attune_sensor.db import schema
 from attune_sensor.db import Database
-from attune_sensor.placement.scheduler import Scheduler
-from support import add_pending_sensors, base_env, config_for, query, run_cli, wait_for
+from attune_sensor.placement.scheduler import PLACEMENT_LOCK_KEY, NoEligibleWorker, Scheduler
+from support import ATTUNE_SENSOR, add_pending_sensors, base_env, config_for, query, run_cli, wait_for
 
 
 def add_worker(url, name, runtimes=("python", "shell"), capacity=3, labels=None, taints=None, **columns):
@@ -72,25 +75,153 @@ def test_a_full_fleet_keeps_sensors_pending_until_capacity_appears(db_url, tmp_p
     wait_for(lambda: assignments(db_url).get("s.2") == "sensor-new", 10, what="the pending sensor placed")
 
 
+PLACER = ("import sys\nfrom attune_sensor import config\nfrom attune_sensor.db import Database, schema\n"
+          "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
+          "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
+          "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db)); p = int(sys.argv[2])\n")
+
+
+def run_placers(url, count, body):
+    """`count` processes at once, each running PLACER then `body` (its number is `p`, its
+    Scheduler `s`); [(ref, worker)] of the lines they print as "ref worker"."""
+    placers = [subprocess.Popen([sys.executable, "-c", PLACER + body, url, str(p)], env=base_env(),
+                                stdout=subprocess.PIPE, text=True) for p in range(count)]
+    outputs = [p.communicate(timeout=120)[0] for p in placers]
+    assert all(p.returncode == 0 for p in placers)
+    return [tuple(line.split()) for out in outputs for line in out.splitlines()]
+
+
+def loads_by_worker(url):
+    return dict(query(url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
+                           "ON a.worker_id = w.id GROUP BY w.name"))
+
+
 def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_url):
     for n in range(10):  # ten workers filling up: ten times the placers race for a last place
         add_worker(db_url, f"cap-{n}", capacity=10)
-    script = ("import sys\nfrom attune_sensor import config\nfrom attune_sensor.db import Database, schema\n"
-              "from attune_sensor.placement.scheduler import Scheduler, NoEligibleWorker\n"
-              "cfg = config.load(None, {'DATABASE_URL': sys.argv[1], 'ATTUNE_CONFIG': '/dev/null'})\n"
-              "db = Database.from_config(cfg); s = Scheduler(db, schema.attach(db))\n"
-              "for i in range(80):\n"
-              "    ref = f's.{i % 40}.{int(sys.argv[2]) % 4}'\n"  # placers overlap on the same refs
-              "    try: s.place(ref, 'python')\n"
-              "    except NoEligibleWorker: pass\n")
-    placers = [subprocess.Popen([sys.executable, "-c", script, db_url, str(p)], env=base_env()) for p in range(12)]
-    assert all(p.wait(120) == 0 for p in placers)
-    loads = dict(query(db_url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
-                               "ON a.worker_id = w.id GROUP BY w.name"))
+    said = run_placers(db_url, 12, "for i in range(80):\n"
+                                   "    ref = f's.{i % 40}.{p % 4}'\n"  # placers overlap on the same refs
+                                   "    try: print(ref, s.place(ref, 'python'))\n"
+                                   "    except NoEligibleWorker: pass\n")
+    loads = loads_by_worker(db_url)
     assert all(load <= 10 for load in loads.values()) and sum(loads.values()) == 100, loads
     refs = query(db_url, "SELECT count(*), count(DISTINCT sensor_ref) FROM attune_sensor.assignment")[0]
     assert refs == (160, 160)  # 40 x 4 distinct refs: 100 placed, 60 pending, none twice
     assert load_mismatches(db_url) == []
+    # every placer that placed a ref, first or not, said where it is
+    placed = assignments(db_url)
+    assert said and [(ref, worker) for ref, worker in said if placed[ref] != worker] == []
+
+
+def test_placers_running_together_still_choose_the_least_loaded_worker(db_url):
+    for n in range(4):
+        add_worker(db_url, f"even-{n}", capacity=1000)
+    run_placers(db_url, 12, "for i in range(25): s.place(f's.{p}.{i}', 'python')\n")
+    # each placement went to a worker that was the least loaded when it was written
+    assert sorted(loads_by_worker(db_url).values()) == [75, 75, 75, 75]
+
+
+def test_a_worker_another_placer_is_writing_to_is_waited_for_not_called_full(db_url):
+    add_worker(db_url, "only", capacity=60)  # every placer wants this worker at the same moment
+    said = run_placers(db_url, 12, "for i in range(5): print(f's.{p}.{i}', s.place(f's.{p}.{i}', 'python'))\n")
+    assert len(said) == 60 and assignments(db_url, "--pending") == {}
+    assert loads_by_worker(db_url) == {"only": 60}
+
+
+def test_place_and_a_failover_pass_together_never_overfill_a_worker(db_url):
+    for n in range(5):
+        add_worker(db_url, f"both-{n}", capacity=8)
+    add_pending_sensors(db_url, 300, "python", prefix="pending.")
+    run_placers(db_url, 8, "if p < 2:\n"
+                           "    for _ in range(20): s.reconcile(limit=20)\n"  # a daemon's failover passes
+                           "else:\n"
+                           "    for i in range(30):\n"
+                           "        try: s.place(f'new.{p}.{i}', 'python')\n"
+                           "        except NoEligibleWorker: pass\n")
+    loads = loads_by_worker(db_url)
+    assert loads == {f"both-{n}": 8 for n in range(5)}, loads
+    assert load_mismatches(db_url) == []
+
+
+def test_place_waits_for_a_failover_pass_that_holds_the_placement_lock(db_url):
+    add_worker(db_url, "last-place", capacity=1)
+    add_pending_sensors(db_url, 1, "python", prefix="failover.")
+    db = Database(db_url)
+    scheduler = Scheduler(db, schema.attach(db))
+    scheduler.sync()  # a long-lived placer that synced a moment ago: the next `place` is one call
+    outcome = []
+    placing = threading.Thread(target=lambda: outcome.append(_place_or_why(scheduler, "s.new")))
+    # a failover pass mid-batch: the placement lock held, the worker's last place taken, not committed
+    conn = psycopg2.connect(db_url)
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (PLACEMENT_LOCK_KEY,))
+        cursor.execute("SELECT set_config('search_path', 'public, attune', true), "
+                       "attune_sensor.place_queued('failover.1', 3.0)")
+        assert cursor.fetchone()[1] == "last-place"
+        placing.start()
+        wait_for(lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
+                                       "AND query LIKE '%%place_sensor%%'")[0][0] == 1,
+                 30, what="`place` waiting for the placement lock")
+    finally:
+        conn.commit()
+        conn.close()
+        placing.join(60)
+        db.close()
+    assert "full" in outcome[0]  # it saw the pass's placement once it was written
+    assert loads_by_worker(db_url) == {"last-place": 1}
+
+
+def test_a_worker_another_placement_is_writing_to_waits_for_it(db_url):
+    add_worker(db_url, "one", capacity=1)
+    db = Database(db_url)
+    scheduler = Scheduler(db, schema.attach(db))
+    scheduler.sync()
+    outcome = []
+    placing = threading.Thread(target=lambda: outcome.append(_place_or_why(scheduler, "s.new")))
+    # another `place` mid-write: it holds the worker's claim and wrote its last place, not committed
+    conn = psycopg2.connect(db_url)
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SELECT set_config('search_path', 'public, attune', true), "
+                       "pg_advisory_xact_lock_shared(%s), attune_sensor.claim(w.id) FROM worker AS w "
+                       "WHERE w.name = 'one'", (PLACEMENT_LOCK_KEY,))
+        assert cursor.fetchone()[2] is True
+        cursor.execute("INSERT INTO attune_sensor.assignment (sensor_ref, runtime, worker_id, assigned_at) "
+                       "SELECT 'other.1', 'python', id, now() FROM worker WHERE name = 'one'")
+        placing.start()
+        # it neither writes the worker too nor calls the sensor pending: it waits for the other
+        wait_for(lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                                       "AND query LIKE '%%place_sensor%%'")[0][0] == 1,
+                 30, what="`place` waiting for the other placement")
+        assert outcome == []
+    finally:
+        conn.commit()
+        conn.close()
+        placing.join(60)
+        db.close()
+    assert "full" in outcome[0]
+    assert loads_by_worker(db_url) == {"one": 1}
+
+
+def _place_or_why(scheduler, ref):
+    try:
+        return scheduler.place(ref, "python")
+    except NoEligibleWorker as exc:
+        return str(exc)
+
+
+def test_a_sensor_leaving_a_worker_puts_it_first_again(db_url):
+    for name in ("left", "mid", "right"):
+        add_worker(db_url, name, capacity=10)
+    for n in range(7):  # 3, 2, 2: ties go to the first worker
+        assert place(db_url, f"s.{n}", "--runtime", "python").returncode == 0
+    on_left = sorted(ref for ref, worker in assignments(db_url).items() if worker == "left")
+    assert len(on_left) == 3
+    for ref in on_left[:2]:
+        assert run_cli("unplace", ref, env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
+    # "left" holds one now, the others two: the next sensor goes there
+    assert place(db_url, "s.next", "--runtime", "python").stdout.strip() == "left"
 
 
 def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):
@@ -182,6 +313,23 @@ def test_rebalance_evens_out_new_workers_moving_as_few_as_it_can(db_url):
     assert load_mismatches(db_url) == []
     again = run_cli("rebalance", env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"})
     assert "0 sensor(s) moved" in again.stdout
+
+
+def test_a_long_lived_scheduler_puts_a_worker_that_joined_first_once_it_syncs(db_url):
+    add_worker(db_url, "busy-1", capacity=10)
+    add_worker(db_url, "busy-2", capacity=10)
+    db = Database(db_url)
+    now = [1000.0]
+    try:
+        scheduler = Scheduler(db, schema.attach(db), clock=lambda: now[0])
+        assert {scheduler.place(f"s.{n}", "python") for n in range(4)} == {"busy-1", "busy-2"}
+        add_worker(db_url, "joined", capacity=10)
+        assert scheduler.place("s.4", "python") in ("busy-1", "busy-2")  # not synced yet: walks what it knows
+        now[0] += 11  # past the sync period: the next placement syncs first
+        assert scheduler.place("s.5", "python") == "joined"
+        assert scheduler.place("s.6", "python") == "joined"
+    finally:
+        db.close()
 
 
 def test_a_long_lived_scheduler_finds_a_worker_that_joined_since_its_last_sync(db_url):

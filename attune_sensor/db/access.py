@@ -63,6 +63,7 @@ OWN_GRANTS = {
     "attune_sensor.fleet_gauges": "SELECT, UPDATE",
     "attune_sensor.sensor_run": "SELECT, INSERT, UPDATE, DELETE",
     "attune_sensor.sync_gate": "SELECT, UPDATE",
+    "attune_sensor.walk_start": "SELECT, INSERT, UPDATE",
 }
 # The platform's tables the sync pass reads: its runnable sensors (platform/sensors.py).
 PLATFORM_SENSOR_TABLES = ("sensor", "trigger", "rule", "runtime", "runtime_version")

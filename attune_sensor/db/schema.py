@@ -22,14 +22,16 @@ from ..errors import ConfigError, DatabasePermissionDenied, SchemaMissing
 
 # attune-sensor's own tables, in its own schema on both flavours (migrations/own/ makes them):
 # the reaper's gate (fleet.py), the sensors' assignments and each worker's load (scheduler.py),
-# the fleet's gauges (fleet.py), the sensor processes each worker reports (runner/)
+# the fleet's gauges (fleet.py), the sensor processes each worker reports (runner/), where
+# placement's walk starts (scheduler.py; own migration 20261201000006)
 REAPER_GATE = "attune_sensor.reaper_gate"
 ASSIGNMENTS = "attune_sensor.assignment"
 WORKER_LOAD = "attune_sensor.worker_load"
 FLEET_GAUGES = "attune_sensor.fleet_gauges"
 SENSOR_RUNS = "attune_sensor.sensor_run"
 SYNC_GATE = "attune_sensor.sync_gate"
-OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS, SYNC_GATE)
+WALK_START = "attune_sensor.walk_start"
+OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS, SYNC_GATE, WALK_START)
 # The capability a worker states the own schema version its code speaks in (worker/service.py).
 CONTRACT_CAPABILITY = "attune_sensor_schema"
 OWN_VERSIONS = "attune_sensor.schema_migrations"  # the own series' bookkeeping (migrations/)

@@ -385,12 +385,16 @@ def _repair(conn, cursor, url, log):
         for what in missing:
             log(f"repaired {what} (it was missing)")
         restored += [f"repaired {what}" for what in missing]
+    reapplied = False
     for migration in own_available():
         if not migration.sql.startswith(IDEMPOTENT_MARK):
             continue
         gone = _missing_made(cursor, migration)
-        if gone:
+        # once one file is applied again, so is every later one: a later file may redefine what
+        # an earlier one makes (migration 6 redefines place_sensor), and the newest must win
+        if gone or reapplied:
             _run_repair(conn, cursor, url, migration.sql)
+            reapplied = True
             for what in gone:
                 log(f"repaired {what} (it was missing)")
             restored += [f"repaired {what}" for what in gone]
