@@ -377,15 +377,31 @@ def test_migrate_run_restores_the_heartbeat_function_as_the_migration_made_it(sp
                               "'attune_sensor.heartbeat(bigint, xid, text, float8)', 'EXECUTE')") == [(True,)]
 
 
+OWN_FUNCTIONS_AND_TRIGGERS = """
+SELECT p.oid::regprocedure::text, p.prosrc FROM pg_proc AS p WHERE p.pronamespace = 'attune_sensor'::regnamespace
+UNION ALL
+SELECT t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger AS t WHERE t.tgrelid = 'attune_sensor.assignment'::regclass
+ORDER BY 1
+"""
+
+
 def test_migrate_run_restores_the_placement_functions_from_their_own_migration(spec_db_url):
-    """The functions of the idempotent own migrations are restored by applying the file again,
-    each named; a second run has nothing to repair."""
+    """The functions, tables, indexes and triggers of the idempotent own migrations are restored
+    by applying the file again, each named, and every later idempotent file after it: the newest
+    definition wins (migration 6 redefines migration 5's place_sensor). A second run has nothing
+    to repair."""
+    made = query(spec_db_url, OWN_FUNCTIONS_AND_TRIGGERS)
     query(spec_db_url, "DROP FUNCTION attune_sensor.choose_worker; DROP INDEX attune_sensor.worker_load_fullest; "
-                       "DROP TRIGGER guard_origin ON attune_sensor.assignment")
+                       "DROP TRIGGER guard_platform_placement ON attune_sensor.assignment")
     result = migrate(spec_db_url)
     assert result.returncode == 0, result.stderr
     assert "repaired function attune_sensor.choose_worker (it was missing)" in result.stdout
     assert "repaired index worker_load_fullest (it was missing)" in result.stdout
-    assert "repaired trigger guard_origin (it was missing)" in result.stdout
-    assert query(spec_db_url, "SELECT to_regproc('attune_sensor.choose_worker') IS NOT NULL") == [(True,)]
+    assert "repaired trigger guard_platform_placement (it was missing)" in result.stdout
+    assert query(spec_db_url, OWN_FUNCTIONS_AND_TRIGGERS) == made
+    query(spec_db_url, "DROP TABLE attune_sensor.walk_start")
+    result = migrate(spec_db_url)
+    assert result.returncode == 0 and "repaired table attune_sensor.walk_start (it was missing)" in result.stdout
+    assert query(spec_db_url, "SELECT has_table_privilege('attune_sensor_daemon', 'attune_sensor.walk_start', "
+                              "'UPDATE')") == [(True,)]
     assert "repaired" not in migrate(spec_db_url).stdout

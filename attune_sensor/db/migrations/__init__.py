@@ -347,7 +347,8 @@ _OWN_OBJECT_MISSING = """
 SELECT NOT EXISTS (SELECT 1 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
                     WHERE n.nspname = 'attune_sensor' AND format('%%I.%%I', n.nspname, p.proname) = %(name)s)
 """
-_OWN_INDEX_MISSING = "SELECT to_regclass('attune_sensor.' || %(name)s) IS NULL"
+_OWN_RELATION_MISSING = "SELECT to_regclass(CASE WHEN %(name)s LIKE 'attune_sensor.%%' THEN %(name)s " \
+                        "ELSE 'attune_sensor.' || %(name)s END) IS NULL"
 _OWN_TRIGGER_MISSING = """
 SELECT NOT EXISTS (SELECT 1 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
                    JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -356,14 +357,16 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t
 
 
 def _missing_made(cursor, migration):
-    """The functions, indexes and triggers an idempotent own migration makes that are not there."""
+    """The functions, tables, indexes and triggers an idempotent own migration makes that are not
+    there."""
     made = migration.objects()
     missing = []
     for name in made.get("function", []):
         cursor.execute(_OWN_OBJECT_MISSING, {"name": name})
         if cursor.fetchone()[0]:
             missing.append(f"function {name}")
-    for kind, sql in (("index", _OWN_INDEX_MISSING), ("trigger", _OWN_TRIGGER_MISSING)):
+    for kind, sql in (("table", _OWN_RELATION_MISSING), ("index", _OWN_RELATION_MISSING),
+                      ("trigger", _OWN_TRIGGER_MISSING)):
         for name in made.get(kind, []):
             cursor.execute(sql, {"name": name})
             if cursor.fetchone()[0]:
