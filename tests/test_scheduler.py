@@ -214,14 +214,18 @@ def _place_or_why(scheduler, ref):
 def test_a_sensor_leaving_a_worker_puts_it_first_again(db_url):
     for name in ("left", "mid", "right"):
         add_worker(db_url, name, capacity=10)
-    for n in range(7):  # 3, 2, 2: ties go to the first worker
-        assert place(db_url, f"s.{n}", "--runtime", "python").returncode == 0
-    on_left = sorted(ref for ref, worker in assignments(db_url).items() if worker == "left")
-    assert len(on_left) == 3
-    for ref in on_left[:2]:
-        assert run_cli("unplace", ref, env={"DATABASE_URL": db_url, "ATTUNE_CONFIG": "/dev/null"}).returncode == 0
-    # "left" holds one now, the others two: the next sensor goes there
-    assert place(db_url, "s.next", "--runtime", "python").stdout.strip() == "left"
+    db = Database(db_url)
+    try:
+        scheduler = Scheduler(db, schema.attach(db), clock=lambda: 1000.0)  # one sync, at its first placement
+        placed = {f"s.{n}": scheduler.place(f"s.{n}", "python") for n in range(7)}  # 3, 2, 2: ties go first
+        on_left = sorted(ref for ref, worker in placed.items() if worker == "left")
+        assert len(on_left) == 3
+        for ref in on_left[:2]:
+            assert scheduler.unplace(ref)
+        # "left" holds one now, the others two: the next sensor goes there
+        assert scheduler.place("s.next", "python") == "left"
+    finally:
+        db.close()
 
 
 def test_a_killed_workers_sensors_move_to_the_living(db_url, tmp_path, daemons):

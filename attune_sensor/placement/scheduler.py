@@ -92,10 +92,9 @@ SELECT {counts} FROM worker AS w WHERE {roles}
 # Rebuilt from the facts: a row per live worker (active and not stale: a dead worker not reaped
 # yet would lead every walk, at load 0 once its sensors are released) and runtime it offers,
 # with its capacity and its load counted from the assignments; every other row goes. One
-# statement over the fleet: a daemon's pass, and a placement that found no worker. A row that
-# may now lie below where the walk starts (a new one, a load counted lower) sets
-# attune_sensor.walk_start back; its rows are made here, under the lock held alone (own
-# migration 20261201000006).
+# statement over the fleet: a daemon's pass, and a placement that found no worker. The rows of
+# attune_sensor.walk_start are made here, under the lock held alone; a row added or a load
+# counted lower sets them back (triggers of own migration 20261201000006).
 LIVE_WORKERS = """
     SELECT w.id, w.capabilities -> 'runtimes' AS runtimes,
            CASE WHEN {capacity} BETWEEN 0 AND 1000000 THEN floor({capacity})::int ELSE 0 END AS capacity
@@ -121,8 +120,6 @@ WITH workers AS ({live_workers}), live AS (
     INSERT INTO {walk_start} (runtime, ratio)
     SELECT runtime, '-Infinity'::float8 FROM (SELECT runtime FROM {worker_load} UNION SELECT runtime FROM kept) AS r
     ON CONFLICT (runtime) DO NOTHING
-), cleared AS (
-    UPDATE {walk_start} SET ratio = '-Infinity' WHERE ratio > '-Infinity' AND EXISTS (SELECT 1 FROM kept)
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 """
@@ -146,8 +143,6 @@ WITH workers AS ({live_workers}), gone AS (
     INSERT INTO {walk_start} (runtime, ratio)
     SELECT runtime, '-Infinity'::float8 FROM (SELECT runtime FROM {worker_load} UNION SELECT runtime FROM kept) AS r
     ON CONFLICT (runtime) DO NOTHING
-), cleared AS (
-    UPDATE {walk_start} SET ratio = '-Infinity' WHERE ratio > '-Infinity' AND EXISTS (SELECT 1 FROM kept)
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 """

@@ -23,11 +23,11 @@
 -- row it counted behind, below the new one in the walk's index, until a vacuum: at 100,000
 -- placements a walk stepped over 299 index pages of them against 6 after a VACUUM. A placement
 -- raises the start when the lowest live ratio has risen (once per load level, not per
--- placement); whatever may lower a ratio (a sensor leaving a worker, a sync) sets it back to
--- -Infinity. A start too high can only cost balance and a wrong "pending": a placement that
--- finds no worker syncs, which sets it back, and tries again (placement/scheduler.py).
--- The rows are made by the syncs, which hold the placement lock alone; a placement only updates
--- one, and skips it when another placement holds it: no placement ever waits for this table.
+-- placement); whatever puts a row of worker_load below it (a row added, a ratio lowered: a
+-- sensor leaving a worker, a sync's recount, whichever version's code wrote it) sets it back to
+-- -Infinity, by the triggers below. The rows are made by the syncs, which hold the placement
+-- lock alone; a placement only updates one, and skips it when another placement holds it: no
+-- placement ever waits for this table.
 CREATE TABLE IF NOT EXISTS attune_sensor.walk_start (
     runtime TEXT PRIMARY KEY,
     ratio FLOAT8 NOT NULL
@@ -37,12 +37,12 @@ BEGIN
     UPDATE attune_sensor.walk_start SET ratio = '-Infinity' WHERE ratio > '-Infinity';
     RETURN NULL;
 END $$;
-DROP TRIGGER IF EXISTS clear_walk_start_on_delete ON attune_sensor.assignment;
-CREATE TRIGGER clear_walk_start_on_delete AFTER DELETE ON attune_sensor.assignment
-    FOR EACH ROW WHEN (OLD.worker_id IS NOT NULL) EXECUTE FUNCTION attune_sensor.clear_walk_start();
-DROP TRIGGER IF EXISTS clear_walk_start_on_move ON attune_sensor.assignment;
-CREATE TRIGGER clear_walk_start_on_move AFTER UPDATE OF worker_id ON attune_sensor.assignment
-    FOR EACH ROW WHEN (OLD.worker_id IS NOT NULL AND OLD.worker_id IS DISTINCT FROM NEW.worker_id)
+DROP TRIGGER IF EXISTS clear_walk_start_on_insert ON attune_sensor.worker_load;
+CREATE TRIGGER clear_walk_start_on_insert AFTER INSERT ON attune_sensor.worker_load
+    FOR EACH STATEMENT EXECUTE FUNCTION attune_sensor.clear_walk_start();
+DROP TRIGGER IF EXISTS clear_walk_start_on_lower ON attune_sensor.worker_load;
+CREATE TRIGGER clear_walk_start_on_lower AFTER UPDATE ON attune_sensor.worker_load
+    FOR EACH ROW WHEN (NEW.ratio < OLD.ratio OR NEW.runtime IS DISTINCT FROM OLD.runtime)
     EXECUTE FUNCTION attune_sensor.clear_walk_start();
 
 -- The lock of one worker's placements: a key of its own (two int4 halves, apart from every bigint
