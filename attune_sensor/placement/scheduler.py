@@ -12,9 +12,11 @@ plans are kept per session.
 
 Assignments live in attune-sensor's own table, `attune_sensor.assignment` (created by `migrate
 run`, never in the platform's schema): one row per sensor ref, `worker_id` NULL while pending.
-Every placement takes one transaction-scoped advisory lock and then reads with a fresh snapshot,
-so concurrent placers can never over-fill a worker, and the primary key on the sensor ref means
-a sensor is never assigned twice. Nothing here deletes a sensor except `unplace`.
+Every write holds the placement lock (transaction-scoped, advisory): `place` in shared mode, each
+call claiming the worker it writes to and counting its room again under that claim, every other
+writer alone (docs/design.md, "A lock per worker"), so concurrent placers can never over-fill a
+worker, and the primary key on the sensor ref means a sensor is never assigned twice. Nothing
+here deletes a sensor except `unplace`.
 
 The order in which a placement tries workers is `attune_sensor.worker_load`: per worker and
 runtime, the load ratio, kept by a trigger on the assignments and indexed, so a placement walks
@@ -71,8 +73,8 @@ WHY_NOT = {
     "version": "no matching worker has a version of runtime {runtime!r} its runtime_version_constraint accepts",
     "capacity": "every eligible worker is full (max_concurrent_sensors)",
 }
-# `place`: attune_sensor.place_sensor (own migration 20261201000005) takes the lock, walks and
-# writes; its plans are kept per session, so the lock is held for the run, not for planning.
+# `place`: attune_sensor.place_sensor (own migrations 20261201000005 and 6) takes the lock in
+# shared mode, walks, claims its worker and writes; its plans are kept per session.
 PLACE_SQL = """
 SELECT worker_name, placed_with
   FROM attune_sensor.place_sensor(%(ref)s, %(runtime)s, %(selector)s::jsonb, %(tolerations)s::jsonb,
