@@ -4,7 +4,6 @@ half written, never through a name someone else can plant."""
 
 import json
 import os
-import secrets
 
 
 def path_for(setting, worker_name, environ):
@@ -33,7 +32,8 @@ def write(path, worker_name, worker_id, sensors, states=None):
                              "pid": states.get(ref, {}).get("pid")}
                             for ref, row in sorted(sensors.items())]}
     data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-    temporary = f"{path}.{secrets.token_hex(8)}.tmp"
+    # os.urandom, not secrets: secrets loads hashlib, hmac and random, a visible share of start-up
+    temporary = f"{path}.{os.urandom(8).hex()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                  0o644)
     try:
