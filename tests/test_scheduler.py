@@ -191,7 +191,7 @@ def test_a_worker_another_placement_is_writing_to_waits_for_it(db_url):
                        "SELECT 'other.1', 'python', id, now() FROM worker WHERE name = 'one'")
         placing.start()
         # it neither writes the worker too nor calls the sensor pending: it waits for the other
-        wait_for(lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+        wait_for(lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
                                        "AND query LIKE '%%place_sensor%%'")[0][0] == 1,
                  30, what="`place` waiting for the other placement")
         assert outcome == []

@@ -46,88 +46,128 @@ CREATE TRIGGER clear_walk_start_on_lower AFTER UPDATE ON attune_sensor.worker_lo
     EXECUTE FUNCTION attune_sensor.clear_walk_start();
 
 -- The lock of one worker's placements: a key of its own (two int4 halves, apart from every bigint
--- advisory key); two workers sharing a hash share a lock, which costs only waiting.
+-- advisory key); two workers sharing a hash share a lock, which costs only waiting. `claim`
+-- tries it; `await_claim` waits for it (a wait PostgreSQL sees, and whose cycles it breaks with
+-- a deadlock error).
 CREATE OR REPLACE FUNCTION attune_sensor.claim(worker_id BIGINT) RETURNS BOOLEAN
 LANGUAGE sql VOLATILE AS $$
 SELECT pg_try_advisory_xact_lock(1098151029, hashint8(worker_id))
 $$;
+CREATE OR REPLACE FUNCTION attune_sensor.await_claim(worker_id BIGINT) RETURNS VOID
+LANGUAGE sql VOLATILE AS $$
+SELECT pg_advisory_xact_lock(1098151029, hashint8(worker_id))  -- the key of attune_sensor.claim
+$$;
 
 -- The walk (as migration 5's choose_worker): worker_load's index for the runtime in ratio order,
--- the first eligible worker without an untolerated prefer_no_schedule taint, else the first with
--- one; with preferred affinity terms, every eligible worker by score, then taint, then load.
--- With `p_claim`, the first such worker whose lock this transaction gets (attune_sensor.claim,
--- tried only once a worker passed the rule: the CASE keeps the planner from trying it first), and
--- the ratio the walk read. OFFSET 0 keeps the per-worker test a nested step of the index walk.
+-- from where the walk starts; the first eligible worker without an untolerated
+-- prefer_no_schedule taint, else the first with one; with preferred affinity terms, every
+-- eligible worker by score, then taint, then load. That order is the rule's: a worker of a
+-- better rank (untainted before tainted, a higher score first) is never passed over for a worse
+-- one. With `p_claim`, the first worker of the best rank that this transaction claims
+-- (attune_sensor.claim, tried only once the worker passed the rule: the CASE keeps the planner
+-- from trying it first), `claimed` true; when every worker of that rank is being written to by
+-- other placements, the first of them, `claimed` false: the caller waits for it
+-- (await_claim). A start that hid every worker (a value written by hand) is set back, and the
+-- walk made again from the bottom. `ratio`: the worker's ratio as the walk read it.
 CREATE OR REPLACE FUNCTION attune_sensor.claim_worker(p_runtime TEXT, p_selector JSONB, p_tolerations JSONB,
                                                       p_affinity JSONB, p_versions JSONB, p_multiplier FLOAT8,
                                                       p_claim BOOLEAN, OUT id BIGINT, OUT name TEXT,
-                                                      OUT ratio FLOAT8)
+                                                      OUT ratio FLOAT8, OUT claimed BOOLEAN)
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
     start FLOAT8 := coalesce((SELECT s.ratio FROM attune_sensor.walk_start AS s WHERE s.runtime = p_runtime),
                              '-Infinity');
     lowest FLOAT8;
-    claimed BOOLEAN := false;
+    tainted BOOLEAN;
+    trying BOOLEAN;
+    rank_score BIGINT;
+    rank_tainted BOOLEAN;
+    held RECORD;
+    candidate RECORD;
 BEGIN
-    IF jsonb_array_length(coalesce(p_affinity -> 'preferred', '[]'::jsonb)) = 0 THEN
-        SELECT f.id, f.name, f.ratio INTO id, name, ratio FROM (
-            (SELECT c.id, c.name, l.ratio FROM attune_sensor.worker_load AS l
-              CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
-                                   WHERE w.id = l.worker_id
-                                     AND CASE WHEN attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text,
-                                                                          w.last_heartbeat, w.capabilities,
-                                                                          (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime,
-                                                                          p_selector, p_tolerations, p_affinity, p_versions,
-                                                                          p_multiplier)
-                                                    AND NOT attune_sensor.penalized(w.capabilities, p_tolerations)
-                                              THEN NOT p_claim OR attune_sensor.claim(w.id) ELSE false END
-                                  OFFSET 0) AS c
-              WHERE l.runtime = p_runtime AND l.ratio >= start
-              ORDER BY l.ratio, l.worker_id LIMIT 1)
-            UNION ALL
-            (SELECT c.id, c.name, l.ratio FROM attune_sensor.worker_load AS l
-              CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
-                                   WHERE w.id = l.worker_id
-                                     AND CASE WHEN attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text,
-                                                                          w.last_heartbeat, w.capabilities,
-                                                                          (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime,
-                                                                          p_selector, p_tolerations, p_affinity, p_versions,
-                                                                          p_multiplier)
-                                                    AND attune_sensor.penalized(w.capabilities, p_tolerations)
-                                              THEN NOT p_claim OR attune_sensor.claim(w.id) ELSE false END
-                                  OFFSET 0) AS c
-              WHERE l.runtime = p_runtime AND l.ratio >= start
-              ORDER BY l.ratio, l.worker_id LIMIT 1)
-            LIMIT 1) AS f;
-    ELSE
-        -- every eligible worker is scored before the first is known: claim in that order
-        FOR id, name, ratio IN
-            SELECT c.id, c.name, l.ratio FROM attune_sensor.worker_load AS l
-             CROSS JOIN LATERAL (SELECT w.id, w.name,
-                                        attune_sensor.affinity_score(attune_sensor.worker_labels(w.capabilities),
-                                                                     p_affinity) AS score,
-                                        attune_sensor.penalized(w.capabilities, p_tolerations) AS penalized
-                                   FROM worker AS w
-                                  WHERE w.id = l.worker_id
-                                    AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text,
-                                                                w.last_heartbeat, w.capabilities,
-                                                                (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime, p_selector,
-                                                                p_tolerations, p_affinity, p_versions, p_multiplier)
-                                 OFFSET 0) AS c
-             WHERE l.runtime = p_runtime AND l.ratio >= start
-             ORDER BY c.score DESC, c.penalized, l.ratio, l.worker_id
-        LOOP
-            IF NOT p_claim OR attune_sensor.claim(id) THEN
-                claimed := true;
-                EXIT;
+    claimed := false;
+    LOOP
+        IF jsonb_array_length(coalesce(p_affinity -> 'preferred', '[]'::jsonb)) = 0 THEN
+            -- untainted, then tainted; each first tried with claims, then (when claiming found
+            -- none) without, to learn whether workers of that rank are only being written to
+            FOR step IN 1..4 LOOP
+                tainted := step > 2;
+                trying := p_claim AND step IN (1, 3);
+                CONTINUE WHEN step IN (2, 4) AND NOT p_claim;
+                SELECT c.id, c.name, l.ratio INTO id, name, ratio FROM attune_sensor.worker_load AS l
+                 CROSS JOIN LATERAL (SELECT w.id, w.name FROM worker AS w
+                                      WHERE w.id = l.worker_id
+                                        AND CASE WHEN attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text,
+                                                                             w.last_heartbeat, w.capabilities,
+                                                                             (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime,
+                                                                             p_selector, p_tolerations, p_affinity, p_versions,
+                                                                             p_multiplier)
+                                                       AND attune_sensor.penalized(w.capabilities, p_tolerations) = tainted
+                                                 THEN NOT trying OR attune_sensor.claim(w.id) ELSE false END
+                                     OFFSET 0) AS c
+                 WHERE l.runtime = p_runtime AND l.ratio >= start
+                 ORDER BY l.ratio, l.worker_id LIMIT 1;
+                IF id IS NOT NULL THEN
+                    claimed := trying;
+                    EXIT;
+                END IF;
+            END LOOP;
+        ELSE
+            -- every eligible worker is scored before the first is known: claim in that order
+            held := NULL;
+            FOR candidate IN
+                SELECT c.id, c.name, l.ratio, c.score, c.penalized FROM attune_sensor.worker_load AS l
+                 CROSS JOIN LATERAL (SELECT w.id, w.name,
+                                            attune_sensor.affinity_score(attune_sensor.worker_labels(w.capabilities),
+                                                                         p_affinity) AS score,
+                                            attune_sensor.penalized(w.capabilities, p_tolerations) AS penalized
+                                       FROM worker AS w
+                                      WHERE w.id = l.worker_id
+                                        AND attune_sensor.eligible(w.id, w.worker_role::text, w.meta, w.status::text,
+                                                                    w.last_heartbeat, w.capabilities,
+                                                                    (to_jsonb(w) ->> 'cordoned')::boolean, p_runtime,
+                                                                    p_selector, p_tolerations, p_affinity, p_versions,
+                                                                    p_multiplier)
+                                     OFFSET 0) AS c
+                 WHERE l.runtime = p_runtime AND l.ratio >= start
+                 ORDER BY c.score DESC, c.penalized, l.ratio, l.worker_id
+            LOOP
+                -- past the rank of a worker being written to: wait for that one
+                EXIT WHEN held IS NOT NULL AND (candidate.score, candidate.penalized) IS DISTINCT FROM (rank_score, rank_tainted);
+                IF NOT p_claim OR attune_sensor.claim(candidate.id) THEN
+                    id := candidate.id;
+                    name := candidate.name;
+                    ratio := candidate.ratio;
+                    claimed := p_claim;
+                    EXIT;
+                END IF;
+                IF held IS NULL THEN
+                    held := candidate;
+                    rank_score := candidate.score;
+                    rank_tainted := candidate.penalized;
+                END IF;
+            END LOOP;
+            IF id IS NULL AND held IS NOT NULL THEN
+                id := held.id;
+                name := held.name;
+                ratio := held.ratio;
             END IF;
-        END LOOP;
-        IF NOT claimed THEN
-            id := NULL;
         END IF;
+        EXIT WHEN id IS NOT NULL OR start = '-Infinity';
+        -- nothing from the start: walk again from the bottom, and set the start back if that finds one
+        lowest := start;
+        start := '-Infinity';
+    END LOOP;
+    IF id IS NULL THEN
+        RETURN;
     END IF;
-    IF id IS NOT NULL AND ratio > start THEN
+    IF lowest IS NOT NULL THEN
+        PERFORM 1 FROM attune_sensor.walk_start AS s WHERE s.runtime = p_runtime FOR UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            UPDATE attune_sensor.walk_start AS s SET ratio = '-Infinity' WHERE s.runtime = p_runtime;
+        END IF;
+    ELSIF ratio > start THEN
         -- the worker found lies above the start: the lowest live row may have risen (a load
         -- level filled up); within a level, nothing to look at
         lowest := (SELECT l.ratio FROM attune_sensor.worker_load AS l WHERE l.runtime = p_runtime AND l.ratio >= start
@@ -156,7 +196,9 @@ $$;
 -- `attune-sensor place` (same contract as migration 5's): the sensor placed where the walk
 -- claims a worker (pending when no worker may take it), or left as it is when placed already.
 -- Returns the worker's name (where it is, if placed before) and, when it was placed before with
--- other settings, those settings (the caller refuses: unplace first).
+-- other settings, those settings (the caller refuses: unplace first). A placement of the
+-- platform's sensors is refused: the sync pass owns it (docs/scheduling.md). Every round either
+-- returns or follows another placement's progress (a claim it waited for, a write it saw).
 CREATE OR REPLACE FUNCTION attune_sensor.place_sensor(p_ref TEXT, p_runtime TEXT, p_selector JSONB,
                                                       p_tolerations JSONB, p_entrypoint TEXT, p_env JSONB,
                                                       p_multiplier FLOAT8, p_lock BIGINT,
@@ -169,6 +211,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(p_lock);
     LOOP
         SELECT * INTO existing FROM attune_sensor.assignment WHERE sensor_ref = p_ref;
+        IF FOUND AND existing.origin IS DISTINCT FROM 'manual' THEN
+            RAISE EXCEPTION 'sensor % is placed by the sync of the platform''s sensors, not by place', p_ref
+                  USING ERRCODE = 'object_in_use';
+        END IF;
         IF FOUND AND existing.worker_id IS NOT NULL THEN
             SELECT w.name INTO worker_name FROM worker AS w WHERE w.id = existing.worker_id;
             IF (existing.runtime, existing.selector, existing.tolerations, existing.entrypoint, existing.env)
@@ -180,17 +226,15 @@ BEGIN
             RETURN;
         END IF;
         chosen := attune_sensor.claim_worker(p_runtime, p_selector, p_tolerations, '{}'::jsonb, NULL, p_multiplier, true);
-        IF chosen.id IS NULL THEN
-            -- none claimed: either no worker may take it (pending), or every one that may is
-            -- being written to by another placer, which ends within its one statement
-            IF (attune_sensor.claim_worker(p_runtime, p_selector, p_tolerations, '{}'::jsonb, NULL, p_multiplier,
-                                           false)).id IS NOT NULL THEN
-                PERFORM pg_sleep(0.001);
-                CONTINUE;
-            END IF;
-        ELSIF NOT EXISTS (SELECT 1 FROM attune_sensor.worker_load AS l JOIN worker AS w ON w.id = l.worker_id
-                           WHERE l.worker_id = chosen.id AND l.runtime = p_runtime AND l.ratio = chosen.ratio
-                             AND attune_sensor.has_room(w.id, w.capabilities)) THEN
+        IF chosen.id IS NOT NULL AND NOT chosen.claimed THEN
+            -- every worker of the best rank is being written to by another placement, which ends
+            -- with its statement: wait for the first, then walk again
+            PERFORM attune_sensor.await_claim(chosen.id);
+            CONTINUE;
+        ELSIF chosen.id IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM attune_sensor.worker_load AS l JOIN worker AS w ON w.id = l.worker_id
+                               WHERE l.worker_id = chosen.id AND l.runtime = p_runtime AND l.ratio = chosen.ratio
+                                 AND attune_sensor.has_room(w.id, w.capabilities)) THEN
             -- another placer wrote to it between the walk's snapshot and the claim: walk again
             CONTINUE;
         END IF;
@@ -207,11 +251,14 @@ BEGIN
            SET runtime = EXCLUDED.runtime, selector = EXCLUDED.selector, tolerations = EXCLUDED.tolerations,
                entrypoint = EXCLUDED.entrypoint, env = EXCLUDED.env, worker_id = EXCLUDED.worker_id,
                assigned_at = EXCLUDED.assigned_at
-         WHERE a.worker_id IS NULL;
+         WHERE a.worker_id IS NULL AND a.origin = 'manual';
         IF FOUND THEN
             worker_name := chosen.name;
             RETURN;
         END IF;
+        -- not written: placed meanwhile by another `place` of the ref (the next round says where),
+        -- or skipped by a trigger (it stays pending)
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM attune_sensor.assignment WHERE sensor_ref = p_ref AND worker_id IS NOT NULL);
     END LOOP;
 END $$;
 
