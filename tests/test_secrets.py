@@ -132,3 +132,29 @@ def test_the_config_command_and_a_failed_connection_show_no_piece_of_a_raw_passw
         assert failed.returncode == 69, failed.stderr
         for piece in _pieces(password) | {"word"}:
             assert piece not in shown.stdout + shown.stderr + failed.stdout + failed.stderr, piece
+
+
+@given(st.text(alphabet=st.one_of(st.sampled_from("%0123456789abcdefABCDEFgz"),
+                                  st.characters(blacklist_categories=("Cs",)))))
+@settings(max_examples=400, deadline=None)
+@example("%e2%82%ac %E2%82 %zz %% %4 100%")
+@example("%ff%fe%00")
+def test_the_percent_coding_stands_in_for_urllib_parse(text):
+    """dsn.quote and dsn.unquote stand in for urllib.parse's (whose import loads ipaddress into
+    the daemon): the same text from any input, malformed escapes and broken UTF-8 included."""
+    from urllib.parse import unquote as urllib_unquote
+
+    from attune_sensor.config import dsn
+
+    assert dsn.quote(text) == quote(text, safe="")
+    assert dsn.unquote(text) == urllib_unquote(text)
+    assert dsn.unquote(dsn.quote(text)) == text
+
+
+def test_jitter_is_uniform_in_the_unit_interval():
+    """db.fraction stands in for random.random (whose import costs start-up): in [0, 1), spread."""
+    from attune_sensor.db import fraction
+
+    draws = [fraction() for _ in range(4000)]
+    assert all(0.0 <= d < 1.0 for d in draws)
+    assert [sum(1 for d in draws if k / 4 <= d < (k + 1) / 4) > 800 for k in range(4)] == [True] * 4

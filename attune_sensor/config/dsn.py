@@ -13,7 +13,24 @@ does). Too much masked is a cosmetic flaw, too little is a leak.
 """
 
 import re
-from urllib.parse import quote, unquote
+
+# Percent-encoding as urllib.parse's quote(text, safe="") and unquote do it, here because importing
+# urllib.parse (which loads ipaddress) is a visible share of the daemon's start-up
+# (docs/performance.md, section 1); tests hold the two to the same answers.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+def quote(text):
+    """urllib.parse.quote(text, safe="")."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def unquote(text):
+    """urllib.parse.unquote(text): runs of %XX decoded as UTF-8, undecodable bytes replaced."""
+    if "%" not in text:
+        return text
+    return _PERCENT_RUN.sub(lambda m: bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "replace"), text)
 
 SECRET_KEYS = ("password", "sslpassword")
 MASK = "***"
@@ -142,7 +159,7 @@ def _secrets(dsn):
     found |= {parsed.get(key, "") for key in SECRET_KEYS}
     if url and parsed:
         found |= _misread(dsn.strip(_C_SPACE), parsed)
-    found |= {quote(secret, safe="") for secret in found}  # as a URL would carry it
+    found |= {quote(secret) for secret in found}  # as a URL would carry it
     return {secret for secret in found if secret}
 
 

@@ -8,7 +8,7 @@ connection is dropped and the next call connects again.
 """
 
 import json
-import random
+import os
 import select
 import time
 
@@ -40,10 +40,16 @@ for _oid, _name in ((114, "JSON"), (3802, "JSONB")):
     psycopg2.extensions.register_type(psycopg2.extensions.new_type((_oid,), _name, _bounded_json))
 
 
+def fraction():
+    """A uniform number in [0, 1) for jitter, from os.urandom: importing `random` (with bisect,
+    hashlib's sha512) is a visible share of the daemon's start-up (docs/performance.md, section 1)."""
+    return int.from_bytes(os.urandom(7), "big") / (1 << 56)
+
+
 class Backoff:
     """Capped exponential backoff with jitter, for retries at start-up."""
 
-    def __init__(self, first=1.0, cap=30.0, rng=random.random):
+    def __init__(self, first=1.0, cap=30.0, rng=fraction):
         self.first, self.cap, self.rng = first, cap, rng
         self.attempt = 0
 

@@ -8,12 +8,11 @@ older than `multiplier` times its own recorded heartbeat_interval. The same expr
 """
 
 import json
-import random
 import select
 
 import psycopg2
 
-from ..db import connect_blocking
+from ..db import connect_blocking, fraction
 from ..config.dsn import scrub
 from ..errors import DatabaseUnavailable
 from ..db.schema import (ASSIGNMENTS, FLEET_GAUGES, REAPER_GATE, attach, capacity_of, heartbeat_interval_of,
@@ -156,7 +155,7 @@ COLUMNS = ("id", "name", "host", "role", "type", "status", "runtimes", "capacity
            "heartbeat_age", "stale", "heartbeat_interval", "reaped", "cordoned", "sensors", "by", "labels", "taints")
 
 
-def reaper_delay(heartbeat_interval, active_workers, rng=random.random):
+def reaper_delay(heartbeat_interval, active_workers, rng=fraction):
     """Seconds until this daemon's next reap attempt. Each of N active workers waits about
     N x the base period (jittered), so the whole fleet makes about one attempt per base period,
     whatever its size; the base is max(30 s, heartbeat_interval), since reaping more often than
