@@ -405,3 +405,11 @@ def test_migrate_run_restores_the_placement_functions_from_their_own_migration(s
     assert query(spec_db_url, "SELECT has_table_privilege('attune_sensor_daemon', 'attune_sensor.walk_start', "
                               "'UPDATE')") == [(True,)]
     assert "repaired" not in migrate(spec_db_url).stdout
+
+
+def test_the_version_a_daemon_needs_is_the_newest_own_file():
+    """The daemon reads its own schema version from the files' names (schema.own_schema_version,
+    without importing the migrations): the newest file, as `migrate run` applies them."""
+    from attune_sensor.db import migrations, schema
+
+    assert schema.own_schema_version() == int(OWN_FILES[-1][:14]) == migrations.own_available()[-1].version

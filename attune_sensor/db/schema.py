@@ -13,6 +13,7 @@ unqualified names (ours, and those inside the platform's trigger functions) reso
 per-session state: PgBouncer's transaction pooling keeps working.
 """
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -35,6 +36,16 @@ OWN_TABLES = (REAPER_GATE, ASSIGNMENTS, WORKER_LOAD, FLEET_GAUGES, SENSOR_RUNS, 
 # The capability a worker states the own schema version its code speaks in (worker/service.py).
 CONTRACT_CAPABILITY = "attune_sensor_schema"
 OWN_VERSIONS = "attune_sensor.schema_migrations"  # the own series' bookkeeping (migrations/)
+# A migration file's name: its version and what it does (migrations/, migrations/own/).
+MIGRATION_FILE_RE = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
+
+
+def own_schema_version():
+    """The own series' newest version, from its files' names: what this code needs of a database
+    (the daemon checks it at start, and states it). Names only: reading the files or importing
+    the migrations module is a visible share of the daemon's start-up (docs/performance.md, 1)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations", "own")
+    return max(int(match.group(1)) for match in map(MIGRATION_FILE_RE.match, os.listdir(folder)) if match)
 PLATFORM_SCHEMA = "attune"  # the platform's own default for its database.schema setting
 SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")
 

@@ -172,9 +172,7 @@ class SensorService:
     def _find_worker_table(self):
         """Where the worker table is and what it is decides the interval and capabilities."""
         table = schema.attach(self.db, self.config.database.schema)
-        from ..db.migrations import OWN_SCHEMA_VERSION  # here: reading the files costs start-up time and memory
-
-        schema.check_own_schema(table, OWN_SCHEMA_VERSION)
+        schema.check_own_schema(table, schema.own_schema_version())
         schema.check_worker_type(table, self.registration.worker_type)
         self.table = table
         interval = self._interval_for(self.config)
@@ -200,13 +198,11 @@ class SensorService:
 
     def _set_capabilities(self, config, detected, interval, interpreters):
         """The registration's capabilities, with the sensor process counts as last reported."""
-        from ..db.migrations import OWN_SCHEMA_VERSION  # read once, at start (and reload)
-
         self.registration.set_capabilities(config, detected, interval, interpreters)
         # the own schema this worker's code speaks: the platform's sensors are placed only on
         # workers that run them as placed (attune_sensor.version_holds; docs/design.md, "The
         # platform's sensors"), never on a daemon of an earlier version during an upgrade
-        self.registration.add_capability(schema.CONTRACT_CAPABILITY, OWN_SCHEMA_VERSION)
+        self.registration.add_capability(schema.CONTRACT_CAPABILITY, schema.own_schema_version())
         self._add_counts(self._counts)
 
     def _add_counts(self, counts):

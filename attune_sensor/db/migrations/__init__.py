@@ -34,7 +34,7 @@ from .. import connect_blocking
 from ...config.dsn import scrub
 from ...errors import DatabasePermissionDenied, MigrationError, SchemaMissing
 
-FILE_RE = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
+FILE_RE = schema.MIGRATION_FILE_RE
 LOCK_KEY = 0x4174_7475_6E65  # "Attune": one key for all runners of this project
 TABLE = "attune_sensor_migrations"  # the spec series' bookkeeping, beside the worker table
 OWN_TABLE = "attune_sensor.schema_migrations"  # the own series'
@@ -93,7 +93,7 @@ def own_available():
 
 
 # The own series' newest version: what this daemon needs (schema.discover reads the database's).
-OWN_SCHEMA_VERSION = own_available()[-1].version
+OWN_SCHEMA_VERSION = schema.own_schema_version()
 
 
 # 'missing', 'denied' (there, but this role may not read it) or 'ok'. In this order: to_regclass of
