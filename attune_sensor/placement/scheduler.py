@@ -127,8 +127,18 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
 """
 # What a long-lived placer needs every SYNC_PERIOD: rows for the live workers that have none (a
 # worker that joined), a capacity that changed (a reload), and no rows for workers no longer
-# live, without counting every worker's sensors while the other placers wait (the full sync's
-# shape took 105 ms at 10,000 workers; this one reads the workers once).
+# live, without counting every worker's sensors (the full sync's shape took 105 ms at 10,000
+# workers; this one reads the workers once). Asked first without the lock (SYNC_NEEDED_SQL):
+# only a sync that has something to do makes every placer wait (docs/design.md, "Where the walk
+# starts").
+SYNC_NEEDED_SQL = """
+WITH workers AS ({live_workers})
+SELECT count(*) > 0 FROM (SELECT DISTINCT worker_id, capacity FROM {worker_load}) AS l
+  FULL JOIN workers AS w ON w.id = l.worker_id
+ WHERE l.worker_id IS NULL OR w.id IS NULL OR l.capacity <> w.capacity
+"""
+# (a count over one join by hash, not EXISTS: PostgreSQL plans an EXISTS to stop early, and
+# walked the workers once per row of worker_load, 200 million steps at 10,000 workers)
 SYNC_NEW_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s);
 WITH workers AS ({live_workers}), gone AS (
@@ -325,7 +335,7 @@ class Scheduler:
         live = LIVE_WORKERS.format(capacity=CAPACITY, roles=ROLES, stale=STALE_EXPR)
         self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD,
                                           walk_start=WALK_START)
-                      for recount, sql in ((True, SYNC_SQL), (False, SYNC_NEW_SQL))}
+                      for recount, sql in ((True, SYNC_SQL), (False, SYNC_NEW_SQL), (None, SYNC_NEEDED_SQL))}
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
             return (sql.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
@@ -456,8 +466,11 @@ class Scheduler:
     def sync(self, recount=True):
         """Brings worker_load up to the workers: one statement over the fleet (a few
         milliseconds per thousand workers). Without `recount`, only rows for live workers that
-        have none are added and those of workers gone removed (SYNC_NEW_SQL)."""
-        self.db.execute(self._sync[recount], {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})
+        have none are added, changed capacities taken and the rows of workers gone removed
+        (SYNC_NEW_SQL), and only when SYNC_NEEDED_SQL, asked without the lock, finds one."""
+        params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier}
+        if recount or self.db.execute(self._sync[None], params)[0][0]:
+            self.db.execute(self._sync[recount], params)
         self._synced_at = self.clock()
 
     # --- helpers ------------------------------------------------------------------------
