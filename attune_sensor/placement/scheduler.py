@@ -97,6 +97,14 @@ SELECT {counts} FROM worker AS w WHERE {roles}
 # statement over the fleet: a daemon's pass, and a placement that found no worker. The rows of
 # attune_sensor.walk_start are made here, under the lock held alone; a row added or a load
 # counted lower sets them back (triggers of own migration 20261201000006).
+# The end of both syncs: the walk_start rows of every runtime the load table holds (the syncs
+# hold the lock alone), and what was dropped and kept.
+MAKE_WALK_STARTS = """, made AS (
+    INSERT INTO {walk_start} (runtime, ratio)
+    SELECT runtime, '-Infinity'::float8 FROM (SELECT runtime FROM {worker_load} UNION SELECT runtime FROM kept) AS r
+    ON CONFLICT (runtime) DO NOTHING
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)"""
 LIVE_WORKERS = """
     SELECT w.id, w.capabilities -> 'runtimes' AS runtimes,
            CASE WHEN {capacity} BETWEEN 0 AND 1000000 THEN floor({capacity})::int ELSE 0 END AS capacity
@@ -118,12 +126,7 @@ WITH workers AS ({live_workers}), live AS (
     ON CONFLICT (worker_id, runtime) DO UPDATE SET capacity = EXCLUDED.capacity, load = EXCLUDED.load
      WHERE (l.capacity, l.load) IS DISTINCT FROM (EXCLUDED.capacity, EXCLUDED.load)
     RETURNING l.runtime
-), made AS (
-    INSERT INTO {walk_start} (runtime, ratio)
-    SELECT runtime, '-Infinity'::float8 FROM (SELECT runtime FROM {worker_load} UNION SELECT runtime FROM kept) AS r
-    ON CONFLICT (runtime) DO NOTHING
-)
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
+){made}
 """
 # What a long-lived placer needs every SYNC_PERIOD: rows for the live workers that have none (a
 # worker that joined), a capacity that changed (a reload), and no rows for workers no longer
@@ -155,12 +158,7 @@ WITH workers AS ({live_workers}), gone AS (
      WHERE NOT EXISTS (SELECT 1 FROM {worker_load} AS m WHERE m.worker_id = w.id)
     ON CONFLICT (worker_id, runtime) DO NOTHING
     RETURNING l.runtime
-), made AS (
-    INSERT INTO {walk_start} (runtime, ratio)
-    SELECT runtime, '-Infinity'::float8 FROM (SELECT runtime FROM {worker_load} UNION SELECT runtime FROM kept) AS r
-    ON CONFLICT (runtime) DO NOTHING
-)
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
+){made}
 """
 
 # Assignments whose worker is gone, inactive or stale go back to pending (never deleted). A
@@ -333,8 +331,8 @@ class Scheduler:
         cordoned = "w.cordoned" if "cordoned" in table.columns else "NULL"
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         live = LIVE_WORKERS.format(capacity=CAPACITY, roles=ROLES, stale=STALE_EXPR)
-        self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD,
-                                          walk_start=WALK_START)
+        made = MAKE_WALK_STARTS.format(worker_load=WORKER_LOAD, walk_start=WALK_START)
+        self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD, made=made)
                       for recount, sql in ((True, SYNC_SQL), (False, SYNC_NEW_SQL), (None, SYNC_NEEDED_SQL))}
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
