@@ -91,12 +91,6 @@ DIAGNOSE_SQL = """
 SELECT {counts} FROM worker AS w WHERE {roles}
 """
 
-# Rebuilt from the facts: a row per live worker (active and not stale: a dead worker not reaped
-# yet would lead every walk, at load 0 once its sensors are released) and runtime it offers,
-# with its capacity and its load counted from the assignments; every other row goes. One
-# statement over the fleet: a daemon's pass, and a placement that found no worker. The rows of
-# attune_sensor.walk_start are made here, under the lock held alone; a row added or a load
-# counted lower sets them back (triggers of own migration 20261201000006).
 # The end of both syncs: the walk_start rows of every runtime the load table holds (the syncs
 # hold the lock alone), and what was dropped and kept.
 MAKE_WALK_STARTS = """, made AS (
@@ -111,55 +105,75 @@ LIVE_WORKERS = """
       FROM worker AS w
      WHERE {roles} AND w.status = 'active' AND NOT {stale} AND jsonb_typeof(w.capabilities -> 'runtimes') = 'array'
 """
-SYNC_SQL = """
+# The runtimes a live worker `w` (of LIVE_WORKERS) offers: the strings of its array, once each
+# (offers_runtime looks for strings).
+OFFERED = """(SELECT DISTINCT o.value #>> '{{}}' AS runtime FROM jsonb_array_elements(w.runtimes) AS o(value)
+                   WHERE jsonb_typeof(o.value) = 'string')"""
+# Rebuilt from the facts: a row per live worker (active and not stale: a dead worker not reaped
+# yet would lead every walk, at load 0 once its sensors are released) and runtime it offers,
+# with its capacity and its load counted from the assignments; every other row goes. One
+# statement over the fleet: a daemon's pass, and a placement that found no worker. The rows of
+# attune_sensor.walk_start are made here, under the lock held alone; a row added or a load
+# counted lower sets them back (triggers of own migration 20261201000006).
+SYNC_SQL = f"""
 SELECT pg_advisory_xact_lock(%(lock)s);
-WITH workers AS ({live_workers}), live AS (
-    SELECT DISTINCT ON (id, runtime) id, runtime, capacity
-      FROM workers CROSS JOIN jsonb_array_elements_text(runtimes) AS r(runtime)
+WITH workers AS ({{live_workers}}), live AS (
+    SELECT w.id, o.runtime, w.capacity FROM workers AS w CROSS JOIN LATERAL {OFFERED} AS o
 ), gone AS (
-    DELETE FROM {worker_load} AS l
+    DELETE FROM {{worker_load}} AS l
      WHERE NOT EXISTS (SELECT 1 FROM live WHERE live.id = l.worker_id AND live.runtime = l.runtime)
     RETURNING 1
 ), kept AS (
-    INSERT INTO {worker_load} AS l (worker_id, runtime, capacity, load)
-    SELECT w.id, w.runtime, w.capacity, {load} FROM live AS w
+    INSERT INTO {{worker_load}} AS l (worker_id, runtime, capacity, load)
+    SELECT w.id, w.runtime, w.capacity, {{load}} FROM live AS w
     ON CONFLICT (worker_id, runtime) DO UPDATE SET capacity = EXCLUDED.capacity, load = EXCLUDED.load
      WHERE (l.capacity, l.load) IS DISTINCT FROM (EXCLUDED.capacity, EXCLUDED.load)
     RETURNING l.runtime
-){made}
+){{made}}
 """
-# What a long-lived placer needs every SYNC_PERIOD: rows for the live workers that have none (a
-# worker that joined), a capacity that changed (a reload), and no rows for workers no longer
-# live, without counting every worker's sensors (the full sync's shape took 105 ms at 10,000
-# workers; this one reads the workers once). Asked first without the lock (SYNC_NEEDED_SQL):
-# only a sync that has something to do makes every placer wait (docs/design.md, "Where the walk
-# starts").
-SYNC_NEEDED_SQL = """
-WITH workers AS ({live_workers})
-SELECT count(*) > 0 FROM (SELECT DISTINCT worker_id, capacity FROM {worker_load}) AS l
-  FULL JOIN workers AS w ON w.id = l.worker_id
- WHERE l.worker_id IS NULL OR w.id IS NULL OR l.capacity <> w.capacity
+# What a long-lived placer needs every SYNC_PERIOD: rows for what live workers offer and have no
+# row for (a worker that joined, a runtime added on a reload), a capacity that changed, no rows
+# for workers gone or runtimes dropped, and a walk start no higher than the lowest row (a value
+# written by hand): without counting every worker's sensors (the full sync's shape took 105 ms
+# at 10,000 workers). Asked first without the lock (SYNC_NEEDED_SQL): only a sync that has
+# something to do makes every placer wait (docs/design.md, "Where the walk starts"). A worker's
+# rows are checked against its array with `?` and counted against its length; its runtimes are
+# expanded only when the count differs.
+SYNC_NEEDED_SQL = f"""
+WITH workers AS ({{live_workers}}), held AS (
+    SELECT l.worker_id, count(*) AS n,
+           bool_or(w.id IS NULL OR l.capacity <> w.capacity OR NOT (w.runtimes ? l.runtime)) AS stale_rows
+      FROM {{worker_load}} AS l LEFT JOIN workers AS w ON w.id = l.worker_id
+     GROUP BY l.worker_id
+)
+SELECT (SELECT count(*) FROM held AS h FULL JOIN workers AS w ON w.id = h.worker_id
+         WHERE h.worker_id IS NULL OR h.stale_rows
+            OR w.id IS NOT NULL AND h.n <> jsonb_array_length(w.runtimes)
+               AND h.n <> (SELECT count(*) FROM {OFFERED} AS o)) > 0
+    OR EXISTS (SELECT 1 FROM {{walk_start}} AS s
+                WHERE s.ratio > (SELECT min(l.ratio) FROM {{worker_load}} AS l WHERE l.runtime = s.runtime))
 """
-# (a count over one join by hash, not EXISTS: PostgreSQL plans an EXISTS to stop early, and
-# walked the workers once per row of worker_load, 200 million steps at 10,000 workers)
-SYNC_NEW_SQL = """
+# (counts over joins by hash, not EXISTS over the fleet: PostgreSQL plans an EXISTS to stop
+# early, and walked the workers once per row of worker_load, 200 million steps at 10,000 workers)
+SYNC_NEW_SQL = f"""
 SELECT pg_advisory_xact_lock(%(lock)s);
-WITH workers AS ({live_workers}), gone AS (
-    DELETE FROM {worker_load} AS l WHERE NOT EXISTS (SELECT 1 FROM workers WHERE workers.id = l.worker_id)
+WITH workers AS ({{live_workers}}), gone AS (
+    DELETE FROM {{worker_load}} AS l
+     WHERE NOT EXISTS (SELECT 1 FROM workers AS w WHERE w.id = l.worker_id AND w.runtimes ? l.runtime)
     RETURNING 1
 ), resized AS (
-    UPDATE {worker_load} AS l SET capacity = w.capacity FROM workers AS w
+    UPDATE {{worker_load}} AS l SET capacity = w.capacity FROM workers AS w
      WHERE l.worker_id = w.id AND l.capacity <> w.capacity
     RETURNING 1
 ), kept AS (
-    INSERT INTO {worker_load} AS l (worker_id, runtime, capacity, load)
-    SELECT DISTINCT ON (w.id, r.runtime) w.id, r.runtime, w.capacity, {load}
-      FROM workers AS w CROSS JOIN jsonb_array_elements_text(w.runtimes) AS r(runtime)
-     WHERE NOT EXISTS (SELECT 1 FROM {worker_load} AS m WHERE m.worker_id = w.id)
+    INSERT INTO {{worker_load}} AS l (worker_id, runtime, capacity, load)
+    SELECT w.id, o.runtime, w.capacity, {{load}} FROM workers AS w CROSS JOIN LATERAL {OFFERED} AS o
+     WHERE NOT EXISTS (SELECT 1 FROM {{worker_load}} AS m WHERE m.worker_id = w.id AND m.runtime = o.runtime)
     ON CONFLICT (worker_id, runtime) DO NOTHING
     RETURNING l.runtime
-){made}
+){{made}}
 """
+
 
 # Assignments whose worker is gone, inactive or stale go back to pending (never deleted). A
 # worker that is inactive but not stale may still run them (an operator set its status): it
@@ -332,7 +346,8 @@ class Scheduler:
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         live = LIVE_WORKERS.format(capacity=CAPACITY, roles=ROLES, stale=STALE_EXPR)
         made = MAKE_WALK_STARTS.format(worker_load=WORKER_LOAD, walk_start=WALK_START)
-        self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD, made=made)
+        self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD, made=made,
+                                          walk_start=WALK_START)
                       for recount, sql in ((True, SYNC_SQL), (False, SYNC_NEW_SQL), (None, SYNC_NEEDED_SQL))}
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
