@@ -163,7 +163,7 @@ def test_the_daemon_role_may_delete_only_what_the_daemon_deletes(spec_db_url):
     import re
     deleting = set()
     for path in (ROOT / "attune_sensor").rglob("*.py"):
-        for table in re.findall(r"DELETE FROM \{?(\w+)\}?", path.read_text()):
+        for table in re.findall(r"DELETE FROM \{*(\w+)\}*", path.read_text()):
             deleting.add((path.name, table))
     assert deleting == {("scheduler.py", "worker_load"), ("scheduler.py", "ASSIGNMENTS"),
                         ("report.py", "SENSOR_RUNS")}  # ASSIGNMENTS: only `unplace`, an operator's command
