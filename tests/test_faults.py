@@ -145,3 +145,20 @@ def test_reloads_during_an_outage_never_add_connection_attempts(cluster, spec_db
     finally:
         cluster.start()
     daemon.wait_for_line("Database reachable again", timeout=30)
+
+
+def test_a_server_error_that_ends_a_call_says_its_primary_message_only(spec_db_url):
+    """A serialization failure or a shutdown is a "database call failed" (retried), and like every
+    other error it shows the server's primary message only: its DETAIL and CONTEXT may quote a
+    statement or a row's values, which no log line should carry."""
+    from attune_sensor.db import Database
+    from attune_sensor.errors import DatabaseUnavailable
+
+    db = Database(spec_db_url)
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            db.execute("DO $$ BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001', "
+                       "DETAIL = 'row (token=hunter2)'; END $$")
+    finally:
+        db.close()
+    assert str(raised.value) == "database call failed: could not serialize access"

@@ -114,10 +114,12 @@ class Database:
             self.close()
             raise DatabaseUnavailable("database call failed: no answer within the time limit") from None
 
-    def execute(self, sql, params=None, plain=False):
+    def execute(self, sql, params=None, plain=False, read_committed=False):
         """Runs one statement. Unless `plain`, a search_path set by schema.attach() goes with it
         in the same implicit transaction (a multi-statement query is one transaction), so no
-        session state is needed and PgBouncer's transaction pooling is fine."""
+        session state is needed and PgBouncer's transaction pooling is fine. With
+        `read_committed`, that transaction runs at READ COMMITTED whatever the database's or
+        role's default: placement reads after taking its locks (placement/scheduler.py)."""
         if not self.connected:
             self.connect()
         deadline = self._bounded(time.monotonic() + self.statement_timeout)
@@ -128,6 +130,8 @@ class Database:
                        + cursor.mogrify(sql, params))
                 params = None
             sent = cursor.mogrify(sql, params) if params is not None else sql
+            if read_committed:  # first in the transaction, as SET TRANSACTION must be
+                sent = READ_COMMITTED + (sent if isinstance(sent, bytes) else sent.encode("utf-8"))
             cursor.execute(sent)
             _wait(self._conn, deadline)
             rows = cursor.fetchall() if cursor.description else []
@@ -177,9 +181,14 @@ class Database:
             self._conn = None
 
     def _unavailable(self, what, exc):
-        reason = "no answer within the time limit" if isinstance(exc, _Timeout) else scrub(exc, self.url)
+        # a server's error (a serialization failure, a shutdown): its primary message only, as
+        # for every other error (its CONTEXT may quote a statement or a row)
+        primary = exc.diag.message_primary if isinstance(exc, psycopg2.Error) and exc.diag is not None else None
+        reason = "no answer within the time limit" if isinstance(exc, _Timeout) else scrub(primary or exc, self.url)
         return DatabaseUnavailable(f"{what}: {reason or type(exc).__name__}")
 
+
+READ_COMMITTED = b"SET TRANSACTION ISOLATION LEVEL READ COMMITTED;"
 
 # pg_stat_activity keeps the first track_activity_query_size bytes of a statement: what we sent
 # starts with what it shows. Same login role: no extra privilege needed to see or cancel it.

@@ -372,9 +372,9 @@ class Scheduler:
         `entrypoint` (under the worker's packs_base_dir) and `env` are what the worker runs."""
         params = self._params(ref, runtime, selector, tolerations, entrypoint, env)
         self._sync_if_due(SYNC_PERIOD, recount=False)
-        worker, other = self.db.execute(PLACE_SQL, params)[0]
+        worker, other = self._execute(PLACE_SQL, params)[0]
         if not worker and self._sync_if_due(SYNC_RETRY_AFTER, recount=True):
-            worker, other = self.db.execute(PLACE_SQL, params)[0]  # a worker that joined may take it
+            worker, other = self._execute(PLACE_SQL, params)[0]  # a worker that joined may take it
         if other is not None:
             raise PlacementConflict(ref, worker, other, params)
         if worker:
@@ -384,15 +384,15 @@ class Scheduler:
 
     def unplace(self, ref):
         """Forgets a sensor; True when it was known."""
-        return bool(self.db.execute(UNPLACE_SQL, {"lock": PLACEMENT_LOCK_KEY, "ref": ref}))
+        return bool(self._execute(UNPLACE_SQL, {"lock": PLACEMENT_LOCK_KEY, "ref": ref}))
 
     def origin(self, ref):
         """'manual', 'platform' (placed by the sync pass), or None when the sensor is not placed."""
-        rows = self.db.execute(f"SELECT origin FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s", {"ref": ref})
+        rows = self._execute(f"SELECT origin FROM {ASSIGNMENTS} WHERE sensor_ref = %(ref)s", {"ref": ref})
         return rows[0][0] if rows else None
 
     def assignments(self, worker=None, pending=False):
-        rows = self.db.execute(LIST_SQL, {"worker": worker, "pending": pending})
+        rows = self._execute(LIST_SQL, {"worker": worker, "pending": pending})
         keys = ("sensor_ref", "runtime", "selector", "tolerations", "worker", "assigned_at", "entrypoint",
                 "state", "pid", "detail", "origin")
         return [dict(zip(keys, row)) for row in rows]
@@ -401,14 +401,14 @@ class Scheduler:
         """The worker's read: [{sensor_ref, runtime, entrypoint, env, assigned_at, startable,
         previous_worker}] placed on `worker_id`, and how many moved-away sensors it released
         (those not in `held`, the refs it may still be running)."""
-        rows = self.db.execute(self._mine, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
+        rows = self._execute(self._mine, {"me": worker_id, "held": list(held), "multiplier": self.multiplier})
         keys = ("sensor_ref", "runtime", "entrypoint", "env", "assigned_at", "startable", "previous_worker", "sensor_id",
                 "triggers")
         return [dict(zip(keys, row)) for row in rows], (rows[0][-1] if rows else 0)
 
     def hand_over(self, worker_id):
         """A stopping worker whose sensors are stopped releases them; returns their refs."""
-        return [row[0] for row in self.db.execute(HAND_OVER_SQL, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id})]
+        return [row[0] for row in self._execute(HAND_OVER_SQL, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id})]
 
     def rebalance(self, limit=100_000):
         """Evens out a skewed fleet (new workers joined, say) by moves that each make the fleet
@@ -420,7 +420,7 @@ class Scheduler:
         moves = [(ref, released[ref], placed[ref]) for ref in sorted(released) if ref in placed]
         while len(moves) < limit:
             batch = min(REBALANCE_BATCH, limit - len(moves))
-            moved = self.db.execute(REBALANCE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
+            moved = self._execute(REBALANCE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
                                                     "limit": batch})
             moves += [tuple(row) for row in moved]
             if len(moved) < batch:
@@ -431,14 +431,14 @@ class Scheduler:
         """Sensors that live worker `worker_id` (every live worker: None) may no longer run go
         back to pending, that worker as their previous one (RELEASE_MINE_SQL).
         Returns [(sensor_ref, worker)]."""
-        rows = self.db.execute(self._release_mine, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id,
+        rows = self._execute(self._release_mine, {"lock": PLACEMENT_LOCK_KEY, "me": worker_id,
                                                     "multiplier": self.multiplier})
         return [tuple(row) for row in rows]
 
     def survey(self, worker_id):
         """A daemon's periodic look, one statement: (it holds sensors it may no longer run,
         a pending sensor could go to it now, the fleet's gauges are due for a refresh)."""
-        rows = self.db.execute(self._survey, {"me": worker_id, "multiplier": self.multiplier})
+        rows = self._execute(self._survey, {"me": worker_id, "multiplier": self.multiplier})
         return tuple(bool(value) for value in rows[0]) if rows else (False, False, False)
 
     def reconcile(self, limit=10_000, budget=None, worker_id=None):
@@ -449,12 +449,12 @@ class Scheduler:
         placed); `unfinished` then says whether it stopped early with pending sensors it did
         not try, `still_pending` how many are left."""
         deadline = None if budget is None else self.clock() + budget
-        released = [row[0] for row in self.db.execute(
+        released = [row[0] for row in self._execute(
             RELEASE_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier})]
         if worker_id is not None:
             released += [ref for ref, _ in self.release_ineligible(worker_id)]
         self.sync()
-        pending = self.db.execute(PENDING_SQL, {"limit": limit})
+        pending = self._execute(PENDING_SQL, {"limit": limit})
         placed = {}
         self.unfinished = len(pending) == limit
         for start in range(0, len(pending), PLACE_BATCH):
@@ -467,7 +467,7 @@ class Scheduler:
     def pending_summary(self, groups=3):
         """(sensors pending, [(count, why)] for the largest `groups` kinds of them): why a kind
         stays pending is the first test no worker passed, one statement per kind shown."""
-        rows = self.db.execute(PENDING_COUNT_SQL)
+        rows = self._execute(PENDING_COUNT_SQL)
         shown = []
         for runtime, selector, tolerations, affinity, versions, count, _ in rows[:groups]:
             params = {"runtime": runtime, "selector": json.dumps(selector), "tolerations": json.dumps(tolerations),
@@ -482,17 +482,22 @@ class Scheduler:
         have none are added, changed capacities taken and the rows of workers gone removed
         (SYNC_NEW_SQL), and only when SYNC_NEEDED_SQL, asked without the lock, finds one."""
         params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier}
-        if recount or self.db.execute(self._sync[None], params)[0][0]:
-            self.db.execute(self._sync[recount], params)
+        if recount or self._execute(self._sync[None], params)[0][0]:
+            self._execute(self._sync[recount], params)
         self._synced_at = self.clock()
 
     # --- helpers ------------------------------------------------------------------------
+    def _execute(self, sql, params=None):
+        """Every statement of placement at READ COMMITTED: each reads after taking its locks,
+        with a fresh snapshot, whatever isolation the database or role defaults to."""
+        return self.db.execute(sql, params, read_committed=True)
+
 
     def _place_batch(self, sensors):
         """[(ref, ...)] as PENDING_SQL reads them -> {ref: worker} of those placed; the others
         stay pending. One round trip under one lock (PLACE_BATCH_SQL). What the row says it runs
         is kept as it is: the worker checks it (runner/launch.py)."""
-        rows = self.db.execute(PLACE_BATCH_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
+        rows = self._execute(PLACE_BATCH_SQL, {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier,
                                                  "refs": [ref for ref, *_ in sensors]})
         return {ref: worker for ref, worker in rows if worker is not None}
 
@@ -523,7 +528,7 @@ class Scheduler:
         counts = ", ".join(
             f"count(*) FILTER (WHERE {' AND '.join(f'({self._checks[n]})' for n in list(self._checks)[:i + 1])})"
             for i in range(len(self._checks)))
-        row = self.db.execute(DIAGNOSE_SQL.format(counts=counts, roles=ROLES), params)[0]
+        row = self._execute(DIAGNOSE_SQL.format(counts=counts, roles=ROLES), params)[0]
         for name, count in zip(self._checks, row):
             if count == 0:
                 return WHY_NOT[name].format(runtime=params["runtime"], selector=params["selector"])
