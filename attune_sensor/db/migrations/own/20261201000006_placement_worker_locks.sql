@@ -7,13 +7,15 @@
 -- - `place` holds the placement lock in SHARED mode: any number of `place` calls run together,
 --   and every other writer of placements (failover batches, rebalance, release, hand-over,
 --   unplace, the load sync, the platform's sync) still holds it exclusively, alone;
--- - the walk claims the worker it stops at with a transaction-scoped lock of that worker (tried,
---   never waited for: a worker another placer is writing to is passed over, so concurrent
---   placers spread out instead of piling onto the least loaded one);
+-- - the walk claims the worker it stops at with a transaction-scoped lock of that worker, tried
+--   first: a worker another placer is writing to is passed over for the next of the same rank,
+--   so concurrent placers spread out instead of piling onto the least loaded one; when every
+--   worker of the best rank is claimed, the placer waits for one (a lock wait PostgreSQL sees,
+--   and breaks with a deadlock error if transactions placing crosswise make a cycle);
 -- - under that lock, with a fresh snapshot, the worker must still have room and the load the
 --   walk read: a worker that another placer wrote to since is walked again. Loads only grow
 --   while `place` calls run together (everything that lowers one is exclusive), so the worker
---   chosen is still the least loaded when it is written: the balance of the one lock.
+--   chosen is the least loaded of those nobody else is writing to: the balance of the one lock.
 --
 -- Capacity is still counted from the assignments, by whoever holds the worker's lock; two
 -- `place` calls of the same ref make one row, and the second reports where the first put it.
