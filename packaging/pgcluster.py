@@ -76,9 +76,29 @@ class Cluster:
                 handle.write(line + "\n")
         return self
 
-    def start(self):
-        self._run("pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "60", "start")
+    def start(self, attempts=3):
+        """Starts the server; when the port free_port() chose was taken meanwhile by another
+        process (tests and benches start clusters, proxies and daemons side by side), with
+        another port. A start that fails otherwise says what the server logged."""
+        for attempt in range(attempts):
+            result = self._run("pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "60", "start", check=False)
+            if result.returncode == 0:
+                return self
+            log = self._log_tail()
+            if "could not bind" not in log and "Address already in use" not in log or attempt == attempts - 1:
+                raise RuntimeError(f"pg_ctl start failed ({result.returncode}): {result.stdout.strip()}\n"
+                                   f"server log:\n{log}")
+            self.port = free_port()
+            with open(os.path.join(self.data, "postgresql.conf"), "a") as handle:
+                handle.write(f"port = {self.port}\n")  # the last setting of a name wins
         return self
+
+    def _log_tail(self, lines=20):
+        try:
+            with open(self.logfile, errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return "(no server log)"
 
     def stop(self, mode="fast"):
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop", check=False)
@@ -109,12 +129,17 @@ def main(argv):
     base = os.path.abspath(argv[2])
     if argv[1] == "start":
         os.makedirs(base, exist_ok=True)
-        cluster = Cluster(base=base)
-        if not os.path.isdir(cluster.data):
+        port_file = os.path.join(base, "port")
+        known = os.path.isdir(os.path.join(base, "data")) and os.path.exists(port_file)
+        with open(port_file) if known else open(os.devnull) as handle:
+            port = int(handle.read()) if known else None
+        cluster = Cluster(base=base, port=port)
+        if not known:
+            shutil.rmtree(cluster.data, ignore_errors=True)
             cluster.init()
-        with open(os.path.join(base, "port"), "w") as handle:
+        cluster.start()  # may move to another port: the file says the one it listens on
+        with open(port_file, "w") as handle:
             handle.write(str(cluster.port))
-        cluster.start()
         print(cluster.url())
         return 0
     port_file = os.path.join(base, "port")
