@@ -8,6 +8,7 @@ early, or whose awaited event never comes, ends with a one-line reason and exit 
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,16 @@ ATTUNE_SENSOR = str(Path(sys.executable).with_name("attune-sensor"))
 # BENCH_QUICK=1: every bench at toy size (seconds, not minutes), as tests/test_bench.py runs
 # them so that none can rot. The figures then show only that the bench works.
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+# A bench stopped with SIGTERM (the suite's teardown, an operator's kill) unwinds like one that
+# fails: its clusters are destroyed and its daemons stopped by their context managers, and
+# nothing it started is left running.
+signal.signal(signal.SIGTERM, _terminated)
 
 
 def knob(name, full, quick, kind=int):

@@ -9,14 +9,16 @@ a toy bench mostly waits for heartbeats, so side by side they take about as long
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from support import base_env
+from support import base_env, wait_for
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TIMEOUT = 240  # seconds, each; the longest takes about 25 s on 2 idle cores
@@ -55,7 +57,16 @@ def runs(tmp_path_factory):
     started = {name: launch(directory, name, name, {}) for name in TABLES}
     yield started
     for proc, _ in started.values():
-        if proc.poll() is None:
+        stop(proc)
+
+
+def stop(proc):
+    """SIGTERM (a bench then destroys its clusters and stops its daemons), SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -80,8 +91,7 @@ def finished(runs, name):
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop(proc)
         pytest.fail(f"bench/{name}.py did not finish within {TIMEOUT} s:\n{output.read_text()}")
     return code, output.read_text()
 
@@ -122,3 +132,29 @@ def test_bench_fails_clearly(tmp_path, name):
     assert code != 0, text
     assert FAILING[name][2] in text, text
     assert "Traceback" not in text, text
+
+
+def test_a_bench_stopped_early_leaves_nothing_running():
+    """SIGTERM to a bench in the middle of its run (the suite's teardown does that to a run whose
+    test was never reached): its clusters are destroyed and its daemons stopped, none is left."""
+    private = Path(tempfile.mkdtemp(prefix="bench-stopped-"))  # its clusters' parent: postgres reads it
+    os.chmod(private, 0o755)
+    proc = subprocess.Popen([sys.executable, "-u", str(BENCH / "runner.py")], cwd=BENCH,
+                            env=bench_env({"TMPDIR": str(private)}), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def started_by_it():
+        return [line for line in subprocess.run(["ps", "-ww", "-eo", "args"], stdout=subprocess.PIPE, text=True).stdout.splitlines()
+                if str(private) in line]
+
+    try:
+        wait_for(lambda: any("attune-sensor" in line for line in started_by_it()), 120,
+                 what="the bench's first daemon")
+    finally:
+        stop(proc)
+    try:
+        assert proc.returncode == 128 + signal.SIGTERM
+        wait_for(lambda: not started_by_it(), 30, what="nothing the bench started left running")
+        assert not list(private.glob("attune-pg-*"))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
