@@ -130,11 +130,12 @@ def main(argv):
     if argv[1] == "start":
         os.makedirs(base, exist_ok=True)
         port_file = os.path.join(base, "port")
-        known = os.path.isdir(os.path.join(base, "data")) and os.path.exists(port_file)
-        with open(port_file) if known else open(os.devnull) as handle:
-            port = int(handle.read()) if known else None
+        port = None
+        if os.path.isdir(os.path.join(base, "data")) and os.path.exists(port_file):
+            with open(port_file) as handle:
+                port = int(handle.read())
         cluster = Cluster(base=base, port=port)
-        if not known:
+        if port is None:
             shutil.rmtree(cluster.data, ignore_errors=True)
             cluster.init()
         cluster.start()  # may move to another port: the file says the one it listens on

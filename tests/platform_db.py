@@ -113,6 +113,12 @@ def sync(url):
     return run_cli("sync", env={"DATABASE_URL": url, "ATTUNE_CONFIG": "/dev/null"})
 
 
+def loads_by_worker(url):
+    """{worker name: sensors placed on it}, every worker listed."""
+    return dict(query(url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
+                           "ON a.worker_id = w.id GROUP BY w.name"))
+
+
 def placed(url):
     return {ref: (worker, origin) for ref, worker, origin in query(
         url, "SELECT a.sensor_ref, w.name, a.origin FROM attune_sensor.assignment a "

@@ -2,23 +2,8 @@
 the long-lived placer's periodic sync (SYNC_NEEDED_SQL / SYNC_NEW_SQL). Each test is a break a
 user would notice, and fails on the code as reviewed (ce2c571)."""
 
-import json
-
+from platform_db import add_worker, loads_by_worker
 from support import query, run_cli
-
-
-def add_worker(url, name, runtimes=("python",), capacity=10):
-    capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30}
-    return query(url, "SET search_path TO public, attune; "
-                      "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, "
-                      "last_heartbeat) VALUES (%s, 'local', 'sensor', %s, 'active', %s, '{}', now()) RETURNING id",
-                 (name, name, json.dumps(capabilities)))[0][0]
-
-
-def loads_by_worker(url):
-    return dict(query(url, "SET search_path TO public, attune; "
-                           "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
-                           "ON a.worker_id = w.id GROUP BY w.name"))
 
 
 def test_a_walk_start_written_by_hand_is_set_back_by_the_next_placers_sync(db_url):

@@ -2,7 +2,6 @@
 per-worker claim, attune_sensor.walk_start, the placer's periodic SYNC_NEW_SQL. Each test is a
 break a user would notice; each fails on the code as it was reviewed."""
 
-import json
 import subprocess
 import sys
 import threading
@@ -14,29 +13,10 @@ import pytest
 from attune_sensor.db import Database, schema
 from attune_sensor.placement.scheduler import PLACEMENT_LOCK_KEY, NoEligibleWorker, Scheduler
 from attune_sensor.fleet import CAPACITY, PLACED_SENSORS, STALE_EXPR
+from platform_db import add_worker, loads_by_worker
 from support import base_env, query, run_cli
 
 SEARCH_PATH = "SELECT set_config('search_path', 'public, attune', false)"
-
-
-def add_worker(url, name, runtimes=("python",), capacity=10, labels=None, taints=None, schema_version=None):
-    capabilities = {"runtimes": list(runtimes), "max_concurrent_sensors": capacity, "heartbeat_interval": 30}
-    if labels:
-        capabilities["labels"] = labels
-    if taints:
-        capabilities["taints"] = taints
-    if schema_version is not None:
-        capabilities["attune_sensor_schema"] = schema_version
-    return query(url, "SET search_path TO public, attune; "
-                      "INSERT INTO worker (name, worker_type, worker_role, host, status, capabilities, meta, "
-                      "last_heartbeat) VALUES (%s, 'local', 'sensor', %s, 'active', %s, '{}', now()) RETURNING id",
-                 (name, name, json.dumps(capabilities)))[0][0]
-
-
-def loads_by_worker(url):
-    return dict(query(url, "SET search_path TO public, attune; "
-                           "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
-                           "ON a.worker_id = w.id GROUP BY w.name"))
 
 
 def where(url, ref):
@@ -221,7 +201,7 @@ def test_place_of_a_platform_placement_is_refused_at_once_and_leaves_nothing_run
     sensor row is gone and the next sync pass has not removed the placement yet) never answers,
     and the server backend keeps spinning after the client gave up, holding the placement lock
     in shared mode, so every failover pass, sync and unplace then waits behind it."""
-    add_worker(db_url, "older-daemon", capacity=10)  # states no attune_sensor_schema: an earlier version
+    add_worker(db_url, "older-daemon", capacity=10, schema_version=None)  # an earlier version's daemon
     query(db_url, "INSERT INTO attune_sensor.assignment (sensor_ref, runtime, origin, versions) "
                   "VALUES ('pack.poll', 'python', 'platform', '{\"platform\": true}')")
     scheduler, db = scheduler_for(db_url)

@@ -3,15 +3,16 @@ capacity under concurrent placers, pending sensors, and failover after a kill -9
 
 import json
 import signal
-
-import psycopg2
 import subprocess
 import sys
 import threading
 
+import psycopg2
+
 from attune_sensor.db import schema
 from attune_sensor.db import Database
 from attune_sensor.placement.scheduler import PLACEMENT_LOCK_KEY, NoEligibleWorker, Scheduler
+from platform_db import loads_by_worker
 from support import ATTUNE_SENSOR, add_pending_sensors, base_env, config_for, query, run_cli, wait_for
 
 
@@ -89,11 +90,6 @@ def run_placers(url, count, body):
     outputs = [p.communicate(timeout=120)[0] for p in placers]
     assert all(p.returncode == 0 for p in placers)
     return [tuple(line.split()) for out in outputs for line in out.splitlines()]
-
-
-def loads_by_worker(url):
-    return dict(query(url, "SELECT w.name, count(a.*) FROM worker w LEFT JOIN attune_sensor.assignment a "
-                           "ON a.worker_id = w.id GROUP BY w.name"))
 
 
 def test_concurrent_placers_never_overfill_a_worker_or_place_a_sensor_twice(db_url):

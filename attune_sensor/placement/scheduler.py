@@ -346,9 +346,9 @@ class Scheduler:
         self._checks = {name: sql.format(cordoned=cordoned) for name, sql in CHECKS.items()}
         live = LIVE_WORKERS.format(capacity=CAPACITY, roles=ROLES, stale=STALE_EXPR)
         made = MAKE_WALK_STARTS.format(worker_load=WORKER_LOAD, walk_start=WALK_START)
-        self._sync = {recount: sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD, made=made,
-                                          walk_start=WALK_START)
-                      for recount, sql in ((True, SYNC_SQL), (False, SYNC_NEW_SQL), (None, SYNC_NEEDED_SQL))}
+        self._sync_full, self._sync_new, self._sync_needed = (
+            sql.format(live_workers=live, load=PLACED_SENSORS, worker_load=WORKER_LOAD, made=made, walk_start=WALK_START)
+            for sql in (SYNC_SQL, SYNC_NEW_SQL, SYNC_NEEDED_SQL))
         # the same rule, for the sensor `a` being moved instead of one given as parameters
         def for_a(sql):
             return (sql.replace("%(runtime)s", "a.runtime").replace("%(selector)s::jsonb", "a.selector")
@@ -482,8 +482,10 @@ class Scheduler:
         have none are added, changed capacities taken and the rows of workers gone removed
         (SYNC_NEW_SQL), and only when SYNC_NEEDED_SQL, asked without the lock, finds one."""
         params = {"lock": PLACEMENT_LOCK_KEY, "multiplier": self.multiplier}
-        if recount or self._execute(self._sync[None], params)[0][0]:
-            self._execute(self._sync[recount], params)
+        if recount:
+            self._execute(self._sync_full, params)
+        elif self._execute(self._sync_needed, params)[0][0]:
+            self._execute(self._sync_new, params)
         self._synced_at = self.clock()
 
     # --- helpers ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Two series, each with its own bookkeeping table:
 * attune-sensor's own schema (`own/`, bookkeeping `attune_sensor.schema_migrations`): the
   reaper's gate, the assignments, the load index, the gauges and the sensor runner's tables, on
   both flavours. The daemon refuses a database whose own series is behind the version it knows
-  (OWN_SCHEMA_VERSION), so a new column always arrives through `migrate run`.
+  (schema.own_schema_version()), so a new column always arrives through `migrate run`.
 
 `migrate uninstall` takes back all of it: schema attune_sensor, the spec series' bookkeeping,
 the daemon role's grants and the role itself (uninstall()); never an object of the platform's.
@@ -34,7 +34,6 @@ from .. import connect_blocking
 from ...config.dsn import scrub
 from ...errors import DatabasePermissionDenied, MigrationError, SchemaMissing
 
-FILE_RE = schema.MIGRATION_FILE_RE
 LOCK_KEY = 0x4174_7475_6E65  # "Attune": one key for all runners of this project
 TABLE = "attune_sensor_migrations"  # the spec series' bookkeeping, beside the worker table
 OWN_TABLE = "attune_sensor.schema_migrations"  # the own series'
@@ -82,7 +81,7 @@ def available(folder=None):
     found = []
     root = resources.files(__package__)
     for entry in (root / folder if folder else root).iterdir():
-        match = FILE_RE.match(entry.name)
+        match = schema.MIGRATION_FILE_RE.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
     return sorted(found, key=lambda m: m.version)
@@ -91,9 +90,6 @@ def available(folder=None):
 def own_available():
     return available(OWN_FOLDER)
 
-
-# The own series' newest version: what this daemon needs (schema.discover reads the database's).
-OWN_SCHEMA_VERSION = schema.own_schema_version()
 
 
 # 'missing', 'denied' (there, but this role may not read it) or 'ok'. In this order: to_regclass of
